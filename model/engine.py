@@ -1,0 +1,87 @@
+"""What every propagation engine provides, and how one is chosen by name.
+
+An `Engine` holds what is expensive and shared (network weights, device); a `Tracker` is one
+pass over a clip in one direction and holds the memory of that pass. The session
+(`session.py`) drives trackers and knows nothing of how an engine computes its masks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+# Engine name -> "module:function" returning an Engine; imported only when chosen.
+ENGINES = {
+    "xmem": "xmem_label.model.xmem.engine:load_xmem_engine",
+    "flow": "xmem_label.model.flow.engine:load_flow_engine",
+}
+
+
+class Tracker(Protocol):
+    """One propagation pass: frames arrive one at a time, in the pass's order."""
+
+    object_ids: list[int]
+    """Object ids known to this pass, in the order of the probability channels 1..K."""
+
+    def step(
+        self,
+        frame: np.ndarray,
+        prompt: Mapping[int, np.ndarray] | None = None,
+        *,
+        last: bool = False,
+    ) -> torch.Tensor:
+        """Process the next frame and return its probabilities.
+
+        frame: (H, W, 3) uint8 RGB. prompt: object id -> (H, W) bool mask given by a person on
+        this frame; an all-False mask declares the object absent here. Objects not in `prompt`
+        keep being propagated. last: no later frame follows in this pass (XMem then skips the
+        memory write, like the official evaluation).
+        Returns (1 + len(object_ids), H, W) float32, background first, on any device; the
+        channels of prompted objects equal their prompt masks.
+        """
+        ...
+
+
+class Engine(Protocol):
+    """A loaded engine; `new_tracker` starts an independent pass."""
+
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """Engine name, weights (path and sha256) and settings, for summaries and model_version."""
+        ...
+
+    def new_tracker(self, num_frames: int | None) -> Tracker:
+        """A fresh pass over a clip of `num_frames` frames (None when unknown)."""
+        ...
+
+
+def load_engine(name: str = "xmem", **options: Any) -> Engine:
+    """Load engine `name` ("xmem" or "flow"); options go to that engine's loader
+    (for XMem: weights, device, precision and any memory setting)."""
+    if name not in ENGINES:
+        raise InputError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
+    module_name, function_name = ENGINES[name].split(":")
+    loader = getattr(importlib.import_module(module_name), function_name)
+    return loader(**options)
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` if given, else CUDA when present, else MPS, else CPU."""
+    if device is not None:
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise InputError(f"unknown device {device!r}: {exc}") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -1,0 +1,100 @@
+"""Session: keyframe bookkeeping, pass order, merging, outputs (with a stand-in engine)."""
+
+import numpy as np
+import pytest
+
+from xmem_label.model import InputError, Session
+
+from .conftest import numbered_frames
+
+
+def box_mask(y0, y1, x0, x1, shape=(8, 10)):
+    mask = np.zeros(shape, dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_forward_from_first_keyframe_flags_the_last_frame(copy_engine):
+    session = Session(copy_engine, numbered_frames(5))
+    labels = np.zeros((8, 10), np.uint8)
+    labels[1:3, 1:3] = 4
+    session.add_mask(0, labels)
+    results = session.run()
+    assert [r.index for r in results] == [0, 1, 2, 3, 4]
+    assert copy_engine.passes == [[(0, [4], False), (1, [], False), (2, [], False),
+                                   (3, [], False), (4, [], True)]]
+    assert results[0].objects[4].keyframe and not results[1].objects[4].keyframe
+    assert results[3].objects[4].area == 4
+    assert results[3].objects[4].box == (1, 1, 3, 3)
+    assert results[3].objects[4].confidence == pytest.approx(0.9)
+    assert (results[2].labels == labels).all()
+
+
+def test_object_added_later_is_filled_backward(copy_engine):
+    session = Session(copy_engine, numbered_frames(6))
+    session.add_object_mask(0, 1, box_mask(0, 2, 0, 2))
+    session.add_object_mask(3, 2, box_mask(5, 8, 5, 9))
+    results = session.run()
+    backward, forward = copy_engine.passes
+    assert [entry[0] for entry in backward] == [3, 2, 1, 0]
+    assert backward[-1][2] is True
+    assert [entry[0] for entry in forward] == [0, 1, 2, 3, 4, 5]
+    assert all(r.objects[2].area == 12 for r in results)
+    assert [r.objects[2].keyframe for r in results] == [False, False, False, True, False, False]
+
+
+def test_forward_only_leaves_frames_before_the_keyframe_empty(copy_engine):
+    session = Session(copy_engine, numbered_frames(4))
+    session.add_object_mask(2, 7, box_mask(0, 2, 0, 2))
+    results = session.run(direction="forward")
+    assert len(copy_engine.passes) == 1
+    assert [r.objects[7].area for r in results] == [0, 0, 4, 4]
+
+
+def test_absent_declaration_reaches_the_tracker(copy_engine):
+    session = Session(copy_engine, numbered_frames(4))
+    session.add_object_mask(0, 1, box_mask(0, 2, 0, 2))
+    session.set_absent(2, 1)
+    results = session.run()
+    assert [r.objects[1].area for r in results] == [4, 4, 0, 0]
+
+
+def test_keyframe_mask_is_returned_verbatim(copy_engine):
+    session = Session(copy_engine, numbered_frames(3))
+    labels = np.zeros((8, 10), np.uint8)
+    labels[0:4, 0:4] = 1
+    labels[2:6, 2:6] = 2
+    session.add_mask(1, labels)
+    results = session.run()
+    assert (results[1].labels == labels).all()
+    assert results[1].is_keyframe
+
+
+def test_iterator_source_reads_backward_from_its_spill(copy_engine):
+    session = Session(copy_engine, iter(numbered_frames(4)))
+    session.add_object_mask(2, 1, box_mask(0, 2, 0, 2))
+    results = session.run()
+    assert [r.objects[1].area for r in results] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: s.add_mask(9, np.ones((8, 10), np.uint8)), "outside the clip"),
+        (lambda s: s.add_mask(0, np.zeros((8, 10), np.uint8)), "no object"),
+        (lambda s: s.add_mask(0, np.ones((20, 10), np.uint8)), "10x20 but the frame is 10x8"),
+        (lambda s: s.add_object_mask(0, 300, np.ones((8, 10), bool)), "object ids are 1..255"),
+        (lambda s: s.run(), "no keyframe"),
+    ],
+)
+def test_bad_input_is_refused_with_a_reason(copy_engine, call, message):
+    session = Session(copy_engine, numbered_frames(3))
+    with pytest.raises(InputError, match=message):
+        call(session)
+
+
+def test_mask_off_by_a_pixel_is_resized_with_a_warning(copy_engine):
+    session = Session(copy_engine, numbered_frames(3))
+    with pytest.warns(UserWarning, match="resized"):
+        session.add_mask(0, np.ones((8, 9), np.uint8))
+    assert session.run()[2].objects[1].area == 80
