@@ -6,9 +6,15 @@ They are installed under one distinct import name, `xmem_label`, so nothing gene
 plugin/ -> xmem_label.plugin (`xmem_label` itself is a namespace package).
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
-PARTS = {"xmem_label.model": "model", "xmem_label.backend": "backend", "xmem_label.plugin": "plugin"}
+PARTS = {
+    "xmem_label.model": "model",
+    "xmem_label.backend": "backend",
+    "xmem_label.plugin": "plugin",
+}
 SUBPACKAGES = ["xmem_label.model.xmem", "xmem_label.model.flow"]
 
 # opencv-python-headless, not opencv-python: FiftyOne and Label Studio depend on the headless
@@ -38,8 +44,8 @@ DEV = ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "selenium>=4.20", "matpl
 setup(
     name="xmem-label",
     version="0.1.0",
-    description="Keyframe masks to masks on every video frame (XMem), for Label Studio and FiftyOne",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description="Keyframe masks to masks on every video frame (XMem) in Label Studio and FiftyOne",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",

@@ -364,7 +364,7 @@ def _summarise(labels: torch.Tensor, probs: torch.Tensor, ids: list[int], keyfra
     )
     labels_np, stats_np = labels.cpu().numpy(), stats.cpu().numpy()
     objects = {}
-    for object_id, (area, inter, uni, y0, y1, x0, x1) in zip(ids, stats_np):
+    for object_id, (area, inter, uni, y0, y1, x0, x1) in zip(ids, stats_np, strict=True):
         keyframe = object_id in keyframe_ids
         confidence = 1.0 if keyframe or uni == 0 else float(inter / uni)
         box = (int(x0), int(y0), int(x1) + 1, int(y1) + 1) if area > 0 else None
