@@ -7,7 +7,9 @@ and a one-shot iterator of arrays is spilled to a temporary folder as it is read
 
 from __future__ import annotations
 
+import queue
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -231,3 +233,48 @@ def open_frames(source: str | Path | FrameSource | Iterable[np.ndarray]) -> Fram
     if isinstance(source, (Sequence, np.ndarray)):
         return ArraySequence(source)
     return SpilledIterator(source)
+
+
+def prefetch(items: Iterator, depth: int = 4) -> Iterator:
+    """Yield from `items`, produced `depth` ahead by a background thread.
+
+    Decoding (OpenCV) and the network (torch) both release the GIL, so reading the next frames
+    overlaps with the current step. Errors in the producer are raised in the consumer; a consumer
+    that stops early stops the producer.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry: tuple) -> bool:
+        """Put `entry` once there is room; False when the consumer has gone."""
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            offer((done, exc))
+
+    producer = threading.Thread(target=produce, name="xmem-label-prefetch", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join(timeout=5)

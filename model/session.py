@@ -23,7 +23,7 @@ import torch
 
 from .engine import Engine, Tracker
 from .errors import InputError
-from .frames import FrameSource, SpilledIterator, open_frames
+from .frames import FrameSource, SpilledIterator, open_frames, prefetch
 from .masks import MAX_OBJECT_ID, fit_mask_to_frame
 from .results import FrameResult, ObjectResult
 
@@ -160,7 +160,7 @@ class Session:
     ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
         """Run one tracker over `frames`, yielding (index, object_ids, probs) per frame."""
         tracker = self.engine.new_tracker(num_frames)
-        for (index, frame), is_last in _with_last_flag(frames):
+        for (index, frame), is_last in _with_last_flag(prefetch(frames)):
             probs = tracker.step(frame, self._prompt_for(tracker, index), last=is_last)
             steps.advance()
             yield index, list(tracker.object_ids), probs

@@ -98,3 +98,27 @@ def test_mask_off_by_a_pixel_is_resized_with_a_warning(copy_engine):
     with pytest.warns(UserWarning, match="resized"):
         session.add_mask(0, np.ones((8, 9), np.uint8))
     assert session.run()[2].objects[1].area == 80
+
+
+def test_prefetch_keeps_order_and_passes_errors_on():
+    from xmem_label.model.frames import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise InputError("broken frame")
+
+    with pytest.raises(InputError, match="broken frame"):
+        list(prefetch(failing()))
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops():
+    import threading
+
+    from xmem_label.model.frames import prefetch
+
+    stream = prefetch(iter(range(10**6)), depth=2)
+    assert next(stream) == 0
+    stream.close()
+    assert not any(t.name == "xmem-label-prefetch" for t in threading.enumerate())
