@@ -15,7 +15,17 @@ PARTS = {
     "xmem_label.backend": "backend",
     "xmem_label.plugin": "plugin",
 }
-SUBPACKAGES = ["xmem_label.model.xmem", "xmem_label.model.flow"]
+
+
+def subpackages(prefix: str, folder: str) -> list[str]:
+    """Every folder below `folder` that holds an __init__.py, named under `prefix`."""
+    return [
+        ".".join([prefix, *init.parent.relative_to(folder).parts])
+        for init in sorted(Path(folder).glob("*/**/__init__.py"))
+    ]
+
+
+SUBPACKAGES = [name for prefix, folder in PARTS.items() for name in subpackages(prefix, folder)]
 
 # opencv-python-headless, not opencv-python: FiftyOne and Label Studio depend on the headless
 # build, and both packages installed side by side write into the same cv2 folder.
@@ -51,7 +61,10 @@ setup(
     python_requires=">=3.10",
     package_dir=PARTS,
     packages=[*PARTS, *SUBPACKAGES],
-    package_data={"xmem_label.model": ["manifest.yml"], "xmem_label.plugin": ["fiftyone.yml"]},
+    package_data={
+        "xmem_label.model": ["manifest.yml", "demo_clip/*", "demo_clip/*/*"],
+        "xmem_label.plugin": ["fiftyone.yml", "zoo/*"],
+    },
     install_requires=ENGINE,
     extras_require={
         "studio": STUDIO,
