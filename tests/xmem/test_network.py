@@ -7,6 +7,7 @@ alone accounts for ~5e-4, the smallest deliberate bug tried for ~4e-2).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 PAD_LEFT, PAD_RIGHT = 4, 5  # 311 -> 320 columns, no rows (fixture_meta.json "padding")
 TOP_K = 30
+BF16_MAX_PROB_DIFFERENCE = 0.03  # fast mode vs float32, frame 1 (0.016 measured)
 
 
 def relative_error(ours: torch.Tensor, reference: np.ndarray) -> float:
@@ -96,19 +98,25 @@ def reference(xmem_fixture_dir):
     return dict(np.load(xmem_fixture_dir / "intermediates.npz"))
 
 
-@pytest.fixture(scope="module")
-def two_frames(network, reference, xmem_fixture_dir):
+def run_two_frames(network, fixture_dir, reference, *, channels_last=False, bf16=False):
     """Frames 0 and 1 as the reference loop runs them (frame 0 annotated, frame 1 segmented)."""
-    torch.set_num_threads(1)
-    with torch.inference_mode():
-        image0, image1 = load_frame(xmem_fixture_dir, 0), load_frame(xmem_fixture_dir, 1)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.inference_mode(), precision:
+        image0, image1 = (
+            load_frame(fixture_dir, index).contiguous(memory_format=memory_format)
+            for index in (0, 1)
+        )
         frame0 = network.encode_key(image0, need_shrinkage=True, need_selection=True)
         frame1 = network.encode_key(image1, need_shrinkage=True, need_selection=True)
-        masks = first_frame_masks(xmem_fixture_dir)
+        masks = first_frame_masks(fixture_dir)
         hidden = torch.zeros(1, 3, network.hidden_dim, 15, 20)
         value0, hidden0 = network.encode_value(image0, frame0.f16, hidden, masks, deep_update=True)
         memory = (frame0.key, frame0.shrinkage, value0)
-        readout1 = top_k_readout(memory, frame1.key, frame1.selection, reference["readout1_c64"])
+        with torch.autocast("cpu", enabled=False):  # the memory read is not the network's
+            readout1 = top_k_readout(
+                memory, frame1.key, frame1.selection, reference["readout1_c64"]
+            )
         hidden1, logits1, prob1 = network.segment(frame1, readout1, hidden0, update_hidden=True)
     return {
         "frames": (frame0, frame1),
@@ -120,6 +128,12 @@ def two_frames(network, reference, xmem_fixture_dir):
         "logits1": logits1,
         "prob1": prob1,
     }
+
+
+@pytest.fixture(scope="module")
+def two_frames(network, reference, xmem_fixture_dir):
+    torch.set_num_threads(1)
+    return run_two_frames(network, xmem_fixture_dir, reference)
 
 
 def test_state_dict_layout_matches_the_official_network(xmem_fixture_dir):
@@ -244,3 +258,26 @@ def test_refuses_garbage_and_missing_files(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(WeightsError, match="not found"):
         load_state_dict(tmp_path / "absent.pth")
+
+
+def test_channels_last_is_exact_and_bf16_autocast_stays_close(
+    network, two_frames, reference, xmem_fixture_dir
+):
+    fast = copy.deepcopy(network).to(memory_format=torch.channels_last)
+    exact = run_two_frames(fast, xmem_fixture_dir, reference, channels_last=True)
+    for name in ("value0", "hidden0", "hidden1"):
+        assert relative_error(exact[name][0], reference[name]) <= TOLERANCE, name
+    prob = exact["prob1"][0, :, :, PAD_LEFT:-PAD_RIGHT]
+    assert relative_error(prob, reference["prob1"]) <= TOLERANCE
+
+    bf16 = run_two_frames(fast, xmem_fixture_dir, reference, channels_last=True, bf16=True)
+    for name in ("value0", "hidden0", "hidden1", "logits1", "prob1"):
+        assert bf16[name].dtype == torch.float32, name
+    assert bf16["frames"][1].key.dtype == torch.float32
+    # With random weights the probabilities are soft (a third of the pixels are decided by less
+    # than 0.01), so argmax agreement is only meaningful where float32 is clearly decided.
+    exact_prob = two_frames["prob1"]
+    assert (bf16["prob1"] - exact_prob).abs().max() < BF16_MAX_PROB_DIFFERENCE
+    top2 = exact_prob.topk(2, dim=1).values
+    decided = top2[:, 0] - top2[:, 1] > BF16_MAX_PROB_DIFFERENCE
+    assert torch.equal(bf16["prob1"].argmax(1)[decided], exact_prob.argmax(1)[decided])

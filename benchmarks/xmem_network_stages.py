@@ -1,0 +1,78 @@
+"""Time the XMem network's three calls on one frame size, without the memory.
+
+    python -m benchmarks.xmem_network_stages --size 854x480 --objects 1 --threads 2
+    python -m benchmarks.xmem_network_stages --channels-last --bf16
+
+Prints the median and minimum seconds of encode_key, encode_value (deep update) and segment
+(with the hidden-state update). The readout is random: speed does not depend on values, and the
+synthetic weights of the equivalence fixtures stand in for the official checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import synthetic_checkpoint
+from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
+
+
+def padded(size: int) -> int:
+    return (size + 15) // 16 * 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="854x480", help="WIDTHxHEIGHT before padding")
+    parser.add_argument("--objects", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="torch.autocast('cpu', bfloat16)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    width, height = (padded(int(v)) for v in args.size.split("x"))
+    network = build_network(load_state_dict(synthetic_checkpoint()))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    network = network.to(memory_format=memory_format)
+    objects, h, w = args.objects, height // 16, width // 16
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, height, width, generator=generator)
+    image = image.contiguous(memory_format=memory_format)
+    masks = torch.rand(1, objects, height, width, generator=generator)
+    hidden = torch.zeros(1, objects, network.hidden_dim, h, w)
+    readout = torch.randn(1, objects, network.value_dim, h, w, generator=generator)
+    precision = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    )
+
+    stages = {
+        "encode_key": lambda: network.encode_key(image, need_shrinkage=True, need_selection=True),
+        "encode_value": lambda: network.encode_value(
+            image, features.f16, hidden, masks, deep_update=True
+        ),
+        "segment": lambda: network.segment(features, readout, hidden, update_hidden=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    with torch.inference_mode(), precision:
+        features = stages["encode_key"]()
+        for _ in range(args.repeats):
+            for name, stage in stages.items():
+                start = time.perf_counter()
+                stage()
+                times[name].append(time.perf_counter() - start)
+    mode = ("bf16" if args.bf16 else "fp32") + (" channels-last" if args.channels_last else "")
+    print(f"{width}x{height} padded, {objects} object(s), {args.threads} threads, {mode}")
+    for name, values in times.items():
+        print(f"  {name:13s} median {statistics.median(values):.3f} s   min {min(values):.3f} s")
+    total = sum(statistics.median(values) for values in times.values())
+    print(f"  {'sum':13s} median {total:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
