@@ -18,6 +18,7 @@ from ..errors import WeightsError
 from .network import XMemNetwork
 
 VALUE_CONV1 = "value_encoder.conv1.weight"
+HIDDEN_TRANSFORM = "decoder.hidden_update.transform.weight"
 _SHOWN_PER_KIND = 3  # differences named per kind in a refusal message
 
 
@@ -45,7 +46,7 @@ def _dims(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
     sources = {
         "key_dim": ("key_proj.key_proj.weight", 1),
         "value_dim": ("value_encoder.fuser.block2.conv2.weight", 1),
-        "hidden_dim": ("decoder.hidden_update.transform.weight", 3),
+        "hidden_dim": (HIDDEN_TRANSFORM, 3),
     }
     for name, (key, divisor) in sources.items():
         tensor = state_dict.get(key)
@@ -88,6 +89,10 @@ def build_network(state_dict: Mapping[str, Tensor]) -> XMemNetwork:
     Raises WeightsError naming the first differences if the weights do not fit the network.
     """
     state_dict = _with_others_channel(dict(state_dict))
+    if HIDDEN_TRANSFORM not in state_dict and "decoder.pred.weight" in state_dict:
+        raise WeightsError(
+            "XMem weights without sensory memory (e.g. XMem-no-sensory.pth) are not supported"
+        )
     network = XMemNetwork(**_dims(state_dict))
     problems = _differences(network.state_dict(), state_dict)
     if problems:

@@ -227,6 +227,12 @@ def test_refuses_missing_key(good_state_dict):
     assert "\n" not in str(caught.value)
 
 
+def test_refuses_weights_without_sensory_memory(good_state_dict):
+    no_sensory = {key: value for key, value in good_state_dict.items() if "hidden" not in key}
+    with pytest.raises(WeightsError, match="without sensory memory"):
+        build_network(no_sensory)
+
+
 def test_refuses_unexpected_key_and_wrong_shape(good_state_dict):
     broken = dict(good_state_dict)
     broken["decoder.extra.weight"] = torch.zeros(1)
