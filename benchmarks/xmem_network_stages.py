@@ -1,7 +1,7 @@
 """Time the XMem network's three calls on one frame size, without the memory.
 
     python -m benchmarks.xmem_network_stages --size 854x480 --objects 1 --threads 2
-    python -m benchmarks.xmem_network_stages --channels-last --bf16
+    python -m benchmarks.xmem_network_stages --channels-last --bf16 --keep-freed-memory
 
 Prints the median and minimum seconds of encode_key, encode_value (deep update) and segment
 (with the hidden-state update). The readout is random: speed does not depend on values, and the
@@ -18,6 +18,7 @@ import time
 import torch
 
 from benchmarks.common import synthetic_checkpoint
+from xmem_label.model.xmem.allocator import keep_freed_memory
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
 
 
@@ -33,7 +34,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="torch.autocast('cpu', bfloat16)")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="model/xmem/allocator.py's glibc tuning"
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        parser.error("--keep-freed-memory needs glibc")
 
     torch.set_num_threads(args.threads)
     width, height = (padded(int(v)) for v in args.size.split("x"))
@@ -67,6 +73,7 @@ def main() -> None:
                 stage()
                 times[name].append(time.perf_counter() - start)
     mode = ("bf16" if args.bf16 else "fp32") + (" channels-last" if args.channels_last else "")
+    mode += " keep-freed-memory" if args.keep_freed_memory else ""
     print(f"{width}x{height} padded, {objects} object(s), {args.threads} threads, {mode}")
     for name, values in times.items():
         print(f"  {name:13s} median {statistics.median(values):.3f} s   min {min(values):.3f} s")

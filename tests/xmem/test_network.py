@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from xmem_label.model.errors import WeightsError
+from xmem_label.model.xmem.allocator import keep_freed_memory
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
 from xmem_label.model.xmem.network import XMemNetwork, soft_aggregate
 
@@ -287,3 +289,9 @@ def test_channels_last_is_exact_and_bf16_autocast_stays_close(
     top2 = exact_prob.topk(2, dim=1).values
     decided = top2[:, 0] - top2[:, 1] > BF16_MAX_PROB_DIFFERENCE
     assert torch.equal(bf16["prob1"].argmax(1)[decided], exact_prob.argmax(1)[decided])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tuning")
+def test_keep_freed_memory_applies_on_glibc():
+    assert keep_freed_memory() is True
+    assert torch.ones(64 << 20, dtype=torch.uint8).sum() == 64 << 20  # large allocations still work
