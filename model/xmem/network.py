@@ -303,6 +303,10 @@ class XMemNetwork(nn.Module):
         self, image: Tensor, *, need_shrinkage: bool, need_selection: bool
     ) -> KeyFeatures:
         """image: (1, 3, H, W) normalised and padded -> key, shrinkage, selection, f16/f8/f4."""
+        if image.shape[-2] % 16 or image.shape[-1] % 16:
+            raise ValueError(
+                f"image size {tuple(image.shape[-2:])} is not padded to multiples of 16"
+            )
         f16, f8, f4 = self.key_encoder(image)
         key, shrinkage, selection = self.key_proj(f16, need_shrinkage, need_selection)
         return KeyFeatures(key, shrinkage, selection, f16, f8, f4)

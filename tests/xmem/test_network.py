@@ -192,6 +192,11 @@ def test_segment_without_hidden_update_returns_no_hidden_state(network, two_fram
     assert value.shape == (1, 3, 512, 15, 20) and value.dtype == torch.float32
 
 
+def test_unpadded_image_is_refused(network):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        network.encode_key(torch.zeros(1, 3, 40, 33), need_shrinkage=False, need_selection=False)
+
+
 def test_soft_aggregate_sums_to_one_and_keeps_order():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.0], [1.0, 0.5]]).reshape(1, 3, 2, 1)  # K=3, 2 px
     out = soft_aggregate(probs, dim=1)
