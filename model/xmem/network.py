@@ -23,6 +23,11 @@ from torch import Tensor, nn
 
 from .backbones import BasicBlock, KeyEncoder, make_stage
 
+# Objects that go through the full-resolution half of the networks together. Batching them
+# amortises per-call overhead; capping the batch bounds activation memory (about 150 MB per
+# object at 854x480 in float32) whatever the number of objects, at no measurable speed cost.
+OBJECTS_PER_BATCH = 4
+
 
 @dataclass
 class KeyFeatures:
@@ -46,6 +51,10 @@ def soft_aggregate(object_probs: Tensor, dim: int = 1) -> Tensor:
     background = torch.prod(1 - object_probs, dim=dim, keepdim=True)
     probs = torch.cat([background, object_probs], dim=dim).clamp(1e-7, 1 - 1e-7)
     return torch.softmax(torch.log(probs / (1 - probs)), dim=dim)
+
+
+def _upsample4(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -216,8 +225,13 @@ class ValueEncoder(nn.Module):
         others = (
             masks.sum(0, keepdim=True) - masks if masks.shape[0] > 1 else torch.zeros_like(masks)
         )
-        x = self.stem(image, torch.stack([masks, others], dim=1).to(image.dtype))
-        g = self.layer3(self.layer2(self.layer1(x)))
+        masks = torch.stack([masks, others], dim=1).to(image.dtype)
+        g = torch.cat(
+            [
+                self.layer3(self.layer2(self.layer1(self.stem(image, chunk))))
+                for chunk in masks.split(OBJECTS_PER_BATCH)
+            ]
+        )
         value = self.fuser(f16, g)
         new_hidden = self.hidden_reinforce(value, hidden) if deep_update else None
         return value, new_hidden
@@ -249,10 +263,11 @@ class UpsampleBlock(nn.Module):
         self.skip_conv = _conv3x3(skip_channels, up_channels)
         self.out_conv = GroupResBlock(up_channels, out_channels)
 
-    def forward(self, skip: Tensor, coarse: Tensor) -> Tensor:
-        """skip: (1, Cs, 2h, 2w) shared by the objects; coarse: (K, Cu, h, w)."""
+    def forward(self, projected_skip: Tensor, coarse: Tensor) -> Tensor:
+        """projected_skip: `skip_conv` of the frame feature, (1, Cu, 2h, 2w), computed once per
+        frame for all objects; coarse: (K, Cu, h, w)."""
         up = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
-        return self.out_conv(up + self.skip_conv(skip))
+        return self.out_conv(up + projected_skip)
 
 
 class Decoder(nn.Module):
@@ -276,14 +291,19 @@ class Decoder(nn.Module):
         """readout (K, Cv, h, w), hidden (K, Ch, h, w) -> new hidden or None, logits (K, H, W)."""
         object_features = torch.cat([readout, hidden], dim=1).to(features.f16.dtype)
         g16 = self.fuser(features.f16, object_features)
-        g8 = self.up_16_8(features.f8, g16)
-        g4 = self.up_8_4(features.f4, g8)
-        logits = self.pred(F.relu(g4))
-        new_hidden = None
-        if update_hidden:
-            new_hidden = self.hidden_update(g16, g8, torch.cat([g4, logits], dim=1), hidden)
-        logits = F.interpolate(logits.float(), scale_factor=4, mode="bilinear", align_corners=False)
-        return new_hidden, logits[:, 0]
+        skip8 = self.up_16_8.skip_conv(features.f8)
+        skip4 = self.up_8_4.skip_conv(features.f4)
+        new_hidden, logits = [], []
+        for start in range(0, g16.shape[0], OBJECTS_PER_BATCH):
+            chunk = slice(start, start + OBJECTS_PER_BATCH)
+            g8 = self.up_16_8(skip8, g16[chunk])
+            g4 = self.up_8_4(skip4, g8)
+            chunk_logits = self.pred(F.relu(g4))
+            if update_hidden:
+                g4 = torch.cat([g4, chunk_logits], dim=1)
+                new_hidden.append(self.hidden_update(g16[chunk], g8, g4, hidden[chunk]))
+            logits.append(_upsample4(chunk_logits.float()))
+        return torch.cat(new_hidden) if update_hidden else None, torch.cat(logits)[:, 0]
 
 
 class XMemNetwork(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from xmem_label.model.errors import WeightsError
+from xmem_label.model.xmem import network as network_module
 from xmem_label.model.xmem.allocator import keep_freed_memory
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
 from xmem_label.model.xmem.network import XMemNetwork, soft_aggregate
@@ -300,3 +301,30 @@ def test_channels_last_is_exact_and_bf16_autocast_stays_close(
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() is True
     assert torch.ones(64 << 20, dtype=torch.uint8).sum() == 64 << 20  # large allocations still work
+
+
+def test_objects_in_several_batches_give_the_same_result(network, monkeypatch):
+    objects = network_module.OBJECTS_PER_BATCH + 2
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 64, 96, generator=generator)
+    masks = torch.rand(1, objects, 64, 96, generator=generator)
+    hidden = torch.randn(1, objects, network.hidden_dim, 4, 6, generator=generator)
+    readout = torch.randn(1, objects, network.value_dim, 4, 6, generator=generator)
+
+    def run():
+        with torch.inference_mode():
+            features = network.encode_key(image, need_shrinkage=False, need_selection=False)
+            value, reinforced = network.encode_value(
+                image, features.f16, hidden, masks, deep_update=True
+            )
+            return (
+                value,
+                reinforced,
+                *network.segment(features, readout, hidden, update_hidden=True),
+            )
+
+    in_batches = run()
+    monkeypatch.setattr(network_module, "OBJECTS_PER_BATCH", objects)
+    at_once = run()
+    for ours, expected in zip(in_batches, at_once, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
