@@ -7,6 +7,7 @@ probabilities resized back to the source resolution.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,31 +29,75 @@ class FlowEngine:
 
     name = "flow"
 
-    def __init__(self, *, preset: str, work_height: int):
-        self.preset = preset
-        self.work_height = work_height
+    def __init__(self, settings: FlowSettings):
+        self.settings = settings
 
     def describe(self) -> dict[str, Any]:
         return {
             "engine": "flow",
             "weights": None,
             "sha256": None,
-            "settings": {"preset": self.preset, "work_height": self.work_height},
+            "settings": dataclasses.asdict(self.settings),
         }
 
     def new_tracker(self, num_frames: int | None) -> FlowTracker:
-        return FlowTracker(self)
+        return FlowTracker(self.settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSettings:
+    """See `load_flow_engine` for what each setting means."""
+
+    preset: str
+    work_height: int
+    consistency_px: float
+    colour_weight: float
+    colour_bins: int
+    search_px: int
+    refine_radius: int
+    refine_eps: float
+    sharpen: float
+
+
+class _ColourModel:
+    """Foreground and nearby-background colour histograms of one object, from its keyframes:
+    says how much a colour looks like the object rather than its surroundings."""
+
+    def __init__(self, bins: int):
+        self.bins = bins
+        self.foreground = np.zeros(bins**3, dtype=np.float64)
+        self.background = np.zeros(bins**3, dtype=np.float64)
+
+    def codes(self, image: np.ndarray) -> np.ndarray:
+        quantised = (image.astype(np.int32) * self.bins) >> 8
+        return (quantised[..., 0] * self.bins + quantised[..., 1]) * self.bins + quantised[..., 2]
+
+    def learn(self, codes: np.ndarray, mask: np.ndarray, band: np.ndarray) -> None:
+        """Add a keyframe: object pixels `mask`, background pixels `band` around it."""
+        size = self.bins**3
+        self.foreground += np.bincount(codes[mask], minlength=size)
+        self.background += np.bincount(codes[band], minlength=size)
+
+    def object_odds(self, codes: np.ndarray) -> np.ndarray:
+        """P(object | colour) per pixel, from normalised histograms with a small prior."""
+        fg = self.foreground / max(self.foreground.sum(), 1) + 1e-4
+        bg = self.background / max(self.background.sum(), 1) + 1e-4
+        table = (fg / (fg + bg)).astype(np.float32)
+        return table[codes]
 
 
 class FlowTracker:
-    """One pass: warps the previous frame's soft masks into the current frame."""
+    """One pass: carries each object's soft mask from the previous frame along the optical flow,
+    trusts the flow less where forward and backward flow disagree (occlusions), and lets the
+    object's keyframe colours decide there; edges are then snapped to image edges."""
 
-    def __init__(self, engine: FlowEngine):
-        self.engine = engine
+    def __init__(self, settings: FlowSettings):
+        self.settings = settings
         self.object_ids: list[int] = []
-        self._flow = cv2.DISOpticalFlow_create(PRESETS[engine.preset])
+        self._flow = cv2.DISOpticalFlow_create(PRESETS[settings.preset])
         self._previous_grey: np.ndarray | None = None
         self._soft: dict[int, np.ndarray] = {}  # object id -> (h, w) float32 at working size
+        self._colours: dict[int, _ColourModel] = {}
         self._work_size: tuple[int, int] | None = None  # (width, height) for cv2
 
     def step(
@@ -62,34 +107,74 @@ class FlowTracker:
         *,
         last: bool = False,
     ) -> torch.Tensor:
+        prompt = prompt or {}
         height, width = frame.shape[:2]
         if self._work_size is None:
-            work_height = min(self.engine.work_height, height)
+            work_height = min(self.settings.work_height, height)
             self._work_size = (max(1, round(width * work_height / height)), work_height)
-        grey = cv2.cvtColor(
-            cv2.resize(frame, self._work_size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY
-        )
+        small = cv2.resize(frame, self._work_size, interpolation=cv2.INTER_AREA)
+        grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+        codes = self._colour_codes(small)
+        outputs: dict[int, np.ndarray] = {}
         if self._previous_grey is not None and self._soft:
-            self._warp_masks(grey)
-        self._apply_prompt(prompt or {})
+            outputs = self._propagate(grey, codes)
+        self._apply_prompt(prompt, codes)
         self._previous_grey = grey
-        return self._probabilities((height, width), prompt or {})
+        return self._probabilities((height, width), prompt, outputs)
 
-    def _warp_masks(self, grey: np.ndarray) -> None:
-        """Pull every soft mask from the previous frame along the flow current -> previous."""
-        flow = self._flow.calc(grey, self._previous_grey, None)
+    def _colour_codes(self, small: np.ndarray) -> np.ndarray | None:
+        if self.settings.colour_weight <= 0:
+            return None
+        return _ColourModel(self.settings.colour_bins).codes(small)
+
+    def _propagate(self, grey: np.ndarray, codes: np.ndarray | None) -> dict[int, np.ndarray]:
+        """Every object's probability on the new frame (returned) and its sharpened state."""
+        settings = self.settings
+        backward = self._flow.calc(grey, self._previous_grey, None)  # current -> previous
+        forward = self._flow.calc(self._previous_grey, grey, None)  # previous -> current
         h, w = grey.shape
         grid_x, grid_y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-        map_x, map_y = grid_x + flow[..., 0], grid_y + flow[..., 1]
+        map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
+        # a pixel's round trip current -> previous -> current should come back to itself
+        returned = cv2.remap(
+            forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        mismatch = np.linalg.norm(backward + returned, axis=2)
+        reliability = 1 / (1 + (mismatch / settings.consistency_px) ** 2)
+        guide = grey.astype(np.float32) / 255
+        outputs = {}
+        search = cv2.getStructuringElement(
+            cv2.MORPH_ELLIPSE, (2 * settings.search_px + 1, 2 * settings.search_px + 1)
+        )
         for object_id, soft in self._soft.items():
             warped = cv2.remap(
                 soft, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
             )
-            # bilinear warping blurs edges a little every frame; steepen them back
-            self._soft[object_id] = np.clip((warped - 0.5) * 2 + 0.5, 0, 1)
+            probability = warped
+            if codes is not None and object_id in self._colours:
+                probability = self._fuse(warped, reliability, codes, self._colours[object_id])
+                near = cv2.dilate((warped > 0.5).astype(np.uint8), search).astype(bool)
+                probability = np.where(near, probability, np.minimum(warped, probability))
+            if settings.refine_radius > 0:
+                probability = _guided_filter(
+                    guide, probability, settings.refine_radius, settings.refine_eps
+                )
+            probability = np.clip(probability, 0, 1).astype(np.float32)
+            outputs[object_id] = probability
+            self._soft[object_id] = np.clip(
+                (probability - 0.5) * settings.sharpen + 0.5, 0, 1
+            ).astype(np.float32)
+        return outputs
 
-    def _apply_prompt(self, prompt: Mapping[int, np.ndarray]) -> None:
-        """Set prompted objects to their masks; their pixels are removed from other objects."""
+    def _fuse(self, warped, reliability, codes, colours: _ColourModel) -> np.ndarray:
+        """Log-odds of the warped mask, scaled by the flow's reliability, plus the colour's."""
+        flow_logit = _logit(warped) * reliability
+        colour_logit = _logit(colours.object_odds(codes)) * self.settings.colour_weight
+        return 1 / (1 + np.exp(-(flow_logit + colour_logit)))
+
+    def _apply_prompt(self, prompt: Mapping[int, np.ndarray], codes: np.ndarray | None) -> None:
+        """Set prompted objects to their masks (learning their colours); their pixels are
+        removed from other objects."""
         for object_id, mask in prompt.items():
             if object_id not in self.object_ids:
                 self.object_ids.append(object_id)
@@ -97,12 +182,25 @@ class FlowTracker:
                 mask.astype(np.float32), self._work_size, interpolation=cv2.INTER_AREA
             )
             self._soft[object_id] = small
+            if codes is not None and small.max() > 0.5:
+                self._learn_colours(object_id, small > 0.5, codes)
             for other_id in self._soft:
                 if other_id not in prompt:
                     self._soft[other_id] = self._soft[other_id] * (1 - small)
 
+    def _learn_colours(self, object_id: int, mask: np.ndarray, codes: np.ndarray) -> None:
+        radius = self.settings.search_px
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        band = cv2.dilate(mask.astype(np.uint8), disk).astype(bool) & ~mask
+        if object_id not in self._colours:
+            self._colours[object_id] = _ColourModel(self.settings.colour_bins)
+        self._colours[object_id].learn(codes, mask, band)
+
     def _probabilities(
-        self, shape: tuple[int, int], prompt: Mapping[int, np.ndarray]
+        self,
+        shape: tuple[int, int],
+        prompt: Mapping[int, np.ndarray],
+        outputs: Mapping[int, np.ndarray],
     ) -> torch.Tensor:
         """(1 + K, H, W) at source size: background = no object; prompted channels exact."""
         height, width = shape
@@ -111,8 +209,9 @@ class FlowTracker:
             if object_id in prompt:
                 foreground[channel] = prompt[object_id]
             else:
+                small = outputs.get(object_id, self._soft[object_id])
                 foreground[channel] = cv2.resize(
-                    self._soft[object_id], (width, height), interpolation=cv2.INTER_LINEAR
+                    small, (width, height), interpolation=cv2.INTER_LINEAR
                 )
         np.clip(foreground, 0, 1, out=foreground)
         if prompt:  # a person's mask wins over propagated objects on its pixels
@@ -126,15 +225,69 @@ class FlowTracker:
         return torch.from_numpy(probs)
 
 
-def load_flow_engine(*, preset: str = "medium", work_height: int = 240) -> FlowEngine:
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 0.01, 0.99)
+    return np.log(p / (1 - p))
+
+
+def _guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """Edge-preserving smoothing of `source` steered by the grey image `guide` (He et al.):
+    mask edges move to nearby image edges."""
+    size = (2 * radius + 1, 2 * radius + 1)
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x, -1, size, borderType=cv2.BORDER_REFLECT)
+
+    mean_guide, mean_source = box(guide), box(source)
+    variance = box(guide * guide) - mean_guide * mean_guide
+    covariance = box(guide * source) - mean_guide * mean_source
+    slope = covariance / (variance + eps)
+    offset = mean_source - slope * mean_guide
+    return box(slope) * guide + box(offset)
+
+
+def load_flow_engine(
+    *,
+    preset: str = "medium",
+    work_height: int = 240,
+    consistency_px: float = 1.0,
+    colour_weight: float = 0.5,
+    colour_bins: int = 16,
+    search_px: int = 12,
+    refine_radius: int = 3,
+    refine_eps: float = 1e-3,
+    sharpen: float = 2.0,
+) -> FlowEngine:
     """The weight-free flow engine.
 
     preset: DIS optical-flow preset, "ultrafast", "fast" or "medium" (slower, more accurate).
     work_height: frames are resized to this height (keeping the aspect ratio) for the flow and
-    the mask warping; the probabilities come back at the source resolution.
+        the mask propagation; the probabilities come back at the source resolution.
+    consistency_px: forward-backward flow mismatch (working pixels) at which the flow's vote
+        is halved; larger mismatches mean occlusion, where colour decides.
+    colour_weight: weight of the keyframe colour model's log-odds (0 turns it off).
+    colour_bins: histogram bins per RGB channel of the colour model.
+    search_px: how far (working pixels) beyond the propagated mask colour may add pixels, and
+        the width of the background band the colour model learns from.
+    refine_radius, refine_eps: guided-filter window radius (0 turns it off) and regularisation;
+        snaps mask edges to image edges.
+    sharpen: gain applied around 0.5 to the carried soft masks, undoing the blur of warping.
     """
     if preset not in PRESETS:
         raise InputError(f"unknown flow preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if int(work_height) < 16:
         raise InputError(f"flow work_height must be at least 16, not {work_height}")
-    return FlowEngine(preset=preset, work_height=int(work_height))
+    if not 2 <= int(colour_bins) <= 64:
+        raise InputError(f"flow colour_bins must be 2..64, not {colour_bins}")
+    settings = FlowSettings(
+        preset=preset,
+        work_height=int(work_height),
+        consistency_px=float(consistency_px),
+        colour_weight=float(colour_weight),
+        colour_bins=int(colour_bins),
+        search_px=int(search_px),
+        refine_radius=int(refine_radius),
+        refine_eps=float(refine_eps),
+        sharpen=float(sharpen),
+    )
+    return FlowEngine(settings)
