@@ -141,6 +141,8 @@ def evaluate_clip(
     key_labels = read_label_mask(truths[frame_paths[keyframe].stem])
     object_ids = [int(v) for v in np.unique(key_labels) if v != 0]
 
+    if out_dir is not None:
+        (out_dir / clip_dir.name).mkdir(parents=True, exist_ok=True)
     session = Session(engine, clip_dir / "frames")
     session.add_mask(keyframe, key_labels)
     j_scores: dict[int, list[float]] = {obj: [] for obj in object_ids}

@@ -51,6 +51,7 @@ class FlowSettings:
     preset: str
     work_height: int
     consistency_px: float
+    occlusion_logit: float
     colour_weight: float
     colour_bins: int
     search_px: int
@@ -168,7 +169,9 @@ class FlowTracker:
 
     def _fuse(self, warped, reliability, codes, colours: _ColourModel) -> np.ndarray:
         """Log-odds of the warped mask, scaled by the flow's reliability, plus the colour's."""
-        flow_logit = _logit(warped) * reliability
+        flow_logit = (
+            _logit(warped) * reliability + (1 - reliability) * self.settings.occlusion_logit
+        )
         colour_logit = _logit(colours.object_odds(codes)) * self.settings.colour_weight
         return 1 / (1 + np.exp(-(flow_logit + colour_logit)))
 
@@ -251,6 +254,7 @@ def load_flow_engine(
     preset: str = "medium",
     work_height: int = 240,
     consistency_px: float = 1.0,
+    occlusion_logit: float = -1.0,
     colour_weight: float = 0.5,
     colour_bins: int = 16,
     search_px: int = 12,
@@ -265,6 +269,8 @@ def load_flow_engine(
         the mask propagation; the probabilities come back at the source resolution.
     consistency_px: forward-backward flow mismatch (working pixels) at which the flow's vote
         is halved; larger mismatches mean occlusion, where colour decides.
+    occlusion_logit: log-odds of "object" where the flow is unreliable, before colour: pixels
+        uncovered by motion are more often background.
     colour_weight: weight of the keyframe colour model's log-odds (0 turns it off).
     colour_bins: histogram bins per RGB channel of the colour model.
     search_px: how far (working pixels) beyond the propagated mask colour may add pixels, and
@@ -283,6 +289,7 @@ def load_flow_engine(
         preset=preset,
         work_height=int(work_height),
         consistency_px=float(consistency_px),
+        occlusion_logit=float(occlusion_logit),
         colour_weight=float(colour_weight),
         colour_bins=int(colour_bins),
         search_px=int(search_px),

@@ -1,0 +1,107 @@
+"""Accuracy (J&F) and speed of the flow engine beside the plain DIS-warp baseline (issue 3).
+
+    python -m benchmarks.quality [--data ../shared/data/vos] [--sequences a,b] [--threads 2]
+
+The baseline chains backward DIS flow (PRESET_MEDIUM, full resolution) from the previous frame
+and warps the previous frame's hard mask, thresholded at 0.5; it is defined here, not in the
+product. Both engines go through the same Session and scoring (model/evaluation.py). Frames/s
+counts propagation with frame decoding; the machine is shared, so timings are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from xmem_label.model import load_engine
+from xmem_label.model.evaluation import evaluate_dataset, format_report
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "vos"
+
+
+class DisWarpTracker:
+    """Baseline pass: each object's mask is pulled from the previous frame along the backward
+    DIS flow and thresholded at 0.5."""
+
+    def __init__(self):
+        self.object_ids: list[int] = []
+        self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        self._previous_grey: np.ndarray | None = None
+        self._masks: dict[int, np.ndarray] = {}
+
+    def step(
+        self,
+        frame: np.ndarray,
+        prompt: Mapping[int, np.ndarray] | None = None,
+        *,
+        last: bool = False,
+    ) -> torch.Tensor:
+        grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        if self._previous_grey is not None and self._masks:
+            flow = self._flow.calc(grey, self._previous_grey, None)
+            h, w = grey.shape
+            grid_x, grid_y = np.meshgrid(
+                np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)
+            )
+            map_x, map_y = grid_x + flow[..., 0], grid_y + flow[..., 1]
+            for object_id, mask in self._masks.items():
+                warped = cv2.remap(
+                    mask,
+                    map_x,
+                    map_y,
+                    cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT,
+                    borderValue=0,
+                )
+                self._masks[object_id] = (warped >= 0.5).astype(np.float32)
+        for object_id, mask in (prompt or {}).items():
+            if object_id not in self.object_ids:
+                self.object_ids.append(object_id)
+            self._masks[object_id] = mask.astype(np.float32)
+        self._previous_grey = grey
+        foreground = np.stack([self._masks[obj] for obj in self.object_ids])
+        background = np.prod(1 - foreground, axis=0, keepdims=True)
+        probs = np.concatenate([background, foreground])
+        return torch.from_numpy(probs / np.maximum(probs.sum(0, keepdims=True), 1e-7))
+
+
+class DisWarpEngine:
+    name = "dis-warp baseline"
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "weights": None, "sha256": None, "settings": {}}
+
+    def new_tracker(self, num_frames: int | None) -> DisWarpTracker:
+        return DisWarpTracker()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of DAVIS-format clips")
+    parser.add_argument("--sequences", help="comma-separated clip names (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="OpenCV threads")
+    args = parser.parse_args()
+    cv2.setNumThreads(args.threads)
+    sequences = [name for name in (args.sequences or "").split(",") if name] or None
+    reports = {}
+    for engine in (DisWarpEngine(), load_engine("flow")):
+        started = time.perf_counter()
+        reports[engine.name] = evaluate_dataset(args.data, engine, sequences=sequences)
+        print(format_report(reports[engine.name]))
+        print(f"({time.perf_counter() - started:.0f} s including scoring)\n")
+    baseline, flow = reports.values()
+    print(f"{'clip':<18} {'baseline':>8} {'flow':>6}")
+    for base_clip, flow_clip in zip(baseline.clips, flow.clips, strict=True):
+        print(f"{base_clip.name:<18} {base_clip.jf:>8.3f} {flow_clip.jf:>6.3f}")
+    print(f"{'mean':<18} {baseline.jf:>8.3f} {flow.jf:>6.3f}")
+    print(f"{'frames/s':<18} {baseline.frames_per_second:>8.1f} {flow.frames_per_second:>6.1f}")
+
+
+if __name__ == "__main__":
+    main()
