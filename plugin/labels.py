@@ -1,0 +1,235 @@
+"""FiftyOne labels <-> the engine's masks, for one frame at a time.
+
+Prompts come from a frame field holding `fo.Detections` (instance masks cropped to their box,
+or boxes alone) or `fo.Segmentation` (a full-frame mask of object ids). Results go back as
+`fo.Detections`: one `fo.Detection` per object, its mask cropped to its box, `index` = object
+id, `confidence`, and a `keyframe` attribute saying whether a person drew it.
+
+FiftyOne boxes are relative `[x, y, width, height]`; the engine's boxes are pixel
+`(x0, y0, x1, y1)` with x1, y1 exclusive. Frame sizes are `(height, width)` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import fiftyone as fo
+import numpy as np
+
+from xmem_label.model import FrameResult, InputError
+
+MAX_OBJECT_ID = 255
+GRABCUT_ITERATIONS = 5
+MIN_GRABCUT_SIDE_PX = 8  # smaller boxes are too small to model colours: filled whole
+
+
+@dataclasses.dataclass
+class PromptObject:
+    """One object a person gave on one frame: its full-frame mask and, for instance masks,
+    the person's own Detection (returned verbatim on that frame)."""
+
+    object_id: int
+    label: str
+    mask: np.ndarray
+    drawn: fo.Detection | None = None
+
+
+def assign_object_ids(detections_by_frame: dict[int, list[fo.Detection]]) -> dict[int, list[int]]:
+    """Object ids for every detection of every keyframe of one video.
+
+    A detection's `index` is its id (the FiftyOne convention that links one object across
+    frames). Detections without an index get ids above the largest index, matched across
+    keyframes by label and order: the second "chair" on one keyframe is the second "chair"
+    on the next.
+    """
+    explicit = [
+        det.index
+        for dets in detections_by_frame.values()
+        for det in dets
+        if det.index is not None
+    ]
+    for index in explicit:
+        if not 1 <= index <= MAX_OBJECT_ID:
+            raise InputError(f"detection index {index} is not an object id (1..{MAX_OBJECT_ID})")
+    next_id = max(explicit, default=0) + 1
+    implicit: dict[tuple[str | None, int], int] = {}
+    ids_by_frame = {}
+    for frame_number in sorted(detections_by_frame):
+        seen: dict[str | None, int] = {}
+        ids = []
+        for det in detections_by_frame[frame_number]:
+            if det.index is not None:
+                ids.append(det.index)
+                continue
+            key = (det.label, seen.get(det.label, 0))
+            seen[det.label] = key[1] + 1
+            if key not in implicit:
+                if next_id > MAX_OBJECT_ID:
+                    raise InputError(f"more than {MAX_OBJECT_ID} objects in one video")
+                implicit[key] = next_id
+                next_id += 1
+            ids.append(implicit[key])
+        if len(set(ids)) != len(ids):
+            raise InputError(f"frame {frame_number}: two detections share one index")
+        ids_by_frame[frame_number] = ids
+    return ids_by_frame
+
+
+def detection_to_mask(det: fo.Detection, frame_hw: tuple[int, int], frame: np.ndarray | None):
+    """The full-frame boolean mask of `det`: its instance mask pasted into its box (rounded to
+    whole pixels, as FiftyOne's own `Detection.from_mask` makes boxes), or, for a box without a
+    mask, the object found inside the box (`box_to_mask`)."""
+    height, width = frame_hw
+    if det.bounding_box is None:
+        raise InputError(f"detection {det.label!r} has no bounding box")
+    box = relative_to_pixel_box(det.bounding_box, frame_hw)
+    if not det.has_mask:
+        if frame is None:
+            raise InputError(f"detection {det.label!r} is a box; its frame is needed for a mask")
+        return box_to_mask(frame, box)
+    x0, y0, x1, y1 = box
+    crop = np.asarray(det.get_mask()) > 0  # masks stored as PNG files read back as 0/255
+    mask = np.zeros((height, width), dtype=bool)
+    if x1 <= x0 or y1 <= y0 or crop.ndim != 2 or crop.size == 0:
+        return mask
+    if crop.shape != (y1 - y0, x1 - x0):  # a mask drawn at another resolution than its box
+        size = (x1 - x0, y1 - y0)
+        crop = cv2.resize(crop.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    mask[y0:y1, x0:x1] = crop
+    return mask
+
+
+def relative_to_pixel_box(
+    bounding_box: list[float], frame_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """FiftyOne's relative [x, y, w, h] -> pixel (x0, y0, x1, y1), clipped to the frame."""
+    height, width = frame_hw
+    x, y, w, h = bounding_box
+    x0 = int(np.clip(round(x * width), 0, width))
+    y0 = int(np.clip(round(y * height), 0, height))
+    x1 = int(np.clip(round((x + w) * width), 0, width))
+    y1 = int(np.clip(round((y + h) * height), 0, height))
+    return x0, y0, x1, y1
+
+
+def box_to_mask(frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """An object mask inside a pixel box: GrabCut seeded with the box (everything outside is
+    background), or the whole box when it is too small for colour models or GrabCut finds
+    nothing.
+
+    Boxes are a weaker prompt than masks; this gives the engine a mask to start from.
+    """
+    height, width = frame.shape[:2]
+    x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), dtype=bool)
+    if x1 <= x0 or y1 <= y0:
+        raise InputError(f"box {box} is empty")
+    mask[y0:y1, x0:x1] = True
+    if min(x1 - x0, y1 - y0) < MIN_GRABCUT_SIDE_PX or mask.all():
+        return mask
+    labels = np.zeros((height, width), dtype=np.uint8)
+    background_model = np.zeros((1, 65), dtype=np.float64)
+    foreground_model = np.zeros((1, 65), dtype=np.float64)
+    bgr = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR)
+    cv2.grabCut(
+        bgr,
+        labels,
+        (x0, y0, x1 - x0, y1 - y0),
+        background_model,
+        foreground_model,
+        GRABCUT_ITERATIONS,
+        cv2.GC_INIT_WITH_RECT,
+    )
+    found = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    return found if found.any() else mask
+
+
+def prompt_objects(
+    label: fo.Detections | fo.Segmentation,
+    object_ids: list[int] | None,
+    frame_hw: tuple[int, int],
+    frame: np.ndarray | None,
+    mask_targets: dict[int, str] | None,
+    where: str,
+) -> list[PromptObject]:
+    """The objects a person gave in one keyframe label (`where` names it in errors).
+
+    object_ids: for Detections, the ids from `assign_object_ids`, one per detection.
+    mask_targets: for Segmentation, id -> label name (the dataset's mask targets).
+    """
+    if isinstance(label, fo.Detections):
+        objects = []
+        for det, object_id in zip(label.detections, object_ids or [], strict=True):
+            mask = detection_to_mask(det, frame_hw, frame)
+            if not mask.any():
+                raise InputError(f"{where}: the mask of {det.label!r} is empty")
+            drawn = det if det.has_mask else None
+            objects.append(PromptObject(object_id, det.label or str(object_id), mask, drawn))
+        return objects
+    if isinstance(label, fo.Segmentation):
+        ids_mask = label.get_mask()
+        if ids_mask is None:
+            raise InputError(f"{where}: the segmentation has no mask")
+        ids_mask = np.asarray(ids_mask)
+        if ids_mask.ndim != 2:
+            raise InputError(f"{where}: RGB segmentation masks are not supported; use object ids")
+        if ids_mask.shape != tuple(frame_hw):
+            raise InputError(
+                f"{where}: the mask is {ids_mask.shape[1]}x{ids_mask.shape[0]}, "
+                f"the video {frame_hw[1]}x{frame_hw[0]}"
+            )
+        if ids_mask.max() > MAX_OBJECT_ID or ids_mask.min() < 0:
+            raise InputError(f"{where}: mask values must be object ids 0..{MAX_OBJECT_ID}")
+        present = [int(v) for v in np.unique(ids_mask) if v != 0]
+        if not present:
+            raise InputError(f"{where}: the segmentation mask is empty")
+        names = mask_targets or {}
+        return [
+            PromptObject(obj, str(names.get(obj, obj)), ids_mask == obj) for obj in present
+        ]
+    raise InputError(f"{where}: expected Detections or Segmentation, got {type(label).__name__}")
+
+
+def result_to_detections(
+    result: FrameResult, names: dict[int, str], drawn: dict[int, fo.Detection]
+) -> fo.Detections:
+    """One frame's engine result as `fo.Detections`.
+
+    names: object id -> label. drawn: object id -> the person's Detection on this frame, copied
+    verbatim (an engine returns the keyframe mask too, but overlapping objects would clip it).
+    The container carries `min_confidence`, the frame's review priority (it counts objects
+    that vanished, which have no Detection).
+    """
+    height, width = result.labels.shape
+    detections = []
+    for object_id, obj in result.objects.items():
+        if object_id in drawn:
+            detections.append(_verbatim(drawn[object_id], object_id, names[object_id]))
+            continue
+        if obj.box is None:
+            continue
+        x0, y0, x1, y1 = obj.box
+        detections.append(
+            fo.Detection(
+                label=names[object_id],
+                bounding_box=[x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height],
+                mask=result.labels[y0:y1, x0:x1] == object_id,
+                index=object_id,
+                confidence=obj.confidence,
+                keyframe=obj.keyframe,
+            )
+        )
+    return fo.Detections(detections=detections, min_confidence=result.min_confidence)
+
+
+def _verbatim(det: fo.Detection, object_id: int, name: str) -> fo.Detection:
+    mask = np.asarray(det.get_mask()) > 0  # masks stored as PNG files read back as 0/255
+    return fo.Detection(
+        label=name,
+        bounding_box=list(det.bounding_box),
+        mask=mask,
+        index=object_id,
+        confidence=1.0,
+        keyframe=True,
+    )

@@ -1,0 +1,219 @@
+"""Video samples -> engine sessions -> frame labels, shared by the operators and the Model.
+
+Three steps, so bad input is found before anything runs and nothing is written half-way:
+`plan_videos` reads and checks every keyframe of every sample, `propagate_video` runs one
+`xmem_label.model.Session`, `write_frame_labels` writes every result in one bulk call.
+FiftyOne numbers frames from 1; the engine from 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import fiftyone as fo
+import numpy as np
+
+from xmem_label.model import Engine, InputError, Session, load_engine, open_frames
+from xmem_label.model.settings import manifest
+
+from .labels import PromptObject, assign_object_ids, prompt_objects, result_to_detections
+
+ENGINE_CHOICES = ("auto", "xmem", "flow")
+PROMPT_TYPES = (fo.Detections, fo.Segmentation)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclasses.dataclass
+class VideoJob:
+    """Everything needed to propagate one video sample, checked.
+
+    keyframes: engine frame index (0-based) -> the objects a person gave there.
+    """
+
+    sample_id: str
+    filepath: str
+    num_frames: int
+    keyframes: dict[int, list[PromptObject]]
+    names: dict[int, str]
+
+    def drawn_on(self, index: int) -> dict[int, fo.Detection]:
+        """object id -> the person's own Detection on frame `index`, if any."""
+        return {
+            obj.object_id: obj.drawn
+            for obj in self.keyframes.get(index, [])
+            if obj.drawn is not None
+        }
+
+
+def frame_field_name(field: str) -> str:
+    """`frames.gt` or `gt` -> `gt`."""
+    field = (field or "").strip()
+    return field[len("frames.") :] if field.startswith("frames.") else field
+
+
+def check_prompt_field(collection: fo.core.collections.SampleCollection, field: str) -> None:
+    """Raise InputError unless `collection` holds videos with a Detections or Segmentation
+    frame field `field`."""
+    if collection.media_type != "video":
+        raise InputError(
+            f"propagation needs video samples; this collection holds {collection.media_type} "
+            "samples"
+        )
+    schema = collection.get_frame_field_schema()
+    if not field or field not in schema:
+        raise InputError(f"no frame field 'frames.{field}' in this dataset")
+    document_type = getattr(schema[field], "document_type", None)
+    if document_type not in PROMPT_TYPES:
+        kind = document_type.__name__ if document_type else type(schema[field]).__name__
+        raise InputError(
+            f"frames.{field} holds {kind}; prompts must be Detections (masks or boxes) or "
+            "Segmentation"
+        )
+
+
+def plan_videos(
+    collection: fo.core.collections.SampleCollection, prompt_field: str
+) -> tuple[list[VideoJob], list[str]]:
+    """Check and read the keyframes of every sample of `collection`.
+
+    Returns (jobs, ids of samples without any keyframe). Raises InputError naming the first
+    problem: no video, wrong field, a keyframe beyond the video, an empty mask.
+    """
+    prompt_field = frame_field_name(prompt_field)
+    check_prompt_field(collection, prompt_field)
+    dataset = collection._dataset
+    mask_targets = dataset.mask_targets.get(f"frames.{prompt_field}") or (
+        dataset.default_mask_targets
+    )
+    jobs, skipped = [], []
+    for sample in collection.select_fields(f"frames.{prompt_field}").iter_samples():
+        job = _plan_video(sample, prompt_field, mask_targets)
+        if job is None:
+            skipped.append(sample.id)
+        else:
+            jobs.append(job)
+    if not jobs:
+        raise InputError(f"no sample has a keyframe label in frames.{prompt_field}")
+    return jobs, skipped
+
+
+def _plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> VideoJob | None:
+    labels = {
+        frame_number: frame[field]
+        for frame_number, frame in sample.frames.items()
+        if _has_prompt(frame[field])
+    }
+    if not labels:
+        return None
+    name = os.path.basename(sample.filepath)
+    if not Path(sample.filepath).is_file():
+        raise InputError(f"video {sample.filepath} does not exist")
+    frames = open_frames(sample.filepath)
+    try:
+        num_frames, frame_hw = len(frames), frames.size()
+        last = max(labels)
+        if last > num_frames:
+            raise InputError(
+                f"{name}: keyframe on frame {last} but the video has {num_frames} frames"
+            )
+        detections = {
+            fn: list(label.detections)
+            for fn, label in labels.items()
+            if isinstance(label, fo.Detections)
+        }
+        ids_by_frame = assign_object_ids(detections)
+        keyframes = {}
+        for frame_number, label in sorted(labels.items()):
+            needs_image = isinstance(label, fo.Detections) and any(
+                not det.has_mask for det in label.detections
+            )
+            image = _read_frame(frames, frame_number - 1) if needs_image else None
+            keyframes[frame_number - 1] = prompt_objects(
+                label,
+                ids_by_frame.get(frame_number),
+                frame_hw,
+                image,
+                mask_targets,
+                where=f"{name} frame {frame_number} frames.{field}",
+            )
+    finally:
+        frames.close()
+    names = {obj.object_id: obj.label for objs in keyframes.values() for obj in objs}
+    return VideoJob(sample.id, sample.filepath, num_frames, keyframes, names)
+
+
+def _has_prompt(label) -> bool:
+    if isinstance(label, fo.Detections):
+        return len(label.detections) > 0
+    if isinstance(label, fo.Segmentation):
+        return label.mask is not None or label.mask_path is not None
+    return False
+
+
+def _read_frame(frames, index: int) -> np.ndarray:
+    for _, image in frames.forward(index, index + 1):
+        return image
+    raise InputError(f"cannot read frame {index + 1} of the video")
+
+
+def propagate_video(
+    job: VideoJob, engine: Engine, progress: ProgressCallback | None = None
+) -> dict[int, fo.Detections]:
+    """Run the engine over one video; returns FiftyOne frame number -> Detections.
+
+    On every keyframe each object the video knows is either given by the person or declared
+    absent there: a keyframe label is a person's complete say on that frame.
+    """
+    with Session(engine, job.filepath) as session:
+        for index, objects in sorted(job.keyframes.items()):
+            given = {obj.object_id for obj in objects}
+            for obj in objects:
+                session.add_object_mask(index, obj.object_id, obj.mask)
+            for object_id in sorted(set(job.names) - given):
+                session.set_absent(index, object_id)
+        return {
+            result.index + 1: result_to_detections(result, job.names, job.drawn_on(result.index))
+            for result in session.propagate(progress=progress)
+        }
+
+
+def write_frame_labels(
+    dataset: fo.Dataset, label_field: str, labels: dict[str, dict[int, fo.Detections]]
+) -> None:
+    """Write sample id -> {frame number -> Detections} into frames.<label_field>, replacing
+    what those frames held (one bulk `set_values`)."""
+    if labels:
+        dataset.set_values(f"frames.{label_field}", labels, key_field="id")
+
+
+def xmem_weights_available(checkpoint: str | None = None) -> bool:
+    """Whether XMem weights can be had without a download: a given checkpoint file, the
+    weights environment variable, or a cached default checkpoint."""
+    weights = manifest()["weights"]
+    if checkpoint and Path(checkpoint).expanduser().is_file():
+        return True
+    if os.environ.get(weights["env_var"]):
+        return True
+    cache = Path(os.environ.get(weights["cache_env_var"]) or weights["cache_dir"]).expanduser()
+    return (cache / (checkpoint or manifest()["default_checkpoint"])).is_file()
+
+
+def choose_engine(name: str = "auto", checkpoint: str | None = None, device: str | None = None):
+    """Load the engine the user picked. "auto" is XMem when its weights are on this machine,
+    else the weight-free flow engine (nothing is downloaded behind the user's back)."""
+    if name not in ENGINE_CHOICES:
+        raise InputError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+    if name == "auto":
+        name = "xmem" if xmem_weights_available(checkpoint) else "flow"
+    if name == "flow":
+        return load_engine("flow")
+    options = {}
+    if checkpoint:
+        options["weights"] = checkpoint
+    if device:
+        options["device"] = device
+    return load_engine("xmem", **options)
