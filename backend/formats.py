@@ -1,0 +1,371 @@
+"""Label Studio shapes <-> engine shapes: label configs, task frames, keyframes, predictions.
+
+Two project kinds are supported (Label Studio 1.23 open source):
+- image sequence: `<Image valueList="$frames"/>` + `<BrushLabels>`; every region carries the
+  0-based `item_index` of its frame. Optional smart `<RectangleLabels>` / `<KeyPointLabels>` on
+  the same image are prompts.
+- video: `<Video value="$video"/>` + `<VideoRectangle>` (+ `<Labels>` naming the objects); a
+  region is a track whose keyframes (`sequence`) have a 1-based `frame`.
+
+Object identity across frames: regions this backend predicted carry the id `xl<object>f<frame>`,
+and keep it when a person accepts and edits them; any other brush region is matched by label and
+by its rank among that label's regions on its frame (the first "Chair" on every frame is one
+object, the second another).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+
+import numpy as np
+from label_studio_sdk.label_interface import LabelInterface
+
+from xmem_label.model import InputError
+
+from .rle import mask_to_rle, rle_to_mask
+
+PREDICTED_ID = re.compile(r"^xl(\d+)f\d+$")
+PERSON_ORIGINS = {"manual", "prediction-changed", None}  # "prediction" = accepted unchanged
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceConfig:
+    """An image-sequence project: brush masks on a list of frames."""
+
+    brush_name: str
+    image_name: str
+    frames_key: str
+    labels: tuple[str, ...]
+    prompt_names: tuple[str, ...]  # smart RectangleLabels / KeyPointLabels on the same image
+    config_hash: str
+    kind: str = "sequence"
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    """A video project: VideoRectangle tracks."""
+
+    box_name: str
+    video_name: str
+    video_key: str
+    framerate: float
+    labels: tuple[str, ...]
+    config_hash: str
+    kind: str = "video"
+
+
+ProjectConfig = SequenceConfig | VideoConfig
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(label_config: str) -> ProjectConfig:
+    """The supported tag pair of a label config, or an InputError saying what is missing."""
+    if not label_config or not label_config.strip():
+        raise InputError("the request has no label config")
+    try:
+        interface = LabelInterface(label_config)
+    except Exception as exc:  # the SDK raises several types for broken XML
+        raise InputError(f"cannot parse the label config: {exc}") from None
+    config_hash = hashlib.sha256(label_config.encode()).hexdigest()[:12]
+    objects = {obj.name: obj for obj in interface.objects}
+    controls = list(interface.controls)
+
+    for control in controls:
+        target = objects.get(control.to_name[0]) if control.to_name else None
+        if control.tag == "BrushLabels" and target is not None and target.tag == "Image":
+            frames_key = (target.attr.get("valueList") or "").lstrip("$")
+            if not frames_key:
+                raise InputError(
+                    f'<Image name="{target.name}"> needs valueList="$frames" (an image sequence) '
+                    "for masks across frames"
+                )
+            prompts = tuple(
+                c.name
+                for c in controls
+                if c.tag in ("RectangleLabels", "KeyPointLabels")
+                and c.to_name == control.to_name
+                and c.attr.get("smart", "").lower() == "true"
+            )
+            return SequenceConfig(
+                brush_name=control.name,
+                image_name=target.name,
+                frames_key=frames_key,
+                labels=tuple(control.labels),
+                prompt_names=prompts,
+                config_hash=config_hash,
+            )
+        if control.tag == "VideoRectangle" and target is not None and target.tag == "Video":
+            labels = next(
+                (tuple(c.labels) for c in controls
+                 if c.tag == "Labels" and c.to_name == control.to_name),
+                (),
+            )
+            return VideoConfig(
+                box_name=control.name,
+                video_name=target.name,
+                video_key=(target.value or "").lstrip("$"),
+                framerate=float(target.attr.get("framerate") or 24.0),
+                labels=labels,
+                config_hash=config_hash,
+            )
+    raise InputError(
+        "the label config has no supported tag pair: use <Image valueList=\"$frames\"/> with "
+        "<BrushLabels>, or <Video/> with <VideoRectangle>"
+    )
+
+
+def task_media(task: dict, config: ProjectConfig) -> list[str] | str:
+    """The frame URLs (image sequence) or the video URL of a task."""
+    data = task.get("data") or {}
+    task_id = task.get("id")
+    if isinstance(config, SequenceConfig):
+        frames = data.get(config.frames_key)
+        if not isinstance(frames, list) or not frames:
+            raise InputError(f"task {task_id} has no frames: data.{config.frames_key} is empty")
+        if not all(isinstance(url, str) and url for url in frames):
+            raise InputError(
+                f"task {task_id}: every frame in data.{config.frames_key} must be a URL"
+            )
+        return frames
+    video = data.get(config.video_key)
+    if not isinstance(video, str) or not video:
+        raise InputError(f"task {task_id} has no video: data.{config.video_key} is empty")
+    return video
+
+
+def latest_annotation(task: dict) -> dict | None:
+    """The most recently updated annotation of a task that was not skipped."""
+    annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    if not annotations:
+        return None
+    return max(annotations, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0))
+
+
+# ----- image sequences: brush keyframes ---------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BrushKeyframes:
+    """Objects drawn by a person: ids 1..N with their labels, and their masks per frame."""
+
+    labels: dict[int, str]  # object id -> label
+    masks: dict[int, dict[int, np.ndarray]]  # frame -> object id -> bool mask
+    regions: dict[int, dict[int, dict]]  # frame -> object id -> the region as the person left it
+    size: tuple[int, int]  # (width, height) the regions were drawn at
+
+
+def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int) -> BrushKeyframes:
+    """Keyframe masks from an annotation's result list.
+
+    A frame is a keyframe when a person drew or edited a region on it; then every region on it
+    counts as given. Raises InputError for a malformed region or an annotation without keyframes.
+    """
+    regions = [r for r in results or [] if r.get("from_name") == config.brush_name]
+    by_frame: dict[int, list[dict]] = {}
+    for region in regions:
+        frame = region.get("item_index") or 0
+        if not isinstance(frame, int) or not 0 <= frame < num_frames:
+            raise InputError(f"brush region on frame {frame}: the task has {num_frames} frames")
+        by_frame.setdefault(frame, []).append(region)
+    keyframes = sorted(
+        frame
+        for frame, on_frame in by_frame.items()
+        if any(r.get("origin") in PERSON_ORIGINS for r in on_frame)
+    )
+    if not keyframes:
+        raise InputError(
+            f"no keyframe: the annotation has no {config.brush_name} region drawn or edited by a "
+            "person"
+        )
+
+    object_keys: dict[tuple, int] = {}
+    result = BrushKeyframes(labels={}, masks={}, regions={}, size=(0, 0))
+    for frame in keyframes:
+        rank_by_label: dict[str, int] = {}
+        for region in by_frame[frame]:
+            label, mask, size = _decode_brush_region(region, frame)
+            if result.size != (0, 0) and size != result.size:
+                raise InputError(
+                    f"brush regions differ in size: {size[0]}x{size[1]} on frame {frame}, "
+                    f"{result.size[0]}x{result.size[1]} before"
+                )
+            result.size = size
+            predicted = PREDICTED_ID.match(str(region.get("id", "")))
+            if predicted:
+                key = ("predicted", int(predicted.group(1)))
+            else:
+                rank = rank_by_label.get(label, 0)
+                rank_by_label[label] = rank + 1
+                key = ("drawn", label, rank)
+            object_id = object_keys.setdefault(key, len(object_keys) + 1)
+            if object_id > 255:
+                raise InputError("more than 255 objects in one task")
+            result.labels.setdefault(object_id, label)
+            frame_masks = result.masks.setdefault(frame, {})
+            if object_id in frame_masks:  # two strokes of one object: their union
+                mask = mask | frame_masks[object_id]
+            frame_masks[object_id] = mask
+            result.regions.setdefault(frame, {})[object_id] = region
+    return result
+
+
+def _decode_brush_region(region: dict, frame: int) -> tuple[str, np.ndarray, tuple[int, int]]:
+    value = region.get("value") or {}
+    labels = value.get("brushlabels") or []
+    width, height = region.get("original_width"), region.get("original_height")
+    if not isinstance(width, int) or not isinstance(height, int) or width < 1 or height < 1:
+        raise InputError(f"brush region on frame {frame} has no original_width/original_height")
+    if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
+        raise InputError(f"brush region on frame {frame} has no RLE mask (value.rle)")
+    mask = rle_to_mask(value["rle"], width, height)
+    return (labels[0] if labels else ""), mask, (width, height)
+
+
+def brush_region(
+    config: SequenceConfig,
+    object_id: int,
+    label: str,
+    frame: int,
+    mask: np.ndarray,
+    score: float,
+) -> dict:
+    """One predicted brush region: one object on one frame."""
+    height, width = mask.shape
+    return {
+        "id": f"xl{object_id}f{frame}",
+        "from_name": config.brush_name,
+        "to_name": config.image_name,
+        "type": "brushlabels",
+        "item_index": frame,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "score": round(float(score), 4),
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+    }
+
+
+# ----- image sequences: smart prompts ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A smart box or point a person placed on one frame, in pixels."""
+
+    frame: int
+    label: str
+    box: tuple[float, float, float, float] | None  # x0, y0, x1, y1
+    point: tuple[float, float] | None
+    positive: bool = True
+
+
+def prompts_from_context(context: dict | None, config: SequenceConfig) -> list[Prompt]:
+    """Smart RectangleLabels / KeyPointLabels regions of an interactive call's context."""
+    prompts = []
+    for region in (context or {}).get("result") or []:
+        if region.get("from_name") not in config.prompt_names:
+            continue
+        value = region.get("value") or {}
+        width, height = region.get("original_width"), region.get("original_height")
+        if not width or not height:
+            raise InputError("a smart prompt has no original_width/original_height")
+        labels = value.get("rectanglelabels") or value.get("keypointlabels") or []
+        label = labels[0] if labels else ""
+        frame = region.get("item_index") or 0
+        x, y = value.get("x", 0.0) * width / 100, value.get("y", 0.0) * height / 100
+        if region.get("type") == "rectanglelabels":
+            box = (x, y, x + value.get("width", 0.0) * width / 100,
+                   y + value.get("height", 0.0) * height / 100)
+            prompts.append(Prompt(frame=frame, label=label, box=box, point=None))
+        else:
+            prompts.append(Prompt(frame=frame, label=label, box=None, point=(x, y),
+                                  positive=not region.get("is_negative", value.get("negative"))))
+    return prompts
+
+
+# ----- video: box tracks -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxKeyframe:
+    frame: int  # 0-based
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+    ends_track: bool  # enabled false: the object is gone after this frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+    label: str
+    keyframes: tuple[BoxKeyframe, ...]
+
+
+def video_tracks(results: list[dict], config: VideoConfig, size: tuple[int, int]) -> list[Track]:
+    """The person's VideoRectangle tracks (keyframes in pixels for a (width, height) video)."""
+    width, height = size
+    tracks = []
+    for region in results or []:
+        if region.get("from_name") != config.box_name:
+            continue
+        value = region.get("value") or {}
+        labels = value.get("labels") or []
+        keyframes = []
+        for item in value.get("sequence") or []:
+            frame = item.get("frame")
+            if not isinstance(frame, int) or frame < 1:
+                raise InputError(f"video box keyframe with frame {frame!r}: frames are 1-based")
+            x0, y0 = item.get("x", 0.0) * width / 100, item.get("y", 0.0) * height / 100
+            box = (x0, y0, x0 + item.get("width", 0.0) * width / 100,
+                   y0 + item.get("height", 0.0) * height / 100)
+            keyframes.append(BoxKeyframe(frame - 1, box, ends_track=not item.get("enabled", True)))
+        if keyframes:
+            tracks.append(Track(label=labels[0] if labels else "", keyframes=tuple(keyframes)))
+    if not tracks:
+        raise InputError(f"no keyframe: the annotation has no {config.box_name} box")
+    return tracks
+
+
+def video_track_region(
+    config: VideoConfig,
+    object_id: int,
+    label: str,
+    boxes: list[tuple[int, int, int, int] | None],
+    size: tuple[int, int],
+    score: float,
+) -> dict:
+    """One videorectangle track: a box on every frame where the object is present; `enabled`
+    false on the last box before a gap and on the last box of all."""
+    width, height = size
+    sequence = []
+    for index, box in enumerate(boxes):
+        if box is None:
+            continue
+        present_next = index + 1 < len(boxes) and boxes[index + 1] is not None
+        x0, y0, x1, y1 = box
+        sequence.append({
+            "frame": index + 1,
+            "enabled": present_next,
+            "rotation": 0,
+            "time": (index + 1) / config.framerate,
+            "x": 100.0 * x0 / width,
+            "y": 100.0 * y0 / height,
+            "width": 100.0 * (x1 - x0) / width,
+            "height": 100.0 * (y1 - y0) / height,
+        })
+    value = {
+        "framesCount": len(boxes),
+        "duration": len(boxes) / config.framerate,
+        "sequence": sequence,
+    }
+    if label:
+        value["labels"] = [label]
+    return {
+        "id": f"xl{object_id}track",
+        "from_name": config.box_name,
+        "to_name": config.video_name,
+        "type": "videorectangle",
+        "score": round(float(score), 4),
+        "value": value,
+    }

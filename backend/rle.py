@@ -1,0 +1,126 @@
+"""Label Studio brush RLE: masks to and from the `value.rle` list of a `brushlabels` region.
+
+The format is @thi.ng/rle-pack applied to the mask as an RGBA image (H*W*4 bytes, the alpha
+written into all four channels): a header (32 bits value count, 5 bits word size - 1, four 4-bit
+run-length field sizes - 1), then chunks of 1 flag bit (1 repeat, 0 literal), 2 bits choosing a
+field size, the count - 1 in that many bits, then one word (repeat) or `count` words (literal),
+zero-padded to a byte.
+
+`mask_to_rle` is vectorised with numpy and writes the same bytes as
+`label_studio_sdk.converter.brush.mask2rle(mask * 255)` (runs of 4+ values only, since every
+pixel is four equal bytes; field sizes 3/4/8/16; 1 to 8 padding bits), about 50x faster at
+1080p (see benchmarks/label_studio.py). `rle_to_mask` reads any valid stream, including the
+literal chunks the browser writes, and refuses malformed ones with an InputError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xmem_label.model import InputError
+
+WORD_SIZE = 8
+RUN_FIELD_SIZES = (3, 4, 8, 16)
+_MAX_RUN = 1 << RUN_FIELD_SIZES[-1]
+_HEADER_BITS = 32 + 5 + 4 * 4
+
+
+def mask_to_rle(mask: np.ndarray) -> list[int]:
+    """Encode a 2-D mask (non-zero = painted) as Label Studio brush RLE bytes."""
+    if mask.ndim != 2:
+        raise InputError(f"a brush mask must be 2-D, got shape {mask.shape}")
+    flat = (np.asarray(mask).ravel() != 0).astype(np.uint8)
+    if flat.size == 0:
+        raise InputError("a brush mask must have at least one pixel")
+
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    run_values = flat[starts] * np.uint8(255)
+    run_lengths = np.diff(np.append(starts, flat.size)) * 4  # four RGBA bytes per pixel
+
+    # Runs longer than the largest field are cut into full chunks plus a remainder.
+    chunks_per_run = (run_lengths + _MAX_RUN - 1) // _MAX_RUN
+    counts = np.full(int(chunks_per_run.sum()), _MAX_RUN, dtype=np.int64)
+    last_chunk = np.cumsum(chunks_per_run) - 1
+    counts[last_chunk] = run_lengths - _MAX_RUN * (chunks_per_run - 1)
+    values = np.repeat(run_values, chunks_per_run).astype(np.int64)
+
+    size_index = np.searchsorted(1 << np.array(RUN_FIELD_SIZES), counts)  # first size that fits
+    field_bits = np.array(RUN_FIELD_SIZES)[size_index]
+    widths = 1 + 2 + field_bits + WORD_SIZE
+    codes = (
+        (1 << (widths - 1))  # repeat flag
+        | (size_index << (field_bits + WORD_SIZE))
+        | ((counts - 1) << WORD_SIZE)
+        | values
+    )
+
+    header = (flat.size * 4, 32), (WORD_SIZE - 1, 5), *((s - 1, 4) for s in RUN_FIELD_SIZES)
+    header_codes = np.array([code for code, _ in header], dtype=np.int64)
+    header_widths = np.array([width for _, width in header], dtype=np.int64)
+    codes = np.concatenate((header_codes, codes))
+    widths = np.concatenate((header_widths, widths))
+
+    body_bits = int(widths.sum())
+    padding = 8 - body_bits % 8  # like the SDK: a whole zero byte when already aligned
+    bits = np.zeros(body_bits + padding, dtype=np.uint8)
+    offsets = np.cumsum(widths) - widths
+    for bit in range(int(widths.max())):
+        has_bit = widths > bit
+        shift = widths[has_bit] - 1 - bit
+        bits[offsets[has_bit] + bit] = (codes[has_bit] >> shift) & 1
+    return np.packbits(bits).tolist()
+
+
+class _BitReader:
+    def __init__(self, data: bytes):
+        self.bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+        self.position = 0
+
+    def read(self, width: int) -> int:
+        end = self.position + width
+        if end > self.bits.size:
+            raise InputError("malformed brush RLE: the data ends in the middle of a chunk")
+        value = 0
+        for bit in self.bits[self.position : end].tolist():
+            value = (value << 1) | bit
+        self.position = end
+        return value
+
+    def read_words(self, count: int, width: int) -> np.ndarray:
+        end = self.position + count * width
+        if end > self.bits.size:
+            raise InputError("malformed brush RLE: the data ends in the middle of a chunk")
+        words = self.bits[self.position : end].reshape(count, width)
+        self.position = end
+        return words @ (1 << np.arange(width - 1, -1, -1))
+
+
+def rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
+    """Decode brush RLE bytes into a (height, width) bool mask (alpha > 0 = painted)."""
+    try:
+        data = bytes(rle)
+    except (TypeError, ValueError):
+        raise InputError("malformed brush RLE: expected a list of byte values 0..255") from None
+    reader = _BitReader(data)
+    total = reader.read(32)
+    word_size = reader.read(5) + 1
+    run_field_sizes = [reader.read(4) + 1 for _ in range(4)]
+    if total != width * height * 4:
+        raise InputError(
+            f"brush mask size differs from the frame: its RLE holds {total} values, "
+            f"a {width}x{height} frame needs {width * height * 4}"
+        )
+    values = np.zeros(total, dtype=np.int64)
+    filled = 0
+    while filled < total:
+        repeat = reader.read(1)
+        count = reader.read(run_field_sizes[reader.read(2)]) + 1
+        if filled + count > total:
+            raise InputError("malformed brush RLE: a chunk runs past the end of the image")
+        if repeat:
+            values[filled : filled + count] = reader.read(word_size)
+        else:
+            values[filled : filled + count] = reader.read_words(count, word_size)
+        filled += count
+    return values.reshape(height, width, 4)[:, :, 3] > 0
