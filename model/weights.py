@@ -156,8 +156,7 @@ def download_checkpoint(
         if expected is not None and sha256 != expected:
             raise WeightsError(
                 f"download of {name} from {url} is corrupted or changed: sha256 {sha256}, "
-                f"expected {expected}; nothing was saved"
-                + _recorded_hint(name, folder, checkpoint)
+                f"expected {expected}; nothing was saved" + _recorded_hint(name, folder, checkpoint)
             )
         if expected is None:
             _write_atomically(recorded_sha256_path(name, folder), sha256 + "\n")
@@ -203,8 +202,7 @@ def _resolve_given(
     if path.exists():
         raise WeightsError(f"{origin} {path} is not a file")
     raise WeightsError(
-        f"{origin} file not found: {path} (or give a checkpoint name: "
-        f"{', '.join(checkpoints())})"
+        f"{origin} file not found: {path} (or give a checkpoint name: {', '.join(checkpoints())})"
     )
 
 
@@ -214,7 +212,9 @@ def _resolve_name(name: str, download: bool, folder: Path, base_url: str | None)
         _check_cached(name, path, folder)
         return path
     if not download:
-        raise WeightsError(_offline_message(name, folder, "downloads are off"))
+        raise WeightsError(
+            _offline_message(name, folder, "not in the cache, and downloading is off")
+        )
     return download_checkpoint(name, cache_dir=folder, base_url=base_url)
 
 

@@ -162,7 +162,7 @@ def test_missing_on_server_is_a_weights_error(server, cache):
 
 def test_no_download_when_switched_off(server, cache):
     server.serve(NAME, GOOD)
-    with pytest.raises(WeightsError, match="downloads are off.*releases/download/v1.0/XMem.pth"):
+    with pytest.raises(WeightsError, match="downloading is off.*releases/download/v1.0/XMem.pth"):
         resolve_weights(cache_dir=cache, download=False)
     assert server.requests == 0
 

@@ -1,0 +1,668 @@
+"""The `xmem-label` command: propagate, demo, weights, eval, and the commands of installed extras.
+
+Every problem a user can cause ends as one line `xmem-label: error: ...` on stderr and exit code
+2. `propagate` writes into a hidden sibling folder and renames it to `--out` only when every
+frame is written, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from .engine import ENGINES, Engine, load_engine
+from .errors import InputError, WeightsError, XMemLabelError
+from .evaluation import add_eval_command
+from .frames import FrameSource, VideoFile, open_frames
+from .masks import read_label_mask, write_label_mask
+from .overlay import OverlayWriter
+from .results import FrameResult
+from .session import DIRECTIONS, Session
+from .settings import manifest
+from .weights import (
+    cache_folder,
+    checkpoints,
+    default_checkpoint,
+    resolve_weights,
+    sha256_of,
+    verify_checkpoint,
+)
+
+PROG = "xmem-label"
+PLUGIN_COMMANDS = "xmem_label.commands"  # entry-point group of commands from other parts
+DEMO_CLIP = Path(__file__).with_name("demo_clip")
+FOLDER_FPS = 15.0  # overlay frame rate for image folders, which carry none (the demo clip's)
+XMEM_ONLY_OPTIONS = ("weights", "device", "precision", "size")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are user errors: one line, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{message} (see: {self.prog} --help)")
+
+
+@dataclasses.dataclass
+class PropagationJob:
+    """One `propagate` run: what to read, which engine, and what to write where."""
+
+    source: Path
+    keyframes: dict[int, Path]
+    out: Path
+    engine: str
+    weights: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    size: int | None = None
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)
+    direction: str = "both"
+    save_probs: bool = False
+    overlay: Path | None = None
+    replace_out: bool = False
+    download_weights: bool = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 done, 2 bad input)."""
+    parser = build_parser()
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_on_one_line
+        try:
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as done:  # --help and --version
+                return done.code if isinstance(done.code, int) else 0
+            if not hasattr(args, "run"):
+                parser.print_help(sys.stderr)
+                return 2
+            return args.run(args)
+        except (XMemLabelError, OSError) as error:
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+            return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Keyframe masks in, a mask for every video frame out (XMem).",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_propagate_command(subparsers)
+    _add_demo_command(subparsers)
+    _add_weights_command(subparsers)
+    add_eval_command(subparsers)
+    _add_plugin_commands(subparsers)
+    return parser
+
+
+# ----- propagate ---------------------------------------------------------------------------------
+
+
+def _add_propagate_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "propagate",
+        help="turn keyframe masks into a mask for every frame",
+        description="Propagate keyframe masks over SOURCE (a video file or a folder of images) "
+        "and write one palette PNG per frame plus summary.json into --out.",
+    )
+    parser.add_argument("source", type=Path, help="video file or folder of frames")
+    parser.add_argument(
+        "--mask",
+        action="append",
+        required=True,
+        metavar="FRAME=PNG",
+        help="label mask (palette or grey PNG, 0 = background) on frame FRAME (0-based); "
+        "repeat for more keyframes",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_engine_options(parser, default_engine=manifest()["default_engine"])
+    parser.add_argument(
+        "--direction",
+        choices=DIRECTIONS,
+        default="both",
+        help="both: also fill frames before an object's first keyframe (default); "
+        "forward: leave them empty",
+    )
+    parser.add_argument(
+        "--save-probs",
+        action="store_true",
+        help="also write probs/<frame>.npy: float16 (objects + 1, H, W), background first",
+    )
+    parser.add_argument("--overlay", type=Path, help="write the masks over the frames (.mp4/.gif)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.set_defaults(run=_run_propagate)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser, default_engine: str | None) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default=default_engine,
+        help=f"propagation engine (default: {default_engine or 'xmem if its weights are here'})",
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="PATH|NAME",
+        help=f"XMem checkpoint file or name ({', '.join(checkpoints())}; "
+        f"default: ${manifest()['weights']['env_var']}, else {default_checkpoint()})",
+    )
+    parser.add_argument(
+        "--size", type=int, help="XMem internal short side in pixels (-1 = native; default 480)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), help="XMem precision on CUDA"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="settings",
+        help="engine setting, e.g. top_k=20 or mem_every=3 (repeatable)",
+    )
+
+
+def _run_propagate(args: argparse.Namespace) -> int:
+    job = PropagationJob(
+        source=args.source,
+        keyframes=_parse_keyframes(args.mask),
+        out=args.out,
+        engine=args.engine,
+        weights=args.weights,
+        device=args.device,
+        precision=args.precision,
+        size=args.size,
+        settings=_parse_settings(args.settings),
+        direction=args.direction,
+        save_probs=args.save_probs,
+        overlay=args.overlay,
+        replace_out=args.force,
+    )
+    summary = run_propagation(job)
+    timings = summary["timings"]
+    print(
+        f"wrote {summary['frame_count']} masks and summary.json to {job.out} in "
+        f"{timings['propagation_s']:.1f} s ({timings['frames_per_second']:.1f} frames/s)"
+    )
+    if job.overlay is not None:
+        print(f"overlay: {job.overlay}")
+    return 0
+
+
+def _parse_keyframes(items: list[str]) -> dict[int, Path]:
+    keyframes: dict[int, Path] = {}
+    for item in items:
+        frame, separator, path = item.partition("=")
+        if not separator or not path or not frame.strip().isdigit():
+            raise InputError(
+                f"--mask takes FRAME=PNG with a frame number, e.g. 0=mask.png; got {item!r}"
+            )
+        if int(frame) in keyframes:
+            raise InputError(f"two --mask options for frame {int(frame)}")
+        keyframes[int(frame)] = Path(path)
+    return keyframes
+
+
+def _parse_settings(items: list[str]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip() or not value.strip():
+            raise InputError(f"--set takes KEY=VALUE, e.g. top_k=20; got {item!r}")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def run_propagation(job: PropagationJob) -> dict[str, Any]:
+    """Propagate `job.keyframes` over `job.source` and write the results; returns the summary.
+
+    Checks the inputs before loading the engine. Nothing appears at `job.out` (or
+    `job.overlay`) unless the whole clip was written.
+    """
+    _check_out_folder(job.out, job.replace_out)
+    if job.overlay is not None:
+        OverlayWriter(job.overlay, FOLDER_FPS)  # refuses a wrong extension before any work
+    frames = open_frames(job.source)
+    try:
+        masks = {index: read_label_mask(path) for index, path in sorted(job.keyframes.items())}
+        started = time.perf_counter()
+        engine = _load_engine(job)
+        loaded = time.perf_counter()
+        with Session(engine, frames) as session:
+            for index, labels in masks.items():
+                try:
+                    session.add_mask(index, labels)
+                except InputError as error:
+                    raise InputError(f"{job.keyframes[index]}: {error}") from None
+            with _staged_outputs(job.out, job.overlay, job.replace_out) as (folder, overlay):
+                per_frame = _write_results(session, job, folder, overlay)
+                finished = time.perf_counter()
+                summary = _summary(job, session, engine, per_frame, started, loaded, finished)
+                (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    finally:
+        frames.close()
+    return summary
+
+
+def _check_out_folder(out: Path, replace: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not replace:
+        raise InputError(f"--out {out} is not empty; choose another folder or add --force")
+
+
+def _load_engine(job: PropagationJob) -> Engine:
+    """The engine of `job`, with XMem's weights resolved and --set values typed."""
+    if job.engine != "xmem":
+        given = [f"--{name}" for name in XMEM_ONLY_OPTIONS if getattr(job, name) is not None]
+        if given:
+            raise InputError(
+                f"{', '.join(given)} apply to the xmem engine only; "
+                f"the {job.engine} engine takes --set KEY=VALUE"
+            )
+        return load_engine(job.engine, **_typed_settings(job.engine, job.settings))
+    options: dict[str, Any] = {
+        "weights": resolve_weights(job.weights, download=job.download_weights)
+    }
+    for name in ("device", "precision", "size"):
+        if getattr(job, name) is not None:
+            options[name] = getattr(job, name)
+    return load_engine("xmem", **options, **_typed_settings("xmem", job.settings))
+
+
+def _engine_loader(name: str) -> Callable[..., Engine]:
+    module_name, function_name = ENGINES[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise InputError(f"the {name} engine is not part of this installation") from None
+        raise
+    return getattr(module, function_name)
+
+
+def _typed_settings(engine: str, settings: dict[str, str]) -> dict[str, Any]:
+    """--set values as the engine loader's parameters expect them; unknown names refused.
+
+    Parameters with a number or flag default get that type; anything else (for XMem, the
+    memory settings, which the engine checks itself) is read as a YAML scalar.
+    """
+    parameters = inspect.signature(_engine_loader(engine)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {
+        name: p.default
+        for name, p in parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in XMEM_ONLY_OPTIONS
+    }
+    typed: dict[str, Any] = {}
+    for key, text in settings.items():
+        if key in XMEM_ONLY_OPTIONS:
+            raise InputError(f"give {key} as --{key}, not --set")
+        if key not in named and not takes_any:
+            raise InputError(
+                f"unknown {engine} setting {key!r}; known settings: {', '.join(sorted(named))}"
+            )
+        typed[key] = _typed_value(key, text, named.get(key))
+    return typed
+
+
+def _typed_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, str):
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise InputError(f"setting {key!r} takes true or false, not {text!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"setting {key!r} takes a number, not {text!r}")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise InputError(f"setting {key!r} takes a whole number, not {text!r}")
+        return type(default)(value)
+    return value
+
+
+@contextlib.contextmanager
+def _staged_outputs(
+    out: Path, overlay: Path | None, replace: bool
+) -> Iterator[tuple[Path, Path | None]]:
+    """Yield (staging folder, staging overlay file); on success move them to `out` and
+    `overlay`, on any error delete them. An overlay inside `out` is staged inside the folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    staged_overlay = outside_overlay = None
+    if overlay is not None:
+        if overlay.resolve().is_relative_to(out.resolve()):
+            staged_overlay = folder / overlay.resolve().relative_to(out.resolve())
+            staged_overlay.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            overlay.parent.mkdir(parents=True, exist_ok=True)
+            partial_name = f".{overlay.stem}.partial-{os.getpid()}{overlay.suffix}"
+            staged_overlay = outside_overlay = overlay.with_name(partial_name)
+    try:
+        yield folder, staged_overlay
+        _replace_folder(folder, out, replace)
+        if outside_overlay is not None:
+            outside_overlay.replace(overlay)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if outside_overlay is not None:
+            outside_overlay.unlink(missing_ok=True)
+
+
+def _replace_folder(new: Path, out: Path, replace: bool) -> None:
+    """Rename `new` to `out`; an existing `out` is set aside first and deleted after."""
+    if not out.exists() or (not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        new.rename(out)
+        return
+    if not replace:
+        raise InputError(f"--out {out} is not empty; choose another folder or add --force")
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    old.rmdir()
+    out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_results(
+    session: Session, job: PropagationJob, folder: Path, overlay_path: Path | None
+) -> list[dict[str, Any]]:
+    """Write every frame's mask (and probabilities, overlay frame); return per-frame summaries."""
+    if job.save_probs:
+        (folder / "probs").mkdir()
+    overlay = None
+    frames_for_overlay = None
+    if overlay_path is not None:
+        overlay = OverlayWriter(overlay_path, _frame_rate(session.frames))
+        frames_for_overlay = session.frames.forward()
+    per_frame = []
+    names: set[str] = set()
+    with tqdm(
+        desc="propagating", unit="frame", disable=not sys.stderr.isatty(), leave=False
+    ) as bar:
+
+        def show_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            for result in session.propagate(
+                direction=job.direction, with_probs=job.save_probs, progress=show_progress
+            ):
+                if result.name in names:
+                    raise InputError(f"two frames of {job.source} are named {result.name!r}")
+                names.add(result.name)
+                write_label_mask(folder / f"{result.name}.png", result.labels)
+                if job.save_probs:
+                    np.save(
+                        folder / "probs" / f"{result.name}.npy", result.probs.astype(np.float16)
+                    )
+                if overlay is not None:
+                    _, frame = next(frames_for_overlay)
+                    overlay.add(frame, result.labels)
+                per_frame.append(_frame_summary(result))
+        finally:
+            if overlay is not None:
+                overlay.close()
+    return per_frame
+
+
+def _frame_rate(frames: FrameSource) -> float:
+    if isinstance(frames, VideoFile):
+        capture = cv2.VideoCapture(str(frames.path))
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        capture.release()
+        if fps and 0 < fps < 1000:
+            return float(fps)
+    return FOLDER_FPS
+
+
+def _frame_summary(result: FrameResult) -> dict[str, Any]:
+    return {
+        "index": result.index,
+        "name": result.name,
+        "keyframe": result.is_keyframe,
+        "min_confidence": round(result.min_confidence, 4),
+        "objects": {
+            str(object_id): {
+                "confidence": round(obj.confidence, 4),
+                "area": obj.area,
+                "box": list(obj.box) if obj.box is not None else None,
+                "keyframe": obj.keyframe,
+            }
+            for object_id, obj in result.objects.items()
+        },
+    }
+
+
+def _summary(
+    job: PropagationJob,
+    session: Session,
+    engine: Engine,
+    per_frame: list[dict[str, Any]],
+    started: float,
+    loaded: float,
+    finished: float,
+) -> dict[str, Any]:
+    described = engine.describe()
+    weights = None
+    if described.get("weights"):
+        weights = {
+            "path": str(described["weights"]),
+            "sha256": described.get("sha256") or sha256_of(described["weights"]),
+        }
+    height, width = session.frame_hw
+    propagation_s = finished - loaded
+    return {
+        "source": str(job.source),
+        "frame_count": len(per_frame),
+        "frame_size": [width, height],
+        "keyframes": {str(index): str(path) for index, path in sorted(job.keyframes.items())},
+        "object_ids": session.object_ids,
+        "direction": job.direction,
+        "engine": described,
+        "weights": weights,
+        "settings": described.get("settings", {}),
+        "timings": {
+            "engine_load_s": round(loaded - started, 3),
+            "propagation_s": round(propagation_s, 3),
+            "frames_per_second": round(len(per_frame) / propagation_s, 3),
+        },
+        "outputs": {
+            "masks": "<frame>.png",
+            "probs": "probs/<frame>.npy" if job.save_probs else None,
+            "overlay": str(job.overlay) if job.overlay is not None else None,
+        },
+        "frames": per_frame,
+    }
+
+
+# ----- demo --------------------------------------------------------------------------------------
+
+
+def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="propagate the bundled demo clip",
+        description="Propagate the first-frame mask of the bundled clip (model/demo_clip, "
+        "CC BY 4.0, see its ATTRIBUTION.md) and write masks, summary.json and an overlay video. "
+        "Uses XMem when its weights are on this machine, else the weight-free flow engine.",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("xmem-label-demo"), help="default: ./xmem-label-demo"
+    )
+    parser.add_argument(
+        "--engine", choices=sorted(ENGINES), help="default: xmem if its weights are here, else flow"
+    )
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    engine = args.engine
+    if engine is None:
+        try:
+            resolve_weights(download=False)
+            engine = "xmem"
+        except WeightsError as missing:
+            engine = "flow"
+            print(f"No XMem weights here: using the weight-free flow engine. {missing}.")
+            print(f"To use XMem: {PROG} weights download")
+    out = args.out
+    previous_demo = (out / "summary.json").is_file()
+    job = PropagationJob(
+        source=DEMO_CLIP / "frames",
+        keyframes={0: DEMO_CLIP / "keyframe_00000.png"},
+        out=out,
+        engine=engine,
+        overlay=out / "overlay.mp4",
+        replace_out=previous_demo,
+    )
+    started = time.perf_counter()
+    summary = run_propagation(job)
+    wall_s = time.perf_counter() - started
+    weights = summary["weights"]
+    width, height = summary["frame_size"]
+    print(f"engine: {engine}")
+    if weights:
+        print(f"weights: {weights['path']} (sha256 {weights['sha256']})")
+    else:
+        print("weights: none (weight-free engine)")
+    print(f"clip: {summary['frame_count']} frames, {width}x{height}, from {DEMO_CLIP}")
+    print(
+        f"wall time: {wall_s:.2f} s, {summary['frame_count'] / wall_s:.1f} frames/s "
+        f"(propagation alone {summary['timings']['frames_per_second']:.1f} frames/s)"
+    )
+    print(f"masks and summary.json: {out}")
+    print(f"overlay: {job.overlay}")
+    return 0
+
+
+# ----- weights -----------------------------------------------------------------------------------
+
+
+def _add_weights_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "weights",
+        help="list, download or verify XMem checkpoints",
+        description=f"XMem checkpoints live in the cache ({cache_folder()}; "
+        f"${manifest()['weights']['cache_env_var']} moves it).",
+    )
+    actions = parser.add_subparsers(title="actions", metavar="ACTION")
+    listing = actions.add_parser("list", help="the known checkpoints and whether they are here")
+    listing.set_defaults(run=_run_weights_list)
+    download = actions.add_parser("download", help="download a checkpoint into the cache")
+    download.add_argument("name", nargs="?", default=default_checkpoint())
+    download.set_defaults(run=_run_weights_download)
+    verify = actions.add_parser(
+        "verify", help="check a cached checkpoint's sha256 and that it fits the XMem network"
+    )
+    verify.add_argument("name", nargs="?", metavar="NAME|PATH", help="default: every cached one")
+    verify.set_defaults(run=_run_weights_verify)
+
+
+def _run_weights_list(args: argparse.Namespace) -> int:
+    folder = cache_folder()
+    for name, checkpoint in checkpoints().items():
+        mark = " (default)" if name == default_checkpoint() else ""
+        where = folder / name
+        state = f"cached at {where}" if where.is_file() else "not downloaded"
+        print(f"{name}{mark}: {state}")
+        print(f"    {checkpoint.description}")
+        print(f"    {checkpoint.url}")
+    return 0
+
+
+def _run_weights_download(args: argparse.Namespace) -> int:
+    path = resolve_weights(args.name)
+    print(f"{args.name}: {path} (sha256 {sha256_of(path)})")
+    return 0
+
+
+def _run_weights_verify(args: argparse.Namespace) -> int:
+    from .xmem.checkpoint import build_network, load_state_dict
+
+    if args.name is not None and Path(args.name).is_file():
+        build_network(load_state_dict(args.name))
+        print(f"{args.name}: fits the XMem network (sha256 {sha256_of(args.name)})")
+        return 0
+    names = (
+        [args.name]
+        if args.name is not None
+        else [name for name in checkpoints() if (cache_folder() / name).is_file()]
+    )
+    if not names:
+        raise WeightsError(
+            f"no checkpoint in the cache {cache_folder()}; run: {PROG} weights download"
+        )
+    for name in names:
+        sha256 = verify_checkpoint(name)
+        build_network(load_state_dict(cache_folder() / name))
+        print(f"{name}: ok (sha256 {sha256}, fits the XMem network)")
+    return 0
+
+
+# ----- commands of other parts -------------------------------------------------------------------
+
+
+def _add_plugin_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Let installed parts (the Label Studio backend, ...) add their subcommands.
+
+    A part whose third-party dependencies are not installed still gets a command, which says
+    what to install instead of failing the whole program.
+    """
+    for entry in sorted(entry_points(group=PLUGIN_COMMANDS), key=lambda e: e.name):
+        try:
+            add_command = entry.load()
+        except ImportError as error:
+            _add_unavailable_command(subparsers, entry.name, error)
+            continue
+        add_command(subparsers)
+
+
+def _add_unavailable_command(
+    subparsers: argparse._SubParsersAction, name: str, error: ImportError
+) -> None:
+    missing = error.name or ""
+    if missing and not missing.startswith("xmem_label"):
+        reason = (
+            f"the {name} command needs the Python package {missing!r}, which is not installed; "
+            f"install the extra that provides it, e.g. pip install 'xmem-label[all]'"
+        )
+    else:
+        reason = f"the {name} command cannot be loaded: {error}"
+    parser = subparsers.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
+    parser.add_argument("ignored", nargs=argparse.REMAINDER)
+
+    def explain(args: argparse.Namespace) -> int:
+        raise InputError(reason)
+
+    parser.set_defaults(run=explain)
+
+
+def _warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)

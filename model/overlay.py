@@ -1,0 +1,75 @@
+"""Masks drawn over their frames, written as an MP4 video or an animated GIF, frame by frame."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+from .masks import davis_palette
+
+MASK_OPACITY = 0.5
+_COLOURS = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
+OVERLAY_SUFFIXES = (".mp4", ".gif")
+
+
+def draw_overlay(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`frame` (H, W, 3) RGB with each object tinted in its DAVIS colour and outlined."""
+    tinted = frame.copy()
+    objects = labels > 0
+    colours = _COLOURS[labels]
+    tinted[objects] = (
+        (1 - MASK_OPACITY) * frame[objects] + MASK_OPACITY * colours[objects]
+    ).astype(np.uint8)
+    edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    tinted[edges & objects] = colours[edges & objects]
+    return tinted
+
+
+class OverlayWriter:
+    """Writes overlay frames to `path`: MP4 (OpenCV, mp4v) or GIF (Pillow) by its extension.
+
+    A GIF is assembled in memory at the end (one byte per pixel per frame): use MP4 for long
+    clips.
+    """
+
+    def __init__(self, path: str | Path, fps: float):
+        self.path = Path(path)
+        self.fps = fps
+        self.kind = self.path.suffix.lower()
+        if self.kind not in OVERLAY_SUFFIXES:
+            raise InputError(f"overlay {self.path} must end in {' or '.join(OVERLAY_SUFFIXES)}")
+        self._video: cv2.VideoWriter | None = None
+        self._gif_frames: list[Image.Image] = []
+
+    def add(self, frame: np.ndarray, labels: np.ndarray) -> None:
+        picture = draw_overlay(frame, labels)
+        if self.kind == ".gif":
+            self._gif_frames.append(Image.fromarray(picture).quantize(colors=256))
+            return
+        if self._video is None:
+            height, width = picture.shape[:2]
+            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            self._video = cv2.VideoWriter(str(self.path), fourcc, self.fps, (width, height))
+            if not self._video.isOpened():
+                raise OSError(f"OpenCV cannot write video {self.path}")
+        self._video.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        """Finish the file (the GIF is written here)."""
+        if self._video is not None:
+            self._video.release()
+            self._video = None
+        if self._gif_frames:
+            first, *rest = self._gif_frames
+            first.save(
+                self.path,
+                save_all=True,
+                append_images=rest,
+                duration=round(1000 / self.fps),
+                loop=0,
+            )
+            self._gif_frames = []
