@@ -655,8 +655,12 @@ def _add_unavailable_command(
         )
     else:
         reason = f"the {name} command cannot be loaded: {error}"
-    parser = subparsers.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
-    parser.add_argument("ignored", nargs=argparse.REMAINDER)
+    # No "-" prefix: every argument, options included, is swallowed by `ignored`, so the user
+    # sees why the command is unavailable rather than a complaint about its options.
+    parser = subparsers.add_parser(
+        name, help=f"(unavailable: {reason})", add_help=False, prefix_chars="+"
+    )
+    parser.add_argument("ignored", nargs="*")
 
     def explain(args: argparse.Namespace) -> int:
         raise InputError(reason)

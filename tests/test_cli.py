@@ -1,0 +1,379 @@
+"""The `xmem-label` command line: outputs of propagate and demo, and every bad-input case.
+
+Runs `main([...])` in-process with the weight-free flow engine on the chair test clip, plus one
+run of the installed console script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xmem_label.model import cli
+from xmem_label.model.cli import main
+from xmem_label.model.masks import read_label_mask, write_label_mask
+
+CHAIR = Path(__file__).parent / "data" / "vos" / "chair"
+FRAMES = CHAIR / "frames"
+FIRST_MASK = CHAIR / "masks" / "frame_000000.png"
+STEMS = sorted(p.stem for p in FRAMES.glob("*.jpg"))
+FIXTURES = Path(__file__).parent / "fixtures" / "xmem_reference"
+XMEM_ENGINE_PRESENT = importlib.util.find_spec("xmem_label.model.xmem.engine") is not None
+
+
+@pytest.fixture(autouse=True)
+def no_real_weights(tmp_path, monkeypatch):
+    """Weights come only from what a test puts in its own cache folder."""
+    monkeypatch.delenv("XMEM_LABEL_WEIGHTS", raising=False)
+    monkeypatch.setenv("XMEM_LABEL_CACHE", str(tmp_path / "weights-cache"))
+    torch.set_num_threads(1)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def chair_video(tmp_path_factory) -> Path:
+    """The chair test frames as an MP4 (mp4v), written with OpenCV."""
+    path = tmp_path_factory.mktemp("video") / "chair.mp4"
+    first = cv2.imread(str(FRAMES / f"{STEMS[0]}.jpg"))
+    height, width = first.shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (width, height))
+    for stem in STEMS:
+        writer.write(cv2.imread(str(FRAMES / f"{stem}.jpg")))
+    writer.release()
+    return path
+
+
+# ----- propagate: outputs --------------------------------------------------------------------
+
+
+def test_propagate_folder_writes_masks_summary_probs_and_gif(tmp_path, capsys):
+    out = tmp_path / "out"
+    overlay = tmp_path / "overlay.gif"
+    code, stdout, err = run(
+        capsys, "propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", out,
+        "--engine", "flow", "--save-probs", "--overlay", overlay, "--set", "preset=fast",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"wrote {len(STEMS)} masks" in stdout
+
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{s}.png" for s in STEMS]
+    first = read_label_mask(out / f"{STEMS[0]}.png")
+    np.testing.assert_array_equal(first, read_label_mask(FIRST_MASK))  # keyframe kept as given
+    height, width = first.shape
+    with Image.open(out / f"{STEMS[3]}.png") as image:
+        assert image.mode == "P"
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"]["engine"] == "flow"
+    assert summary["settings"]["preset"] == "fast"
+    assert summary["weights"] is None
+    assert summary["frame_count"] == len(STEMS)
+    assert summary["frame_size"] == [width, height]
+    assert summary["object_ids"] == [1]
+    assert summary["timings"]["frames_per_second"] > 0
+    frames = summary["frames"]
+    assert [f["name"] for f in frames] == STEMS
+    assert frames[0]["keyframe"] and frames[0]["objects"]["1"]["confidence"] == 1.0
+    later = frames[-1]["objects"]["1"]
+    assert 0 <= later["confidence"] <= 1 and later["area"] > 0 and not later["keyframe"]
+    x0, y0, x1, y1 = later["box"]
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+
+    probs = np.load(out / "probs" / f"{STEMS[5]}.npy")
+    assert probs.dtype == np.float16 and probs.shape == (2, height, width)
+    assert sorted(p.stem for p in (out / "probs").glob("*.npy")) == STEMS
+
+    with Image.open(overlay) as gif:
+        assert gif.n_frames == len(STEMS) and gif.size == (width, height)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_propagate_video_names_frames_by_number_and_writes_mp4_overlay(
+    tmp_path, capsys, chair_video
+):
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "propagate", chair_video, "--mask", f"0={FIRST_MASK}", "--out", out,
+        "--engine", "flow", "--overlay", out / "overlay.mp4",
+    )  # fmt: skip
+    assert code == 0, err
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [f"{i:05d}.png" for i in range(len(STEMS))]
+    capture = cv2.VideoCapture(str(out / "overlay.mp4"))
+    decoded = 0
+    while capture.read()[0]:
+        decoded += 1
+    capture.release()
+    assert decoded == len(STEMS)
+
+
+def test_later_keyframe_fills_earlier_frames_unless_forward(tmp_path, capsys):
+    truth = read_label_mask(CHAIR / "masks" / f"{STEMS[4]}.png")
+    for direction, filled in (("both", True), ("forward", False)):
+        out = tmp_path / direction
+        code, _, err = run(
+            capsys, "propagate", FRAMES, "--mask", f"4={CHAIR / 'masks' / (STEMS[4] + '.png')}",
+            "--out", out, "--engine", "flow", "--direction", direction,
+        )  # fmt: skip
+        assert code == 0, err
+        np.testing.assert_array_equal(read_label_mask(out / f"{STEMS[4]}.png"), truth)
+        assert (read_label_mask(out / f"{STEMS[0]}.png") > 0).any() == filled
+
+
+def test_force_replaces_a_non_empty_out(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = ["propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", out, "--engine", "flow"]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "not empty" in err and (out / "old.txt").exists()
+    code, _, err = run(capsys, *args, "--force")
+    assert code == 0, err
+    assert not (out / "old.txt").exists() and (out / "summary.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ----- propagate: bad input --------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _empty_mask(folder: Path) -> Path:
+    path = folder / "empty.png"
+    write_label_mask(path, np.zeros_like(read_label_mask(FIRST_MASK)))
+    return path
+
+
+def _too_many_ids_mask(folder: Path) -> Path:
+    labels = read_label_mask(FIRST_MASK).astype(np.uint16) * 300
+    path = folder / "ids16.png"
+    Image.fromarray(labels).save(path)
+    return path
+
+
+def _folder_with_broken_frame(folder: Path) -> Path:
+    frames = folder / "frames"
+    shutil.copytree(FRAMES, frames)
+    (frames / f"{STEMS[5]}.jpg").write_bytes(b"not a jpeg")
+    return frames
+
+
+def _wrong_keys_weights(folder: Path) -> Path:
+    path = folder / "wrong.pth"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, path)
+    return path
+
+
+BAD_INPUTS = {
+    # name: (source, mask argument, extra arguments, expected words in the message)
+    "missing source": (
+        lambda d: d / "nope.mp4", lambda d: f"0={FIRST_MASK}", [], "no such file"
+    ),
+    "missing mask file": (lambda d: FRAMES, lambda d: f"0={d / 'none.png'}", [], "not found"),
+    "unreadable mask": (
+        lambda d: FRAMES, lambda d: f"0={_write(d / 'bad.png', b'junk')}", [], "cannot read mask"
+    ),
+    "undecodable video": (
+        lambda d: _write(d / "broken.mp4", b"\0" * 4096), lambda d: f"0={FIRST_MASK}", [],
+        "OpenCV cannot",
+    ),
+    "undecodable frame mid-clip": (
+        _folder_with_broken_frame, lambda d: f"0={FIRST_MASK}", [], "cannot decode image"
+    ),
+    "keyframe outside the clip": (
+        lambda d: FRAMES, lambda d: f"99={FIRST_MASK}", [], "outside the clip"
+    ),
+    "empty keyframe mask": (lambda d: FRAMES, lambda d: f"0={_empty_mask(d)}", [], "no object"),
+    "more than 255 objects": (
+        lambda d: FRAMES, lambda d: f"0={_too_many_ids_mask(d)}", [], "above 255"
+    ),
+    "mask without frame number": (lambda d: FRAMES, lambda d: str(FIRST_MASK), [], "FRAME=PNG"),
+    "mask with a bad frame": (lambda d: FRAMES, lambda d: f"x={FIRST_MASK}", [], "FRAME=PNG"),
+    "set without value": (
+        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--set", "preset"], "KEY=VALUE"
+    ),
+    "unknown flow setting": (
+        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--set", "top_k=5"], "unknown flow setting"
+    ),
+    "setting of the wrong type": (
+        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--set", "work_height=tall"], "number"
+    ),
+    "xmem option for flow": (
+        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--size", "320"], "xmem engine only"
+    ),
+    "overlay of an unknown kind": (
+        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--overlay", "o.avi"], ".mp4"
+    ),
+    "unknown engine": (
+        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--engine", "sam"], "invalid choice"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, capsys):
+    make_source, make_mask, extra, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        capsys, "propagate", make_source(tmp_path), "--mask", make_mask(tmp_path),
+        "--out", out, *(["--engine", "flow"] if "--engine" not in extra else []), *extra,
+    )  # fmt: skip
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xmem-label: error: "), err
+    assert expected.lower() in lines[0].lower()
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
+
+
+def test_missing_weights_file_for_xmem(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", out,
+        "--engine", "xmem", "--weights", tmp_path / "absent.pth",
+    )  # fmt: skip
+    assert code == 2 and "absent.pth" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_weights_with_wrong_keys_are_refused_by_verify(tmp_path, capsys):
+    code, _, err = run(capsys, "weights", "verify", _wrong_keys_weights(tmp_path))
+    assert code == 2
+    assert "do not fit the XMem network" in err and "missing" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ----- XMem through the command line ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_weights(tmp_path_factory) -> Path:
+    """The reference fixtures' deterministic seed-1 weights (make_weights.py)."""
+    spec = importlib.util.spec_from_file_location("make_weights", FIXTURES / "make_weights.py")
+    make_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_weights)
+    manifest = json.loads((FIXTURES / "state_dict_manifest.json").read_text())
+    path = tmp_path_factory.mktemp("weights") / "synthetic.pth"
+    torch.save(make_weights.make_state_dict(manifest, 1), path)
+    return path
+
+
+@pytest.mark.skipif(not XMEM_ENGINE_PRESENT, reason="the XMem engine has not landed yet")
+def test_propagate_with_xmem_records_weights(tmp_path, capsys, synthetic_weights):
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", out,
+        "--engine", "xmem", "--weights", synthetic_weights, "--size", "160",
+        "--set", "top_k=10", "--device", "cpu", "--save-probs",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"]["engine"] == "xmem"
+    assert summary["weights"]["path"] == str(synthetic_weights)
+    assert len(summary["weights"]["sha256"]) == 64
+    assert summary["settings"]["top_k"] == 10
+    assert len(list(out.glob("*.png"))) == len(STEMS)
+    assert np.load(out / "probs" / f"{STEMS[1]}.npy").dtype == np.float16
+
+
+@pytest.mark.skipif(not XMEM_ENGINE_PRESENT, reason="the XMem engine has not landed yet")
+def test_xmem_weights_with_wrong_keys_are_refused_by_propagate(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", out,
+        "--engine", "xmem", "--weights", _wrong_keys_weights(tmp_path),
+    )  # fmt: skip
+    assert code == 2 and "do not fit" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_weights_verify_accepts_fitting_weights(capsys, synthetic_weights):
+    code, stdout, err = run(capsys, "weights", "verify", synthetic_weights)
+    assert code == 0, err
+    assert "fits the XMem network" in stdout
+
+
+# ----- other commands ----------------------------------------------------------------------------
+
+
+def test_weights_list_names_the_official_checkpoints(capsys):
+    code, stdout, _ = run(capsys, "weights", "list")
+    assert code == 0
+    assert "XMem.pth (default): not downloaded" in stdout
+    assert "https://github.com/hkchengrex/XMem/releases/download/v1.0/XMem-s012.pth" in stdout
+
+
+def test_weights_verify_with_empty_cache(capsys):
+    code, _, err = run(capsys, "weights", "verify")
+    assert code == 2 and "weights download" in err
+
+
+def test_eval_command_is_present(capsys):
+    code, stdout, _ = run(capsys, "eval", "--help")
+    assert code == 0 and "--data" in stdout
+
+
+def test_extra_command_with_missing_dependency_explains_itself(capsys, monkeypatch):
+    missing = importlib.metadata.EntryPoint(
+        name="fancy", value="surely_not_installed_module.cli:add", group=cli.PLUGIN_COMMANDS
+    )
+    monkeypatch.setattr(cli, "entry_points", lambda group: [missing])
+    code, _, err = run(capsys, "fancy", "--port", "1")
+    assert code == 2
+    assert "surely_not_installed_module" in err and "pip install" in err
+
+
+def test_no_command_prints_help(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "propagate" in err
+
+
+def test_demo_through_the_installed_console_script(tmp_path):
+    script = Path(sys.executable).with_name("xmem-label")
+    assert script.exists(), "install the package (pip install -e .) to get the console script"
+    env = {
+        **os.environ,
+        "XMEM_LABEL_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("XMEM_LABEL_WEIGHTS", None)
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [str(script), "demo", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "weight-free flow engine" in done.stdout
+    assert "xmem-label weights download" in done.stdout
+    assert "engine: flow" in done.stdout
+    assert f"overlay: {out / 'overlay.mp4'}" in done.stdout
+    assert "frames/s" in done.stdout
+    assert len(list(out.glob("*.png"))) == 30
+    assert json.loads((out / "summary.json").read_text())["frame_count"] == 30
+    capture = cv2.VideoCapture(str(out / "overlay.mp4"))
+    assert capture.read()[0]
+    capture.release()
