@@ -153,7 +153,7 @@ class BrushKeyframes:
 
     labels: dict[int, str]  # object id -> label
     masks: dict[int, dict[int, np.ndarray]]  # frame -> object id -> bool mask
-    regions: dict[int, dict[int, dict]]  # frame -> object id -> the region as the person left it
+    regions: dict[int, dict[int, dict]]  # frame -> object id -> the person's region, verbatim
     size: tuple[int, int]  # (width, height) the regions were drawn at
 
 
@@ -205,10 +205,13 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
                 raise InputError("more than 255 objects in one task")
             result.labels.setdefault(object_id, label)
             frame_masks = result.masks.setdefault(frame, {})
-            if object_id in frame_masks:  # two strokes of one object: their union
-                mask = mask | frame_masks[object_id]
-            frame_masks[object_id] = mask
-            result.regions.setdefault(frame, {})[object_id] = region
+            frame_regions = result.regions.setdefault(frame, {})
+            if object_id in frame_masks:  # two regions of one object: their union, re-encoded
+                frame_masks[object_id] = mask | frame_masks[object_id]
+                frame_regions.pop(object_id, None)
+            else:
+                frame_masks[object_id] = mask
+                frame_regions[object_id] = region
     return result
 
 

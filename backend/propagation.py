@@ -1,0 +1,263 @@
+"""One task's propagation: download its media, run the engine from its keyframes, and build the
+prediction (brush regions on every frame, or one box track per object).
+
+Each stage is timed (download / decode / propagate / encode) for /metrics and the benchmark;
+decoding runs in the engine's prefetch thread, so its time overlaps (is part of) propagation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from xmem_label.model import Engine, InputError, Session
+from xmem_label.model.frames import RandomAccessSource
+
+from . import formats
+from .prompts import mask_from_box, mask_from_points
+from .studio import LabelStudio
+
+DOWNLOAD_THREADS = 4
+
+
+@dataclasses.dataclass
+class Timings:
+    download: float = 0.0
+    decode: float = 0.0
+    propagate: float = 0.0
+    encode: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {key: round(value, 4) for key, value in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class Outcome:
+    """A prediction ready for Label Studio, and what it took to make it."""
+
+    task_id: int | None
+    prediction: dict  # {"result": [...], "score": s, "model_version": v}
+    timings: Timings
+
+
+class ImageFiles(RandomAccessSource):
+    """Downloaded frame files in task order, decoded on demand; decode time is summed."""
+
+    def __init__(self, paths: list[Path], timings: Timings):
+        self.paths = paths
+        self.timings = timings
+        self.names = [f"{index:05d}" for index in range(len(paths))]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> np.ndarray:
+        started = time.perf_counter()
+        image = cv2.imread(str(self.paths[index]), cv2.IMREAD_COLOR)
+        self.timings.decode += time.perf_counter() - started
+        if image is None:
+            raise InputError(f"frame {index} is not an image the backend can decode")
+        return image[:, :, ::-1]
+
+
+@dataclasses.dataclass
+class SequenceRequest:
+    """What to propagate in an image-sequence task: a person's brush keyframes, or prompts."""
+
+    task_id: int | None
+    frame_urls: list[str]
+    keyframes: formats.BrushKeyframes | None = None
+    prompts: list[formats.Prompt] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class VideoRequest:
+    task_id: int | None
+    video_url: str
+    annotation_results: list[dict]
+
+
+def run_sequence(
+    request: SequenceRequest,
+    config: formats.SequenceConfig,
+    engine: Engine,
+    studio: LabelStudio,
+    model_version: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> Outcome:
+    """Brush masks on every frame of an image-sequence task."""
+    timings = Timings()
+    with tempfile.TemporaryDirectory(prefix="xmem-label-media-") as folder:
+        paths = _download_all(studio, request.frame_urls, request.task_id, Path(folder), timings)
+        width, height = _common_size(paths)
+        frames = ImageFiles(paths, timings)
+        keyframes = request.keyframes or _keyframes_from_prompts(request.prompts, frames, config)
+        if keyframes.size != (width, height):
+            raise InputError(
+                f"the keyframe masks are {keyframes.size[0]}x{keyframes.size[1]} but the frames "
+                f"are {width}x{height}"
+            )
+        with Session(engine, frames) as session:
+            for frame, masks in keyframes.masks.items():
+                for object_id, mask in masks.items():
+                    if mask.any():
+                        session.add_object_mask(frame, object_id, mask)
+                    else:
+                        session.set_absent(frame, object_id)
+            result, score = _brush_result(session, keyframes, config, timings, progress)
+    return Outcome(
+        request.task_id,
+        {"result": result, "score": round(score, 4), "model_version": model_version},
+        timings,
+    )
+
+
+def _brush_result(session, keyframes, config, timings, progress):
+    """Regions for every object on every frame; a person's regions are copied as they are."""
+    result, score = [], 1.0
+    started = time.perf_counter()
+    for frame_result in session.propagate(progress=progress):
+        encode_started = time.perf_counter()
+        score = min(score, frame_result.min_confidence)
+        drawn = keyframes.regions.get(frame_result.index, {})
+        for object_id, summary in frame_result.objects.items():
+            label = keyframes.labels[object_id]
+            if object_id in drawn:
+                region = dict(drawn[object_id], id=f"xl{object_id}f{frame_result.index}")
+                region.pop("origin", None)
+                region["score"] = 1.0
+                result.append(region)
+            elif summary.area > 0:
+                mask = frame_result.labels == object_id
+                result.append(formats.brush_region(
+                    config, object_id, label, frame_result.index, mask, summary.confidence
+                ))
+        timings.encode += time.perf_counter() - encode_started
+    timings.propagate = time.perf_counter() - started - timings.encode
+    return result, score
+
+
+def _keyframes_from_prompts(prompts, frames: ImageFiles, config) -> formats.BrushKeyframes:
+    """Masks made from smart boxes (one object each) and points (one object per frame and
+    label, negative points included)."""
+    if not prompts:
+        raise InputError("no keyframe: the request has no smart box or point prompt")
+    keyframes = formats.BrushKeyframes(labels={}, masks={}, regions={}, size=(0, 0))
+    points: dict[tuple[int, str], list[formats.Prompt]] = {}
+    for prompt in prompts:
+        if not 0 <= prompt.frame < len(frames):
+            raise InputError(f"prompt on frame {prompt.frame}: the task has {len(frames)} frames")
+        if prompt.box is not None:
+            _add_prompt_object(keyframes, prompt.frame, prompt.label, config,
+                               mask_from_box(frames.read(prompt.frame), prompt.box))
+        else:
+            points.setdefault((prompt.frame, prompt.label), []).append(prompt)
+    for (frame, label), group in points.items():
+        mask = mask_from_points(
+            frames.read(frame),
+            [p.point for p in group if p.positive],
+            [p.point for p in group if not p.positive],
+        )
+        _add_prompt_object(keyframes, frame, label, config, mask)
+    height, width = frames.size()
+    keyframes.size = (width, height)
+    return keyframes
+
+
+def _add_prompt_object(keyframes, frame, label, config, mask) -> None:
+    object_id = len(keyframes.labels) + 1
+    keyframes.labels[object_id] = label if label in config.labels else config.labels[0]
+    keyframes.masks.setdefault(frame, {})[object_id] = mask
+
+
+def run_video(
+    request: VideoRequest,
+    config: formats.VideoConfig,
+    engine: Engine,
+    studio: LabelStudio,
+    model_version: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> Outcome:
+    """One box track per object over a whole video, from the person's keyframe boxes."""
+    timings = Timings()
+    with tempfile.TemporaryDirectory(prefix="xmem-label-media-") as folder:
+        started = time.perf_counter()
+        path = studio.download(request.video_url, request.task_id, Path(folder))
+        timings.download = time.perf_counter() - started
+        with Session(engine, path) as session:
+            height, width = session.frame_hw
+            num_frames = len(session.frames)
+            tracks = formats.video_tracks(request.annotation_results, config, (width, height))
+            labels = {}
+            for object_id, track in enumerate(tracks, start=1):
+                labels[object_id] = track.label
+                _add_track(session, object_id, track, num_frames)
+            boxes: dict[int, list] = {object_id: [] for object_id in labels}
+            confidence = dict.fromkeys(labels, 1.0)
+            started = time.perf_counter()
+            for frame_result in session.propagate(progress=progress):
+                for object_id, summary in frame_result.objects.items():
+                    boxes[object_id].append(summary.box)
+                    confidence[object_id] = min(confidence[object_id], summary.confidence)
+            timings.propagate = time.perf_counter() - started
+    result = [
+        formats.video_track_region(config, object_id, labels[object_id], boxes[object_id],
+                                   (width, height), confidence[object_id])
+        for object_id in labels
+    ]
+    score = min(confidence.values(), default=1.0)
+    return Outcome(
+        request.task_id,
+        {"result": result, "score": round(score, 4), "model_version": model_version},
+        timings,
+    )
+
+
+def _add_track(session: Session, object_id: int, track: formats.Track, num_frames: int) -> None:
+    """A track's keyframe boxes become masks (GrabCut inside the box); `enabled: false` makes
+    the object absent from the next frame on, unless a keyframe follows right there."""
+    keyframe_indexes = {keyframe.frame for keyframe in track.keyframes}
+    for keyframe in track.keyframes:
+        if keyframe.frame >= num_frames:
+            raise InputError(
+                f"box keyframe on frame {keyframe.frame + 1}: the video has {num_frames} frames"
+            )
+        frame = next(image for _, image in session.frames.forward(keyframe.frame,
+                                                                  keyframe.frame + 1))
+        session.add_object_mask(keyframe.frame, object_id, mask_from_box(frame, keyframe.box))
+        after = keyframe.frame + 1
+        if keyframe.ends_track and after < num_frames and after not in keyframe_indexes:
+            session.set_absent(after, object_id)
+
+
+def _download_all(studio, urls, task_id, folder: Path, timings: Timings) -> list[Path]:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+        paths = list(pool.map(
+            lambda item: studio.download(item[1], task_id, folder / f"{item[0]:06d}"),
+            enumerate(urls),
+        ))
+    timings.download = time.perf_counter() - started
+    return paths
+
+
+def _common_size(paths: list[Path]) -> tuple[int, int]:
+    """(width, height) shared by every frame, read from the file headers."""
+    sizes = set()
+    for index, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                sizes.add(image.size)
+        except Exception:  # PIL raises many types for files that are not images
+            raise InputError(f"frame {index} is not an image") from None
+    if len(sizes) > 1:
+        raise InputError(f"the frames of a task differ in size: {sorted(sizes)}")
+    return sizes.pop()
