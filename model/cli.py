@@ -34,7 +34,7 @@ from .errors import InputError, WeightsError, XMemLabelError
 from .evaluation import add_eval_command
 from .frames import FrameSource, VideoFile, open_frames
 from .masks import read_label_mask, write_label_mask
-from .overlay import OverlayWriter
+from .overlay import OverlayWriter, check_overlay_path
 from .results import FrameResult
 from .session import DIRECTIONS, Session
 from .settings import manifest
@@ -242,7 +242,7 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
     """
     _check_out_folder(job.out, job.replace_out)
     if job.overlay is not None:
-        OverlayWriter(job.overlay, FOLDER_FPS)  # refuses a wrong extension before any work
+        check_overlay_path(job.overlay)
     frames = open_frames(job.source)
     try:
         masks = {index: read_label_mask(path) for index, path in sorted(job.keyframes.items())}

@@ -29,6 +29,12 @@ def draw_overlay(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return tinted
 
 
+def check_overlay_path(path: str | Path) -> None:
+    """Refuse an overlay file name whose extension is neither .mp4 nor .gif."""
+    if Path(path).suffix.lower() not in OVERLAY_SUFFIXES:
+        raise InputError(f"overlay {path} must end in {' or '.join(OVERLAY_SUFFIXES)}")
+
+
 class OverlayWriter:
     """Writes overlay frames to `path`: MP4 (OpenCV, mp4v) or GIF (Pillow) by its extension.
 
@@ -39,9 +45,8 @@ class OverlayWriter:
     def __init__(self, path: str | Path, fps: float):
         self.path = Path(path)
         self.fps = fps
+        check_overlay_path(self.path)
         self.kind = self.path.suffix.lower()
-        if self.kind not in OVERLAY_SUFFIXES:
-            raise InputError(f"overlay {self.path} must end in {' or '.join(OVERLAY_SUFFIXES)}")
         self._video: cv2.VideoWriter | None = None
         self._gif_frames: list[Image.Image] = []
 

@@ -184,60 +184,50 @@ def _wrong_keys_weights(folder: Path) -> Path:
     return path
 
 
+def _chair() -> list:
+    """Arguments of a good run on the chair frames, to which a case adds one mistake."""
+    return [FRAMES, "--mask", f"0={FIRST_MASK}", "--engine", "flow"]
+
+
+def _with_mask(mask: str, source: Path = FRAMES) -> list:
+    return [source, "--mask", mask, "--engine", "flow"]
+
+
+# case: (propagate arguments without --out, made in a scratch folder; words the error must say)
 BAD_INPUTS = {
-    # name: (source, mask argument, extra arguments, expected words in the message)
-    "missing source": (
-        lambda d: d / "nope.mp4", lambda d: f"0={FIRST_MASK}", [], "no such file"
-    ),
-    "missing mask file": (lambda d: FRAMES, lambda d: f"0={d / 'none.png'}", [], "not found"),
+    "missing source": (lambda d: _with_mask(f"0={FIRST_MASK}", d / "nope.mp4"), "no such file"),
+    "missing mask file": (lambda d: _with_mask(f"0={d / 'none.png'}"), "not found"),
     "unreadable mask": (
-        lambda d: FRAMES, lambda d: f"0={_write(d / 'bad.png', b'junk')}", [], "cannot read mask"
+        lambda d: _with_mask(f"0={_write(d / 'bad.png', b'junk')}"),
+        "cannot read mask",
     ),
     "undecodable video": (
-        lambda d: _write(d / "broken.mp4", b"\0" * 4096), lambda d: f"0={FIRST_MASK}", [],
+        lambda d: _with_mask(f"0={FIRST_MASK}", _write(d / "broken.mp4", b"\0" * 4096)),
         "OpenCV cannot",
     ),
     "undecodable frame mid-clip": (
-        _folder_with_broken_frame, lambda d: f"0={FIRST_MASK}", [], "cannot decode image"
+        lambda d: _with_mask(f"0={FIRST_MASK}", _folder_with_broken_frame(d)),
+        "cannot decode image",
     ),
-    "keyframe outside the clip": (
-        lambda d: FRAMES, lambda d: f"99={FIRST_MASK}", [], "outside the clip"
-    ),
-    "empty keyframe mask": (lambda d: FRAMES, lambda d: f"0={_empty_mask(d)}", [], "no object"),
-    "more than 255 objects": (
-        lambda d: FRAMES, lambda d: f"0={_too_many_ids_mask(d)}", [], "above 255"
-    ),
-    "mask without frame number": (lambda d: FRAMES, lambda d: str(FIRST_MASK), [], "FRAME=PNG"),
-    "mask with a bad frame": (lambda d: FRAMES, lambda d: f"x={FIRST_MASK}", [], "FRAME=PNG"),
-    "set without value": (
-        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--set", "preset"], "KEY=VALUE"
-    ),
-    "unknown flow setting": (
-        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--set", "top_k=5"], "unknown flow setting"
-    ),
-    "setting of the wrong type": (
-        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--set", "work_height=tall"], "number"
-    ),
-    "xmem option for flow": (
-        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--size", "320"], "xmem engine only"
-    ),
-    "overlay of an unknown kind": (
-        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--overlay", "o.avi"], ".mp4"
-    ),
-    "unknown engine": (
-        lambda d: FRAMES, lambda d: f"0={FIRST_MASK}", ["--engine", "sam"], "invalid choice"
-    ),
+    "keyframe outside the clip": (lambda d: _with_mask(f"99={FIRST_MASK}"), "outside the clip"),
+    "empty keyframe mask": (lambda d: _with_mask(f"0={_empty_mask(d)}"), "no object"),
+    "more than 255 objects": (lambda d: _with_mask(f"0={_too_many_ids_mask(d)}"), "above 255"),
+    "mask without frame number": (lambda d: _with_mask(str(FIRST_MASK)), "FRAME=PNG"),
+    "mask with a bad frame": (lambda d: _with_mask(f"x={FIRST_MASK}"), "FRAME=PNG"),
+    "set without value": (lambda d: [*_chair(), "--set", "preset"], "KEY=VALUE"),
+    "unknown flow setting": (lambda d: [*_chair(), "--set", "top_k=5"], "unknown flow setting"),
+    "setting of the wrong type": (lambda d: [*_chair(), "--set", "work_height=tall"], "number"),
+    "xmem option for flow": (lambda d: [*_chair(), "--size", "320"], "xmem engine only"),
+    "overlay of an unknown kind": (lambda d: [*_chair(), "--overlay", "o.avi"], ".mp4"),
+    "unknown engine": (lambda d: [*_chair(), "--engine", "sam"], "invalid choice"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, capsys):
-    make_source, make_mask, extra, expected = BAD_INPUTS[case]
+    make_arguments, expected = BAD_INPUTS[case]
     out = tmp_path / "out"
-    code, stdout, err = run(
-        capsys, "propagate", make_source(tmp_path), "--mask", make_mask(tmp_path),
-        "--out", out, *(["--engine", "flow"] if "--engine" not in extra else []), *extra,
-    )  # fmt: skip
+    code, _, err = run(capsys, "propagate", *make_arguments(tmp_path), "--out", out)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xmem-label: error: "), err
