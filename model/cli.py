@@ -77,7 +77,7 @@ class PropagationJob:
     direction: str = "both"
     save_probs: bool = False
     overlay: Path | None = None
-    replace_out: bool = False
+    force: bool = False  # replace a non-empty `out` and an existing `overlay`
     download_weights: bool = True
 
 
@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = " ".join(str(error).split()) or type(error).__name__
             print(f"{PROG}: error: {message}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +200,7 @@ def _run_propagate(args: argparse.Namespace) -> int:
         direction=args.direction,
         save_probs=args.save_probs,
         overlay=args.overlay,
-        replace_out=args.force,
+        force=args.force,
     )
     summary = run_propagation(job)
     timings = summary["timings"]
@@ -240,9 +243,7 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
     Checks the inputs before loading the engine. Nothing appears at `job.out` (or
     `job.overlay`) unless the whole clip was written.
     """
-    _check_out_folder(job.out, job.replace_out)
-    if job.overlay is not None:
-        check_overlay_path(job.overlay)
+    _check_outputs(job)
     frames = open_frames(job.source)
     try:
         masks = {index: read_label_mask(path) for index, path in sorted(job.keyframes.items())}
@@ -255,7 +256,7 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
                     session.add_mask(index, labels)
                 except InputError as error:
                     raise InputError(f"{job.keyframes[index]}: {error}") from None
-            with _staged_outputs(job.out, job.overlay, job.replace_out) as (folder, overlay):
+            with _staged_outputs(job.out, job.overlay, job.force) as (folder, overlay):
                 per_frame = _write_results(session, job, folder, overlay)
                 finished = time.perf_counter()
                 summary = _summary(job, session, engine, per_frame, started, loaded, finished)
@@ -265,11 +266,18 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
     return summary
 
 
-def _check_out_folder(out: Path, replace: bool) -> None:
+def _check_outputs(job: PropagationJob) -> None:
+    """Refuse to overwrite anything without --force, before any work is done."""
+    out = job.out
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not replace:
+    if out.is_dir() and any(out.iterdir()) and not job.force:
         raise InputError(f"--out {out} is not empty; choose another folder or add --force")
+    if job.overlay is not None:
+        check_overlay_path(job.overlay)
+        inside_out = job.overlay.resolve().is_relative_to(out.resolve())
+        if job.overlay.exists() and not inside_out and not job.force:
+            raise InputError(f"--overlay {job.overlay} exists; choose another file or add --force")
 
 
 def _load_engine(job: PropagationJob) -> Engine:
@@ -429,6 +437,7 @@ def _write_results(
         finally:
             if overlay is not None:
                 overlay.close()
+                frames_for_overlay.close()
     return per_frame
 
 
@@ -540,7 +549,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         out=out,
         engine=engine,
         overlay=out / "overlay.mp4",
-        replace_out=previous_demo,
+        force=previous_demo,
     )
     started = time.perf_counter()
     summary = run_propagation(job)

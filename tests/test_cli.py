@@ -144,8 +144,16 @@ def test_force_replaces_a_non_empty_out(tmp_path, capsys):
     args = ["propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", out, "--engine", "flow"]
     code, _, err = run(capsys, *args)
     assert code == 2 and "not empty" in err and (out / "old.txt").exists()
-    code, _, err = run(capsys, *args, "--force")
+    overlay = tmp_path / "overlay.gif"
+    overlay.write_bytes(b"an older overlay")
+    code, _, err = run(capsys, *args, "--force", "--overlay", overlay)
     assert code == 0, err
+    with Image.open(overlay) as gif:
+        assert gif.n_frames == len(STEMS)
+    other = tmp_path / "other"
+    code, _, err = run(capsys, "propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", other,
+                       "--engine", "flow", "--overlay", overlay)  # fmt: skip
+    assert code == 2 and "exists" in err and not other.exists()
     assert not (out / "old.txt").exists() and (out / "summary.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -367,3 +375,16 @@ def test_demo_through_the_installed_console_script(tmp_path):
     capture = cv2.VideoCapture(str(out / "overlay.mp4"))
     assert capture.read()[0]
     capture.release()
+
+
+def test_demo_replaces_its_previous_output_but_nothing_else(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "demo", "--out", out)
+    assert code == 2 and "not empty" in err
+    (out / "notes.txt").unlink()
+    (out / "summary.json").write_text("{}")  # what an earlier demo run leaves
+    code, stdout, err = run(capsys, "demo", "--out", out, "--engine", "flow")
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["frame_count"] == 30
