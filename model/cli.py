@@ -13,11 +13,10 @@ import dataclasses
 import importlib
 import inspect
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import entry_points
@@ -300,6 +299,7 @@ def _load_engine(job: PropagationJob) -> Engine:
 
 
 def _engine_loader(name: str) -> Callable[..., Engine]:
+    """The loader function of engine `name`, to read which settings it takes."""
     module_name, function_name = ENGINES[name].split(":")
     try:
         module = importlib.import_module(module_name)
@@ -359,8 +359,10 @@ def _staged_outputs(
 ) -> Iterator[tuple[Path, Path | None]]:
     """Yield (staging folder, staging overlay file); on success move them to `out` and
     `overlay`, on any error delete them. An overlay inside `out` is staged inside the folder."""
+    token = uuid.uuid4().hex[:8]  # a plain mkdir, unlike mkdtemp, keeps the user's umask
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    folder = out.with_name(f".{out.name}.partial-{token}")
+    folder.mkdir()
     staged_overlay = outside_overlay = None
     if overlay is not None:
         if overlay.resolve().is_relative_to(out.resolve()):
@@ -368,7 +370,7 @@ def _staged_outputs(
             staged_overlay.parent.mkdir(parents=True, exist_ok=True)
         else:
             overlay.parent.mkdir(parents=True, exist_ok=True)
-            partial_name = f".{overlay.stem}.partial-{os.getpid()}{overlay.suffix}"
+            partial_name = f".{overlay.stem}.partial-{token}{overlay.suffix}"
             staged_overlay = outside_overlay = overlay.with_name(partial_name)
     try:
         yield folder, staged_overlay
@@ -383,15 +385,14 @@ def _staged_outputs(
 
 def _replace_folder(new: Path, out: Path, replace: bool) -> None:
     """Rename `new` to `out`; an existing `out` is set aside first and deleted after."""
-    if not out.exists() or (not any(out.iterdir())):
+    if not out.exists() or not any(out.iterdir()):
         if out.exists():
             out.rmdir()
         new.rename(out)
         return
     if not replace:
         raise InputError(f"--out {out} is not empty; choose another folder or add --force")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    old.rmdir()
+    old = new.with_name(new.name.replace(".partial-", ".old-"))
     out.rename(old)
     new.rename(out)
     shutil.rmtree(old, ignore_errors=True)
