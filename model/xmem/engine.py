@@ -1,0 +1,128 @@
+"""The XMem engine: loaded weights on a device, in a precision, with settings; starts passes."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..engine import pick_device
+from ..errors import InputError
+from ..settings import XMemSettings, xmem_settings
+from .allocator import keep_freed_memory
+from .checkpoint import build_network, load_state_dict
+from .inference import IMAGENET_MEAN, IMAGENET_STD, FrameGeometry, XMemTracker
+from .network import XMemNetwork
+
+# Precisions per device type: "fp32" is exact mode; bf16/fp16 autocast is fast mode.
+PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16"), "mps": ("fp32", "fp16")}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class XMemEngine:
+    """XMem with its weights; `new_tracker` starts a pass with its own memory."""
+
+    name = "xmem"
+
+    def __init__(
+        self,
+        network: XMemNetwork,
+        settings: XMemSettings,
+        *,
+        device: torch.device,
+        precision: str,
+        weights: dict[str, Any],
+    ):
+        self.network = network
+        self.settings = settings
+        self.device = device
+        self.precision = precision
+        self.weights = weights
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": "xmem",
+            "weights": self.weights["path"],
+            "sha256": self.weights["sha256"],
+            "device": str(self.device),
+            "precision": self.precision,
+            "settings": {
+                name: getattr(self.settings, name)
+                for name in XMemSettings.__dataclass_fields__
+            },
+        }
+
+    def new_tracker(self, num_frames: int | None) -> XMemTracker:
+        return XMemTracker(self, num_frames)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context of the network calls (memory reads stay float32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def prepare_image(self, frame: np.ndarray, geometry: FrameGeometry) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (1, 3, Hp, Wp) float32 normalised, resized, padded, channels
+        last, on the device (pinned, asynchronous copy on CUDA)."""
+        if not frame.flags.writeable or not frame.flags.c_contiguous:
+            frame = np.array(frame)  # torch.from_numpy wants a writeable, contiguous array
+        pixels = torch.from_numpy(frame)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        else:
+            pixels = pixels.to(self.device)
+        image = pixels.permute(2, 0, 1).unsqueeze(0).float()
+        image = geometry.image_to_network((image - self._mean) / self._std)
+        return image.contiguous(memory_format=torch.channels_last)
+
+
+def load_xmem_engine(
+    *,
+    weights: str | Path | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    **settings: Any,
+) -> XMemEngine:
+    """Load XMem.
+
+    weights: a checkpoint path or name from manifest.yml (None: the default one), resolved as
+    `xmem_label.model.weights.resolve_weights` does (path, environment, cache, download).
+    device: None picks CUDA, then MPS, then CPU. precision: "fp32" (exact) or "bf16"/"fp16"
+    autocast (fast). compile: wrap the three networks in torch.compile.
+    settings: XMem settings under the official names, and `size` (internal short side, -1 =
+    native); defaults come from manifest.yml.
+    """
+    from ..weights import resolve_weights, sha256_of
+
+    resolved_settings = xmem_settings(**settings)
+    device = pick_device(device)
+    allowed = PRECISIONS.get(device.type, ("fp32",))
+    if precision not in allowed:
+        raise InputError(
+            f"precision {precision!r} is not available on {device.type}; choose {allowed}"
+        )
+    path = resolve_weights(weights)
+    network = build_network(load_state_dict(path)).to(device).eval()
+    network = network.to(memory_format=torch.channels_last)
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    if device.type == "cpu":
+        keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if compile:
+        for part in ("key_encoder", "value_encoder", "decoder"):
+            setattr(network, part, torch.compile(getattr(network, part)))
+    return XMemEngine(
+        network,
+        resolved_settings,
+        device=device,
+        precision=precision,
+        weights={"path": str(path), "sha256": sha256_of(path)},
+    )
