@@ -144,7 +144,9 @@ def download_checkpoint(
     if progress is None:
         progress = sys.stderr.isatty()
 
-    temporary = Path(tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")[1])
+    handle, temporary_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    os.close(handle)  # _fetch reopens it by name
+    temporary = Path(temporary_name)
     try:
         received, sha256 = _fetch(url, temporary, checkpoint, target, progress)
         if checkpoint.size is not None and received != checkpoint.size:
