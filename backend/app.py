@@ -16,8 +16,9 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import tempfile
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, jsonify, request
 
 from xmem_label.model import InputError, WeightsError
 
@@ -35,7 +36,8 @@ OPEN_ROUTES = {"/webhook"}
 def create_app(runtime: Runtime | None = None) -> Flask:
     """The Flask app; `runtime` defaults to one configured from the environment."""
     runtime = runtime or Runtime.from_environment()
-    app = Flask("xmem_label.backend")
+    # instance_path given: Flask cannot locate it for a module of the xmem_label namespace.
+    app = Flask(__name__, instance_path=os.environ.get("MODEL_DIR") or tempfile.gettempdir())
     user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     open_routes = set() if os.environ.get("XMEM_LABEL_WEBHOOK_AUTH") == "1" else OPEN_ROUTES
 
@@ -49,10 +51,10 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             or not hmac.compare_digest(auth.username or "", user)
             or not hmac.compare_digest(auth.password or "", password)
         ):
-            return Response(
-                '{"error": "basic auth required"}', 401,
-                {"WWW-Authenticate": 'Basic realm="xmem-label"', "Content-Type": "application/json"},
-            )
+            reply = jsonify(error="basic auth required")
+            reply.status_code = 401
+            reply.headers["WWW-Authenticate"] = 'Basic realm="xmem-label"'
+            return reply
         return None
 
     def body() -> dict:

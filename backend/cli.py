@@ -5,6 +5,7 @@ files -> image-sequence tasks). Registered through setup.py's `xmem_label.comman
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def _serve(args: argparse.Namespace) -> int:
                         ("job-threads", args.job_threads), ("queue", args.queue)):
         if value < 1:
             raise InputError(f"--{name} must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] %(message)s")
+    logging.getLogger("label_studio_sdk").setLevel(logging.WARNING)  # a line per frame otherwise
     os.environ.update({
         "XMEM_LABEL_ENGINE": args.engine,
         "XMEM_LABEL_JOB_THREADS": str(args.job_threads),
@@ -82,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         "worker_class": "gthread",
         "timeout": int(args.sync_seconds) + 60,
         "accesslog": "-",
+        "control_socket_disable": True,  # several backends may run on one machine
     }).run()
     return 0
 

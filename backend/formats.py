@@ -7,10 +7,10 @@ Two project kinds are supported (Label Studio 1.23 open source):
 - video: `<Video value="$video"/>` + `<VideoRectangle>` (+ `<Labels>` naming the objects); a
   region is a track whose keyframes (`sequence`) have a 1-based `frame`.
 
-Object identity across frames: regions this backend predicted carry the id `xl<object>f<frame>`,
-and keep it when a person accepts and edits them; any other brush region is matched by label and
-by its rank among that label's regions on its frame (the first "Chair" on every frame is one
-object, the second another).
+Object identity across frames: regions this backend predicted carry the id `xl<object>f<frame>`
+(`xl<object>k<frame>` on a person's keyframe), and keep it when a person accepts and edits them;
+any other brush region is matched by label and by its rank among that label's regions on its
+frame (the first "Chair" on every frame is one object, the second another).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from xmem_label.model import InputError
 
 from .rle import mask_to_rle, rle_to_mask
 
-PREDICTED_ID = re.compile(r"^xl(\d+)f\d+$")
+# Ids of predicted regions: xl<object>f<frame> when propagated, xl<object>k<frame> on a frame a
+# person gave (so it stays a keyframe after the person accepts the prediction unchanged).
+PREDICTED_ID = re.compile(r"^xl(\d+)([fk])\d+$")
 PERSON_ORIGINS = {"manual", "prediction-changed", None}  # "prediction" = accepted unchanged
 
 
@@ -160,8 +162,9 @@ class BrushKeyframes:
 def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int) -> BrushKeyframes:
     """Keyframe masks from an annotation's result list.
 
-    A frame is a keyframe when a person drew or edited a region on it; then every region on it
-    counts as given. Raises InputError for a malformed region or an annotation without keyframes.
+    A frame is a keyframe when a person drew or edited a region on it (origin "manual",
+    "prediction-changed" or none, or an `xl<o>k<f>` id); then every region on it counts as
+    given. Raises InputError for a malformed region or an annotation without keyframes.
     """
     regions = [r for r in results or [] if r.get("from_name") == config.brush_name]
     by_frame: dict[int, list[dict]] = {}
@@ -173,7 +176,7 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
     keyframes = sorted(
         frame
         for frame, on_frame in by_frame.items()
-        if any(r.get("origin") in PERSON_ORIGINS for r in on_frame)
+        if any(_made_by_person(r) for r in on_frame)
     )
     if not keyframes:
         raise InputError(
@@ -213,6 +216,11 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
                 frame_masks[object_id] = mask
                 frame_regions[object_id] = region
     return result
+
+
+def _made_by_person(region: dict) -> bool:
+    predicted = PREDICTED_ID.match(str(region.get("id", "")))
+    return region.get("origin") in PERSON_ORIGINS or bool(predicted and predicted.group(2) == "k")
 
 
 def _decode_brush_region(region: dict, frame: int) -> tuple[str, np.ndarray, tuple[int, int]]:

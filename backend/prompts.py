@@ -111,5 +111,6 @@ def _grabcut(frame: np.ndarray, labels: np.ndarray, rect=None) -> None:
     bgr = np.ascontiguousarray(frame[:, :, ::-1])
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     mode = cv2.GC_INIT_WITH_RECT if rect is not None else cv2.GC_INIT_WITH_MASK
+    cv2.setRNGSeed(0)  # GrabCut seeds its colour models with k-means: same prompt, same mask
     with contextlib.suppress(cv2.error):  # one colour only on a side: keep the labels as given
         cv2.grabCut(bgr, labels, rect, background, foreground, ITERATIONS, mode)

@@ -65,7 +65,7 @@ class ImageFiles(RandomAccessSource):
         self.timings.decode += time.perf_counter() - started
         if image is None:
             raise InputError(f"frame {index} is not an image the backend can decode")
-        return image[:, :, ::-1]
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def _brush_result(session, keyframes, config, timings, progress):
         for object_id, summary in frame_result.objects.items():
             label = keyframes.labels[object_id]
             if object_id in drawn:
-                region = dict(drawn[object_id], id=f"xl{object_id}f{frame_result.index}")
+                region = dict(drawn[object_id], id=f"xl{object_id}k{frame_result.index}")
                 region.pop("origin", None)
                 region["score"] = 1.0
                 result.append(region)

@@ -107,6 +107,7 @@ class LabelStudio:
 
     def download(self, url: str, task_id: int | None, folder: Path) -> Path:
         """A local copy of a task's media file (Label Studio storage URLs or plain http)."""
+        folder.mkdir(parents=True, exist_ok=True)
         try:
             path = get_local_path(
                 url,

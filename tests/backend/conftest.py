@@ -1,0 +1,181 @@
+"""A real Label Studio 1.23.2 server and a real backend process, started once per test session.
+
+Label Studio comes from its own venv (`$LABEL_STUDIO_BIN`, else .venv-ls or /work/venv-ls next to
+the repository); it runs on 127.0.0.1 with a fresh SQLite data dir, a legacy API token, local
+files served from a temporary document root, and the two settings that let it talk to a backend
+on 127.0.0.1 (ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED). The backend is `xmem-label serve
+--engine flow` as a user starts it, and reads media over HTTP from Label Studio.
+While developing, XMEM_LABEL_TEST_LS="<url> <document root>" reuses a server started the same
+way (token TOKEN) instead of booting one (about a minute).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "xmemlabel0123456789abcdef0123456789abcd"
+LS_CANDIDATES = [
+    os.environ.get("LABEL_STUDIO_BIN", ""),
+    str(ROOT / ".venv-ls/bin/label-studio"),
+    "/work/venv-ls/bin/label-studio",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not up after {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class LabelStudioServer:
+    """The running server: its address, token, media folder and a small REST helper."""
+
+    def __init__(self, url: str, media_root: Path):
+        self.url = url
+        self.media_root = media_root
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Token {TOKEN}"
+
+    def api(self, method: str, path: str, expect: int | tuple = (200, 201, 204), **kwargs):
+        reply = self.http.request(method, self.url + path, timeout=120, **kwargs)
+        expected = (expect,) if isinstance(expect, int) else expect
+        assert reply.status_code in expected, f"{method} {path}: {reply.status_code} {reply.text}"
+        return reply.json() if reply.content else None
+
+    def project(self, title: str, label_config: str) -> int:
+        project = self.api("POST", "/api/projects", json={"title": title,
+                                                          "label_config": label_config})
+        # Opening a task must not start a propagation (see backend/README.md).
+        self.api("PATCH", f"/api/projects/{project['id']}", json={
+            "show_collab_predictions": False, "evaluate_predictions_automatically": False})
+        return project["id"]
+
+    def media_folder(self, project_id: int, name: str) -> Path:
+        """A folder under the document root, served to `project_id` through a Local Storage."""
+        folder = self.media_root / f"p{project_id}" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        self.api("POST", "/api/storages/localfiles", json={
+            "project": project_id, "path": str(folder), "title": name, "use_blob_urls": False})
+        return folder
+
+    def url_of(self, path: Path) -> str:
+        return f"/data/local-files/?d={path.relative_to(self.media_root).as_posix()}"
+
+    def tasks(self, project_id: int) -> list[dict]:
+        return self.api("GET", "/api/tasks", params={"project": project_id})["tasks"]
+
+    def predictions(self, task_id: int) -> list[dict]:
+        return self.api("GET", "/api/predictions", params={"task": task_id})
+
+    def connect(self, project_id: int, backend_url: str) -> int:
+        ml = self.api("POST", "/api/ml", json={"url": backend_url, "project": project_id,
+                                               "title": "xmem-label", "is_interactive": True})
+        return ml["id"]
+
+    def retrieve_predictions(self, project_id: int, task_ids: list[int]) -> dict:
+        return self.api(
+            "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
+            json={"selectedItems": {"all": False, "included": task_ids}},
+        )
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory) -> LabelStudioServer:
+    reuse = os.environ.get("XMEM_LABEL_TEST_LS")  # "<url> <document root>": while developing
+    if reuse:
+        url, media = reuse.split()
+        yield LabelStudioServer(url, Path(media))
+        return
+    binary = next((c for c in LS_CANDIDATES if c and Path(c).is_file()), None)
+    if binary is None:
+        pytest.skip("label-studio 1.23.2 not installed (set LABEL_STUDIO_BIN)")
+    work = tmp_path_factory.mktemp("label-studio")
+    media = work / "media"
+    media.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "DEBUG")}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"),
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(media),
+        "LABEL_STUDIO_USERNAME": "e2e@example.com",
+        "LABEL_STUDIO_PASSWORD": "e2e-password-123",
+        "LABEL_STUDIO_USER_TOKEN": TOKEN,
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+    })
+    log = work / "label-studio.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port",
+             str(port), "--enable-legacy-api-token"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", process, 240, log)
+        yield LabelStudioServer(url, media)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def backend(label_studio, tmp_path_factory) -> str:
+    """`xmem-label serve --engine flow` on a free port; its address."""
+    executable = shutil.which("xmem-label", path=str(Path(sys.executable).parent))
+    assert executable, "the xmem-label console script is not installed"
+    port = free_port()
+    env = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=TOKEN,
+               OMP_NUM_THREADS="1", MODEL_DIR=str(tmp_path_factory.mktemp("model-dir")))
+    env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # media go over HTTP, as on another machine
+    log = tmp_path_factory.mktemp("backend") / "backend.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [executable, "serve", "--host", "127.0.0.1", "--port", str(port), "--engine", "flow",
+             "--threads", "4"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", process, 60, log)
+        yield url
+    finally:
+        stop(process)
+        print(log.read_text()[-4000:])
