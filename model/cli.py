@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except SystemExit as done:  # --help and --version
                 return done.code if isinstance(done.code, int) else 0
             if not hasattr(args, "run"):
-                parser.print_help(sys.stderr)
-                return 2
+                return _usage(parser)
             return args.run(args)
         except (XMemLabelError, OSError) as error:
             message = " ".join(str(error).split()) or type(error).__name__
@@ -101,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """A command given without its subcommand: show what it takes (exit code 2)."""
+    parser.print_help(sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +132,9 @@ def _add_propagate_command(subparsers: argparse._SubParsersAction) -> None:
         description="Propagate keyframe masks over SOURCE (a video file or a folder of images) "
         "and write one palette PNG per frame plus summary.json into --out.",
     )
-    parser.add_argument("source", type=Path, help="video file or folder of frames")
+    parser.add_argument(
+        "source", type=Path, metavar="SOURCE", help="video file or folder of frames"
+    )
     parser.add_argument(
         "--mask",
         action="append",
@@ -136,7 +143,7 @@ def _add_propagate_command(subparsers: argparse._SubParsersAction) -> None:
         help="label mask (palette or grey PNG, 0 = background) on frame FRAME (0-based); "
         "repeat for more keyframes",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     _add_engine_options(parser, default_engine=manifest()["default_engine"])
     parser.add_argument(
         "--direction",
@@ -150,8 +157,12 @@ def _add_propagate_command(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write probs/<frame>.npy: float16 (objects + 1, H, W), background first",
     )
-    parser.add_argument("--overlay", type=Path, help="write the masks over the frames (.mp4/.gif)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--overlay", type=Path, metavar="FILE", help="write the masks over the frames (.mp4/.gif)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace a non-empty --out and an existing --overlay"
+    )
     parser.set_defaults(run=_run_propagate)
 
 
@@ -169,11 +180,18 @@ def _add_engine_options(parser: argparse.ArgumentParser, default_engine: str | N
         f"default: ${manifest()['weights']['env_var']}, else {default_checkpoint()})",
     )
     parser.add_argument(
-        "--size", type=int, help="XMem internal short side in pixels (-1 = native; default 480)"
+        "--size",
+        type=int,
+        metavar="N",
+        help="XMem internal short side in pixels (-1 = native; default 480)",
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), help="XMem precision on CUDA"
+        "--device", metavar="D", help="cpu, cuda, cuda:1, mps (default: best available)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="XMem precision on CUDA (bf16/fp16: autocast; default fp32)",
     )
     parser.add_argument(
         "--set",
@@ -524,7 +542,11 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
         "Uses XMem when its weights are on this machine, else the weight-free flow engine.",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("xmem-label-demo"), help="default: ./xmem-label-demo"
+        "--out",
+        type=Path,
+        default=Path("xmem-label-demo"),
+        metavar="DIR",
+        help="output folder (default: ./xmem-label-demo)",
     )
     parser.add_argument(
         "--engine", choices=sorted(ENGINES), help="default: xmem if its weights are here, else flow"
@@ -582,6 +604,7 @@ def _add_weights_command(subparsers: argparse._SubParsersAction) -> None:
         description=f"XMem checkpoints live in the cache ({cache_folder()}; "
         f"${manifest()['weights']['cache_env_var']} moves it).",
     )
+    parser.set_defaults(run=lambda args: _usage(parser))
     actions = parser.add_subparsers(title="actions", metavar="ACTION")
     listing = actions.add_parser("list", help="the known checkpoints and whether they are here")
     listing.set_defaults(run=_run_weights_list)
