@@ -90,9 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args = parser.parse_args(argv)
             except SystemExit as done:  # --help and --version
                 return done.code if isinstance(done.code, int) else 0
-            if not hasattr(args, "run"):
+            # Commands set their handler as `run`, or as argparse's conventional `func`.
+            handler = getattr(args, "run", None) or getattr(args, "func", None)
+            if handler is None:
                 return _usage(parser)
-            return args.run(args)
+            return handler(args)
         except (XMemLabelError, OSError) as error:
             message = " ".join(str(error).split()) or type(error).__name__
             print(f"{PROG}: error: {message}", file=sys.stderr)

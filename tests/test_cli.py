@@ -326,9 +326,10 @@ def test_weights_verify_with_empty_cache(capsys):
     assert code == 2 and "weights download" in err
 
 
-def test_eval_command_is_present(capsys):
-    code, stdout, _ = run(capsys, "eval", "--help")
-    assert code == 0 and "--data" in stdout
+def test_eval_command_scores_the_chair_clip(capsys):
+    code, stdout, err = run(capsys, "eval", "--data", CHAIR.parent, "--sequences", "chair")
+    assert code == 0, err
+    assert "chair" in stdout and "mean" in stdout
 
 
 def test_extra_command_with_missing_dependency_explains_itself(capsys, monkeypatch):
