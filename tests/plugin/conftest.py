@@ -3,11 +3,12 @@ FiftyOne home, and this repository's plugin/ folder as the only plugin.
 
 The environment is set when this file is imported, before any test module imports fiftyone
 (fiftyone reads its configuration on import). The mongod starts with the first test that
-needs the database and stops with the session.
+needs the database and stops when the test process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +51,11 @@ FIFTYONE_ENV = {
 }
 os.environ.update(FIFTYONE_ENV)
 
+import fiftyone as fo  # noqa: E402  (reads the environment above)
+
+from xmem_label.model import Session, load_engine, read_label_mask  # noqa: E402
+from xmem_label.plugin.labels import detection_to_mask  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def mongod():
@@ -73,7 +80,13 @@ def mongod():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mongod did not start; see {FO_HOME / 'mongod.log'}") from None
             time.sleep(0.2)
-    yield FIFTYONE_ENV["FIFTYONE_DATABASE_URI"]
+    # Stopped at exit, after FiftyOne's own exit handler (registered later, when it first
+    # connects; exit handlers run last-in first-out), which still talks to the database.
+    atexit.register(_stop, process)
+    return FIFTYONE_ENV["FIFTYONE_DATABASE_URI"]
+
+
+def _stop(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=30)
     shutil.rmtree(FO_HOME, ignore_errors=True)
@@ -81,7 +94,7 @@ def mongod():
 
 @pytest.fixture(scope="session")
 def chair_mp4(tmp_path_factory) -> Path:
-    """The chair clip (8 frames, 720x480) as an H.264 mp4, as users' videos are."""
+    """The chair clip (8 frames, 240x160) as an H.264 mp4, as users' videos are."""
     path = tmp_path_factory.mktemp("video") / "chair.mp4"
     subprocess.run(
         ["ffmpeg", "-loglevel", "error", "-framerate", "8", "-start_number", "0",
@@ -95,6 +108,56 @@ def chair_mp4(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chair_truth():
     """Ground-truth label masks of the chair clip, frame index -> (H, W) uint8."""
-    from xmem_label.model import read_label_mask
-
     return [read_label_mask(p) for p in sorted((CHAIR / "masks").glob("*.png"))]
+
+
+@pytest.fixture(scope="session")
+def engine_labels(chair_mp4, chair_truth):
+    """What the engine alone gives on the same clip: frame index -> label mask."""
+    with Session(load_engine("flow"), chair_mp4) as session:
+        session.add_object_mask(0, 1, chair_truth[0] == 1)
+        return [result.labels for result in session.propagate()]
+
+
+@pytest.fixture
+def dataset(mongod, chair_mp4, chair_truth, request):
+    """A persistent video dataset: the chair clip, its first frame's ground truth in
+    frames.gt (instance mask) and every frame's ground truth in frames.truth."""
+    ds = fo.Dataset(f"chair-{request.node.name}"[:60], overwrite=True)
+    ds.persistent = True  # the delegated worker is another process
+    ds.add_sample(fo.Sample(filepath=str(chair_mp4)))
+    ds.compute_metadata()
+    truth = {
+        index + 1: fo.Detections(
+            detections=[fo.Detection.from_mask(mask == 1, label="chair", index=1)]
+        )
+        for index, mask in enumerate(chair_truth)
+    }
+    ds.set_values("frames.truth", {ds.first().id: truth}, key_field="id")
+    ds.set_values("frames.gt", {ds.first().id: {1: truth[1].copy()}}, key_field="id")
+    yield ds
+    ds.delete()
+
+
+def full_frame(detections: fo.Detections, hw) -> np.ndarray:
+    """Label mask of a frame's Detections (index = object id)."""
+    labels = np.zeros(hw, dtype=np.uint8)
+    for det in detections.detections:
+        labels[detection_to_mask(det, hw, None)] = det.index
+    return labels
+
+
+def check_equals_engine(ds, field, engine_labels):
+    """frames.<field> of the first sample holds exactly the engine's masks, keyframe first."""
+    frames = ds.first().frames
+    assert len(frames) == len(engine_labels)
+    for index, expected in enumerate(engine_labels):
+        written = frames[index + 1][field]
+        np.testing.assert_array_equal(full_frame(written, expected.shape), expected)
+        assert [d.index for d in written.detections] == [1]
+        det = written.detections[0]
+        assert det.label == "chair"
+        assert det.keyframe is (index == 0)
+        assert 0 < det.confidence <= 1
+
+

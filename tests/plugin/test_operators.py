@@ -11,41 +11,12 @@ import numpy as np
 import pytest
 from fiftyone.operators.executor import execute_or_delegate_operator
 
-from xmem_label.model import Session, load_engine
-from xmem_label.plugin.labels import detection_to_mask, relative_to_pixel_box
+from xmem_label.plugin.labels import relative_to_pixel_box
 
-from .conftest import PLUGIN_NAME
+from .conftest import PLUGIN_NAME, check_equals_engine, full_frame
 
 PROPAGATE = f"{PLUGIN_NAME}/propagate_masks"
 REVIEW = f"{PLUGIN_NAME}/review_frames"
-
-
-@pytest.fixture(scope="module")
-def engine_labels(chair_mp4, chair_truth):
-    """What the engine alone gives on the same clip: frame index -> label mask."""
-    with Session(load_engine("flow"), chair_mp4) as session:
-        session.add_object_mask(0, 1, chair_truth[0] == 1)
-        return [result.labels for result in session.propagate()]
-
-
-@pytest.fixture
-def dataset(mongod, chair_mp4, chair_truth, request):
-    """A persistent video dataset: the chair clip, its first frame's ground truth in
-    frames.gt (instance mask) and every frame's ground truth in frames.truth."""
-    ds = fo.Dataset(f"chair-{request.node.name}"[:60], overwrite=True)
-    ds.persistent = True  # the delegated worker is another process
-    ds.add_sample(fo.Sample(filepath=str(chair_mp4)))
-    ds.compute_metadata()
-    truth = {
-        index + 1: fo.Detections(
-            detections=[fo.Detection.from_mask(mask == 1, label="chair", index=1)]
-        )
-        for index, mask in enumerate(chair_truth)
-    }
-    ds.set_values("frames.truth", {ds.first().id: truth}, key_field="id")
-    ds.set_values("frames.gt", {ds.first().id: {1: truth[1].copy()}}, key_field="id")
-    yield ds
-    ds.delete()
 
 
 def run(uri, ds, selected=None, **params):
@@ -55,27 +26,6 @@ def run(uri, ds, selected=None, **params):
     if selected:
         request["selected"] = selected
     return asyncio.run(execute_or_delegate_operator(uri, request, exhaust=True))
-
-
-def full_frame(detections: fo.Detections, hw) -> np.ndarray:
-    """Label mask of a frame's Detections (index = object id)."""
-    labels = np.zeros(hw, dtype=np.uint8)
-    for det in detections.detections:
-        labels[detection_to_mask(det, hw, None)] = det.index
-    return labels
-
-
-def check_equals_engine(ds, field, engine_labels):
-    frames = ds.first().frames
-    assert len(frames) == len(engine_labels)
-    for index, expected in enumerate(engine_labels):
-        written = frames[index + 1][field]
-        np.testing.assert_array_equal(full_frame(written, expected.shape), expected)
-        assert [d.index for d in written.detections] == [1]
-        det = written.detections[0]
-        assert det.label == "chair"
-        assert det.keyframe is (index == 0)
-        assert 0 < det.confidence <= 1
 
 
 def test_operator_is_registered(mongod):
