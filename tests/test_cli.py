@@ -30,9 +30,6 @@ FRAMES = CHAIR / "frames"
 FIRST_MASK = CHAIR / "masks" / "frame_000000.png"
 STEMS = sorted(p.stem for p in FRAMES.glob("*.jpg"))
 FIXTURES = Path(__file__).parent / "fixtures" / "xmem_reference"
-XMEM_ENGINE_PRESENT = importlib.util.find_spec("xmem_label.model.xmem.engine") is not None
-
-
 @pytest.fixture(autouse=True)
 def no_real_weights(tmp_path, monkeypatch):
     """Weights come only from what a test puts in its own cache folder."""
@@ -276,7 +273,6 @@ def synthetic_weights(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.skipif(not XMEM_ENGINE_PRESENT, reason="the XMem engine has not landed yet")
 def test_propagate_with_xmem_records_weights(tmp_path, capsys, synthetic_weights):
     out = tmp_path / "out"
     code, _, err = run(
@@ -294,7 +290,6 @@ def test_propagate_with_xmem_records_weights(tmp_path, capsys, synthetic_weights
     assert np.load(out / "probs" / f"{STEMS[1]}.npy").dtype == np.float16
 
 
-@pytest.mark.skipif(not XMEM_ENGINE_PRESENT, reason="the XMem engine has not landed yet")
 def test_xmem_weights_with_wrong_keys_are_refused_by_propagate(tmp_path, capsys):
     out = tmp_path / "out"
     code, _, err = run(

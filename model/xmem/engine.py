@@ -12,6 +12,7 @@ import torch
 from ..engine import pick_device
 from ..errors import InputError
 from ..settings import XMemSettings, xmem_settings
+from ..weights import resolve_weights, sha256_of
 from .allocator import keep_freed_memory
 from .checkpoint import build_network, load_state_dict
 from .inference import IMAGENET_MEAN, IMAGENET_STD, FrameGeometry, XMemTracker
@@ -34,21 +35,24 @@ class XMemEngine:
         *,
         device: torch.device,
         precision: str,
-        weights: dict[str, Any],
+        weights_path: Path,
     ):
         self.network = network
         self.settings = settings
         self.device = device
         self.precision = precision
-        self.weights = weights
+        self.weights_path = weights_path
+        self._weights_sha256: str | None = None
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
     def describe(self) -> dict[str, Any]:
+        if self._weights_sha256 is None:  # hashing 250 MB takes a second: only when asked
+            self._weights_sha256 = sha256_of(self.weights_path)
         return {
             "engine": "xmem",
-            "weights": self.weights["path"],
-            "sha256": self.weights["sha256"],
+            "weights": str(self.weights_path),
+            "sha256": self._weights_sha256,
             "device": str(self.device),
             "precision": self.precision,
             "settings": {
@@ -98,8 +102,6 @@ def load_xmem_engine(
     settings: XMem settings under the official names, and `size` (internal short side, -1 =
     native); defaults come from manifest.yml.
     """
-    from ..weights import resolve_weights, sha256_of
-
     resolved_settings = xmem_settings(**settings)
     device = pick_device(device)
     allowed = PRECISIONS.get(device.type, ("fp32",))
@@ -124,5 +126,5 @@ def load_xmem_engine(
         resolved_settings,
         device=device,
         precision=precision,
-        weights={"path": str(path), "sha256": sha256_of(path)},
+        weights_path=path,
     )
