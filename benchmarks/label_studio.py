@@ -1,0 +1,223 @@
+"""Label Studio backend figures (issue 4).
+
+    python -m benchmarks.label_studio [--clip ../shared/data/vos/blackswan] [--frames 50]
+                                      [--ls-bin PATH | --ls-url URL --document-root DIR]
+
+1. Brush RLE encoding time of one mask at 854x480 and 1920x1080: this backend's numpy encoder
+   against label_studio_sdk.converter.brush.mask2rle (bytes checked equal).
+2. "Retrieve predictions" to stored prediction for one image-sequence task (the clip's first
+   `--frames` frames, keyframe = its ground-truth mask on frame 0, engine "flow"), against a
+   real Label Studio 1.23.2 and a real `xmem-label serve` process, split into media download /
+   decode / propagate / encode (measured inside the backend, from /metrics) and HTTP (the rest:
+   Label Studio's /health + /setup + /predict round trip, the JSON transfer, and storing).
+   Decoding runs in the engine's prefetch thread, so its time overlaps propagation.
+The machine is shared (2 cores, other jobs running): figures are noisy, run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from label_studio_sdk.converter.brush import mask2rle
+
+from xmem_label.backend.rle import mask_to_rle
+from xmem_label.model import read_label_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "vos" / "blackswan"
+TOKEN = "benchmark0123456789abcdef0123456789abcd"
+CONFIG = """<View>
+  <Image name="image" valueList="$frames"/>
+  <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
+</View>"""
+
+
+def time_call(function, repeat: int) -> float:
+    """Median seconds of `repeat` calls."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def rle_figures(mask: np.ndarray, repeat: int) -> None:
+    print("Brush RLE encoding of one mask (median of runs):")
+    print(f"  {'size':>10} {'xmem-label':>12} {'SDK mask2rle':>14} {'speed-up':>9} {'bytes':>7}")
+    import cv2
+
+    for width, height in ((854, 480), (1920, 1080)):
+        scaled = cv2.resize(mask.astype(np.uint8), (width, height),
+                            interpolation=cv2.INTER_NEAREST)
+        ours = mask_to_rle(scaled)
+        assert ours == mask2rle(scaled * 255), "encoders disagree"
+        fast = time_call(lambda m=scaled: mask_to_rle(m), repeat)
+        slow = time_call(lambda m=scaled: mask2rle(m * 255), max(1, repeat // 4))
+        print(f"  {width}x{height:<5} {fast * 1000:10.2f} ms {slow * 1000:12.2f} ms "
+              f"{slow / fast:8.1f}x {len(ours):7d}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_up(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not come up in {seconds} s")
+
+
+def start_label_studio(binary: str, work: Path) -> tuple[subprocess.Popen, str, Path]:
+    media = work / "media"
+    media.mkdir(parents=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "DEBUG")}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"), "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(media), "LABEL_STUDIO_USERNAME": "bench@example.com",
+        "LABEL_STUDIO_PASSWORD": "bench-password-123", "LABEL_STUDIO_USER_TOKEN": TOKEN,
+        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
+        "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
+    })
+    process = subprocess.Popen(
+        [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+         "--enable-legacy-api-token"],
+        env=env, stdout=open(work / "label-studio.log", "w"),  # noqa: SIM115 (lives on)
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_up(f"{url}/health", 300)
+    return process, url, media
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def end_to_end_figures(args, work: Path) -> None:
+    ls_process = backend = None
+    try:
+        if args.ls_url:
+            url, media, token = args.ls_url, Path(args.document_root), args.token
+        else:
+            ls_process, url, media = start_label_studio(args.ls_bin, work)
+            token = TOKEN
+        http = requests.Session()
+        http.headers["Authorization"] = f"Token {token}"
+
+        def api(method, path, **kwargs):
+            reply = http.request(method, url + path, timeout=300, **kwargs)
+            reply.raise_for_status()
+            return reply.json() if reply.content else None
+
+        project = api("POST", "/api/projects", json={"title": "benchmark", "label_config": CONFIG})
+        api("PATCH", f"/api/projects/{project['id']}", json={
+            "show_collab_predictions": False, "evaluate_predictions_automatically": False})
+        folder = media / f"benchmark-{project['id']}"
+        folder.mkdir(parents=True)
+        frames = sorted((args.clip / "frames").iterdir())[: args.frames]
+        for path in frames:
+            shutil.copy(path, folder / path.name)
+        api("POST", "/api/storages/localfiles", json={
+            "project": project["id"], "path": str(folder), "title": "clip"})
+        urls = [f"/data/local-files/?d={(folder / p.name).relative_to(media).as_posix()}"
+                for p in frames]
+        mask = read_label_mask(sorted((args.clip / "masks").iterdir())[0]) == 1
+        height, width = mask.shape
+        keyframe = {"from_name": "mask", "to_name": "image", "type": "brushlabels",
+                    "item_index": 0, "original_width": width, "original_height": height,
+                    "value": {"format": "rle", "rle": mask_to_rle(mask),
+                              "brushlabels": ["Object"]}}
+        api("POST", f"/api/projects/{project['id']}/import",
+            json=[{"frames": urls} for _ in range(args.repeat)])
+        tasks = api("GET", "/api/tasks", params={"project": project["id"]})["tasks"]
+        for task in tasks:
+            api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [keyframe]})
+
+        port = free_port()
+        env = dict(os.environ, LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=token)
+        env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # media over HTTP, as on another machine
+        backend = subprocess.Popen(
+            [str(Path(sys.executable).parent / "xmem-label"), "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--engine", "flow"],
+            env=env, stdout=open(work / "backend.log", "w"),  # noqa: SIM115 (lives on)
+            stderr=subprocess.STDOUT,
+        )
+        backend_url = f"http://127.0.0.1:{port}"
+        wait_up(f"{backend_url}/health", 60)
+        api("POST", "/api/ml", json={"url": backend_url, "project": project["id"],
+                                     "title": "xmem-label"})
+        requests.post(f"{backend_url}/setup", json={"project": str(project["id"]),
+                                                    "schema": CONFIG}, timeout=10)
+        while not requests.get(f"{backend_url}/health", timeout=5).json()["engine_loaded"]:
+            time.sleep(0.2)  # the engine loads once per process; not part of a request
+
+        rows = []
+        for task in tasks:
+            started = time.perf_counter()
+            api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
+                json={"selectedItems": {"all": False, "included": [task["id"]]}})
+            total = time.perf_counter() - started
+            (prediction,) = api("GET", "/api/predictions", params={"task": task["id"]})
+            assert len({r["item_index"] for r in prediction["result"]}) == len(frames)
+            stages = requests.get(f"{backend_url}/metrics", timeout=5).json()["last_timings"]
+            rows.append({**stages, "http": total - stages["total"], "all": total})
+        print(f"\n'Retrieve predictions' -> stored prediction, {len(frames)} frames "
+              f"{width}x{height}, engine flow, {len(rows)} run(s), median seconds:")
+        for key, label in (("download", "media download (HTTP from Label Studio)"),
+                           ("decode", "decode (overlaps propagate)"),
+                           ("propagate", "propagate (incl. decode)"),
+                           ("encode", "brush RLE encode"),
+                           ("http", "HTTP + Label Studio (health/setup/predict, JSON, store)"),
+                           ("all", "total")):
+            print(f"  {label:<58} {statistics.median(r[key] for r in rows):7.2f}")
+        print(f"  prediction: {len(prediction['result'])} regions, score {prediction['score']}")
+    finally:
+        stop(backend)
+        stop(ls_process)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=3, help="tasks timed end to end")
+    parser.add_argument("--ls-bin", default=os.environ.get("LABEL_STUDIO_BIN",
+                                                           "/work/venv-ls/bin/label-studio"))
+    parser.add_argument("--ls-url", help="use this running Label Studio instead of starting one")
+    parser.add_argument("--token", default=TOKEN, help="its legacy API token")
+    parser.add_argument("--document-root", help="its LOCAL_FILES_DOCUMENT_ROOT")
+    parser.add_argument("--skip-server", action="store_true", help="RLE figures only")
+    args = parser.parse_args()
+    mask = read_label_mask(sorted((args.clip / "masks").iterdir())[0]) == 1
+    rle_figures(mask, repeat=20)
+    if not args.skip_server:
+        with tempfile.TemporaryDirectory(prefix="xmem-label-bench-") as work:
+            end_to_end_figures(args, Path(work))
+
+
+if __name__ == "__main__":
+    main()
