@@ -292,8 +292,11 @@ def prompts_from_context(context: dict | None, config: SequenceConfig) -> list[P
                    y + value.get("height", 0.0) * height / 100)
             prompts.append(Prompt(frame=frame, label=label, box=box, point=None))
         else:
+            # Alt+click marks a negative point: "is_positive": false (SAM examples) or
+            # value.negative, depending on the Label Studio version.
+            positive = bool(region.get("is_positive", not value.get("negative", False)))
             prompts.append(Prompt(frame=frame, label=label, box=None, point=(x, y),
-                                  positive=not region.get("is_negative", value.get("negative"))))
+                                  positive=positive))
     return prompts
 
 

@@ -8,6 +8,7 @@ decoding runs in the engine's prefetch thread, so its time overlaps (is part of)
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def run_sequence(
     """Brush masks on every frame of an image-sequence task."""
     timings = Timings()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="xmem-label-media-") as folder:
+    with tempfile.TemporaryDirectory(prefix="xmem-label-media-", dir=work_dir()) as folder:
         paths = _download_all(studio, request.frame_urls, request.task_id, Path(folder), timings)
         width, height = _common_size(paths)
         frames = ImageFiles(paths, timings)
@@ -192,7 +193,7 @@ def run_video(
     """One box track per object over a whole video, from the person's keyframe boxes."""
     timings = Timings()
     job_started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="xmem-label-media-") as folder:
+    with tempfile.TemporaryDirectory(prefix="xmem-label-media-", dir=work_dir()) as folder:
         started = time.perf_counter()
         path = studio.download(request.video_url, request.task_id, Path(folder))
         timings.download = time.perf_counter() - started
@@ -241,6 +242,15 @@ def _add_track(session: Session, object_id: int, track: formats.Track, num_frame
         after = keyframe.frame + 1
         if keyframe.ends_track and after < num_frames and after not in keyframe_indexes:
             session.set_absent(after, object_id)
+
+
+def work_dir() -> str | None:
+    """MODEL_DIR (label-studio-ml's variable for the backend's own files) holds the media a
+    job downloads, deleted when the job ends; the system temp folder when it is unset."""
+    folder = os.environ.get("MODEL_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return folder or None
 
 
 def _download_all(studio, urls, task_id, folder: Path, timings: Timings) -> list[Path]:
