@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xmem_label.model import Engine, InputError, XMemLabelError, load_engine
+from xmem_label.model import Engine, InputError, WeightsError, XMemLabelError, load_engine
 
 from . import formats
 from .jobs import Job, JobQueue
@@ -168,6 +168,8 @@ class XMemLabelModel:
             if not finished and job.hand_over(self._store_for(task.get("id"))):
                 queued += 1
                 errors.append({"task": task.get("id"), "reason": "still running: stored when done"})
+            elif isinstance(job.error, WeightsError):
+                raise job.error  # the server cannot predict at all: 503
             elif isinstance(job.error, (XMemLabelError, StudioError)):
                 errors.append({"task": task.get("id"), "reason": str(job.error)})
             elif job.error is not None:
