@@ -156,9 +156,8 @@ def label_studio(tmp_path_factory) -> LabelStudioServer:
         stop(process)
 
 
-@pytest.fixture(scope="session")
-def backend(label_studio, tmp_path_factory) -> str:
-    """`xmem-label serve --engine flow` on a free port; its address."""
+def run_backend(label_studio, tmp_path_factory, *options: str):
+    """`xmem-label serve --engine flow <options>` on a free port; yields its address."""
     executable = shutil.which("xmem-label", path=str(Path(sys.executable).parent))
     assert executable, "the xmem-label console script is not installed"
     port = free_port()
@@ -169,7 +168,7 @@ def backend(label_studio, tmp_path_factory) -> str:
     with open(log, "w") as out:
         process = subprocess.Popen(
             [executable, "serve", "--host", "127.0.0.1", "--port", str(port), "--engine", "flow",
-             "--threads", "4"],
+             "--threads", "4", *options],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
@@ -179,3 +178,16 @@ def backend(label_studio, tmp_path_factory) -> str:
     finally:
         stop(process)
         print(log.read_text()[-4000:])
+
+
+@pytest.fixture(scope="session")
+def backend(label_studio, tmp_path_factory) -> str:
+    """The backend as a user starts it."""
+    yield from run_backend(label_studio, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def impatient_backend(label_studio, tmp_path_factory) -> str:
+    """A backend that answers /predict before any propagation can finish (--sync-seconds 0),
+    as a long clip would outlast Label Studio's 100 s: results go through the API."""
+    yield from run_backend(label_studio, tmp_path_factory, "--sync-seconds", "0")

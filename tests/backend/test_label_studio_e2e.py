@@ -19,7 +19,7 @@ import pytest
 import requests
 from label_studio_sdk.label_interface import LabelInterface
 
-from xmem_label.backend.prompts import mask_from_box
+from xmem_label.backend.prompts import mask_from_box, mask_from_points
 from xmem_label.backend.rle import mask_to_rle, rle_to_mask
 from xmem_label.model import Session, load_engine, read_label_mask
 
@@ -36,6 +36,7 @@ SEQUENCE_CONFIG = """<View>
   <RectangleLabels name="prompt" toName="image" smart="true">
     <Label value="Chair"/>
   </RectangleLabels>
+  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Chair"/></KeyPointLabels>
 </View>"""
 VIDEO_CONFIG = """<View>
   <Labels name="videoLabels" toName="video"><Label value="Chair"/></Labels>
@@ -108,11 +109,15 @@ def assert_valid(label_config: str, prediction: dict) -> None:
 def sequence_project(label_studio, backend):
     """An image-sequence project holding the chair clip; tasks are added by the tests."""
     project_id = label_studio.project("sequence", SEQUENCE_CONFIG)
+    return {"id": project_id, "urls": clip_urls(label_studio, project_id), "ml": None}
+
+
+def clip_urls(label_studio, project_id: int) -> list[str]:
+    """The chair frames, served to the project from its own Local Storage folder."""
     folder = label_studio.media_folder(project_id, "chair")
     for path in FRAMES:
         shutil.copy(path, folder / path.name)
-    urls = [label_studio.url_of(folder / path.name) for path in FRAMES]
-    return {"id": project_id, "urls": urls, "ml": None}
+    return [label_studio.url_of(folder / path.name) for path in FRAMES]
 
 
 def add_task(label_studio, project: dict, frames: list[str], annotation: list[dict] | None):
@@ -193,6 +198,23 @@ def test_webhook_stores_prediction_then_correction_repropagates(label_studio, ba
     assert [p["id"] for p in label_studio.predictions(task_id)] == [second["id"]]
 
 
+def test_propagation_longer_than_the_predict_window_is_stored_through_the_api(
+        label_studio, impatient_backend):
+    project_id = label_studio.project("impatient", SEQUENCE_CONFIG)
+    task_id = add_task(label_studio, {"id": project_id}, clip_urls(label_studio, project_id),
+                       [brush(0, "Chair", chair(0))])
+    label_studio.connect(project_id, impatient_backend)
+    started = time.monotonic()
+    label_studio.retrieve_predictions(project_id, [task_id])
+    assert time.monotonic() - started < 5
+    prediction = wait_for_prediction(label_studio, task_id)
+    assert_valid(SEQUENCE_CONFIG, prediction)
+    expected = engine_labels(CLIP / "frames", {0: {1: chair(0)}})
+    for want, have in zip(expected, decoded_labels(prediction["result"], len(FRAMES)),
+                          strict=True):
+        assert np.array_equal(want, have)
+
+
 # ----- flow 2: smart box prompt -> mask on its frame -> propagated ------------------------------
 
 
@@ -224,6 +246,29 @@ def test_smart_box_prompt_returns_suggestions_for_the_clip(label_studio, backend
                           strict=True):
         assert np.array_equal(want, have)
     assert label_studio.predictions(task_id) == []  # suggestions are not stored
+
+
+def test_smart_point_prompt_returns_suggestions_for_the_clip(label_studio, backend,
+                                                             sequence_project):
+    ml_id = connect(label_studio, sequence_project, backend)
+    task_id = add_task(label_studio, sequence_project, sequence_project["urls"], None)
+    ys, xs = np.nonzero(chair(1))
+    x, y = float(np.median(xs)), float(np.median(ys))
+    point = {"from_name": "point", "to_name": "image", "type": "keypointlabels",
+             "item_index": 1, "original_width": WIDTH, "original_height": HEIGHT,
+             "origin": "manual", "value": {"x": 100 * x / WIDTH, "y": 100 * y / HEIGHT,
+                                           "width": 0.5, "keypointlabels": ["Chair"]}}
+    reply = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                             json={"task": task_id, "context": {"result": [point]}})
+    suggestion = reply["data"]
+    assert_valid(SEQUENCE_CONFIG, suggestion)
+    frame_1 = cv2.cvtColor(cv2.imread(str(FRAMES[1])), cv2.COLOR_BGR2RGB)
+    mask = mask_from_points(frame_1, [(100 * x / WIDTH * WIDTH / 100,
+                                       100 * y / HEIGHT * HEIGHT / 100)])
+    expected = engine_labels(CLIP / "frames", {1: {1: mask}})
+    for want, have in zip(expected, decoded_labels(suggestion["result"], len(FRAMES)),
+                          strict=True):
+        assert np.array_equal(want, have)
 
 
 # ----- bad input: 4xx with a reason, nothing stored --------------------------------------------
