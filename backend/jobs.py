@@ -79,8 +79,13 @@ class JobQueue:
             name = f"xmem-label-job-{number}"
             threading.Thread(target=self._work, name=name, daemon=True).start()
 
-    def submit(self, name: str, work: Callable[[], Any]) -> Job:
+    def submit(
+        self, name: str, work: Callable[[], Any], store: Callable[[Any], None] | None = None
+    ) -> Job:
+        """Queue `work`; with `store`, the worker hands it the result (see Job.hand_over)."""
         job = Job(name, work)
+        if store is not None:
+            job.hand_over(store)
         try:
             self._queue.put_nowait(job)
         except queue.Full:

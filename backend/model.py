@@ -18,7 +18,7 @@ from typing import Any
 from xmem_label.model import Engine, InputError, WeightsError, XMemLabelError, load_engine
 
 from . import formats
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, QueueFull
 from .propagation import Outcome, SequenceRequest, VideoRequest, run_sequence, run_video
 from .studio import LabelStudio, StudioError
 
@@ -147,15 +147,20 @@ class XMemLabelModel:
             raise InputError("video projects take keyframes from submitted annotations only")
         errors: list[dict] = []
         jobs: list[tuple[dict, Job | None]] = []
+        busy = None
         for task in tasks:
             try:
                 work = self._work_for(task, context)
-            except XMemLabelError as exc:
+                job = self.runtime.jobs.submit(f"task {task.get('id')}", work)
+            except (XMemLabelError, QueueFull) as exc:
+                busy = exc if isinstance(exc, QueueFull) else busy
                 errors.append({"task": task.get("id"), "reason": str(exc)})
                 jobs.append((task, None))
                 continue
-            jobs.append((task, self.runtime.jobs.submit(f"task {task.get('id')}", work)))
+            jobs.append((task, job))
         if all(job is None for _, job in jobs):
+            if busy is not None:
+                raise busy  # 503: retry later
             raise InputError("; ".join(f"task {e['task']}: {e['reason']}" for e in errors))
 
         deadline = time.monotonic() + self.runtime.sync_seconds
@@ -250,6 +255,5 @@ class XMemLabelModel:
             fresh["annotations"] = [studio.call("GET", f"/api/annotations/{annotation_id}").json()]
             return self._work_for(fresh, None)()
 
-        job = self.runtime.jobs.submit(f"task {task_id} ({event})", work)
-        job.hand_over(self._store_for(task_id))
+        self.runtime.jobs.submit(f"task {task_id} ({event})", work, store=self._store_for(task_id))
         return {"status": "queued", "task": task_id}
