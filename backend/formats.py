@@ -190,6 +190,7 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
         rank_by_label: dict[str, int] = {}
         for region in by_frame[frame]:
             label, mask, size = _decode_brush_region(region, frame)
+            label = label or (config.labels[0] if config.labels else "")  # unlabelled stroke
             if result.size != (0, 0) and size != result.size:
                 raise InputError(
                     f"brush regions differ in size: {size[0]}x{size[1]} on frame {frame}, "
