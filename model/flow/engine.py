@@ -1,8 +1,8 @@
 """A weight-free propagation engine: dense optical flow (OpenCV DIS) carries each object's soft
 mask from one frame to the next.
 
-Every tracker works at a reduced "working" resolution (flow is the costly part) and returns
-probabilities resized back to the source resolution.
+Every tracker computes the flow at a reduced "working" resolution (flow is the costly part),
+carries the masks at a higher "mask" resolution, and returns probabilities at the source size.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class FlowSettings:
 
     preset: str
     work_height: int
+    mask_height: int
     consistency_px: float
     occlusion_logit: float
     colour_weight: float
@@ -97,9 +98,11 @@ class FlowTracker:
         self.object_ids: list[int] = []
         self._flow = cv2.DISOpticalFlow_create(PRESETS[settings.preset])
         self._previous_grey: np.ndarray | None = None
-        self._soft: dict[int, np.ndarray] = {}  # object id -> (h, w) float32 at working size
+        self._soft: dict[int, np.ndarray] = {}  # object id -> (h, w) float32 at mask size
         self._colours: dict[int, _ColourModel] = {}
-        self._work_size: tuple[int, int] | None = None  # (width, height) for cv2
+        self._work_size: tuple[int, int] | None = None  # (width, height) of the flow, for cv2
+        self._mask_size: tuple[int, int] | None = None  # (width, height) of the masks
+        self._scale = 1.0  # mask size / flow size
 
     def step(
         self,
@@ -113,12 +116,19 @@ class FlowTracker:
         if self._work_size is None:
             work_height = min(self.settings.work_height, height)
             self._work_size = (max(1, round(width * work_height / height)), work_height)
+            mask_height = min(max(self.settings.mask_height, work_height), height)
+            self._mask_size = (max(1, round(width * mask_height / height)), mask_height)
+            self._scale = mask_height / work_height
         small = cv2.resize(frame, self._work_size, interpolation=cv2.INTER_AREA)
         grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-        codes = self._colour_codes(small)
+        if self._mask_size == (width, height):
+            image = frame
+        else:
+            image = cv2.resize(frame, self._mask_size, interpolation=cv2.INTER_AREA)
+        codes = self._colour_codes(image)
         outputs: dict[int, np.ndarray] = {}
         if self._previous_grey is not None and self._soft:
-            outputs = self._propagate(grey, codes)
+            outputs = self._propagate(grey, image, codes)
         self._apply_prompt(prompt, codes)
         self._previous_grey = grey
         return self._probabilities((height, width), prompt, outputs)
@@ -128,25 +138,34 @@ class FlowTracker:
             return None
         return _ColourModel(self.settings.colour_bins).codes(small)
 
-    def _propagate(self, grey: np.ndarray, codes: np.ndarray | None) -> dict[int, np.ndarray]:
-        """Every object's probability on the new frame (returned) and its sharpened state."""
-        settings = self.settings
+    def _motion(self, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where each mask-resolution pixel of this frame was on the previous frame (map_x,
+        map_y) and how reliable that is (1 = forward and backward flow agree)."""
         backward = self._flow.calc(grey, self._previous_grey, None)  # current -> previous
         forward = self._flow.calc(self._previous_grey, grey, None)  # previous -> current
-        h, w = grey.shape
-        grid_x, grid_y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-        map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
+        map_x, map_y = _displaced_grid(backward)
         # a pixel's round trip current -> previous -> current should come back to itself
         returned = cv2.remap(
             forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         mismatch = np.linalg.norm(backward + returned, axis=2)
-        reliability = 1 / (1 + (mismatch / settings.consistency_px) ** 2)
-        guide = grey.astype(np.float32) / 255
+        reliability = 1 / (1 + (mismatch / self.settings.consistency_px) ** 2)
+        if self._scale != 1:
+            reliability = cv2.resize(reliability, self._mask_size, interpolation=cv2.INTER_LINEAR)
+            backward = cv2.resize(backward, self._mask_size, interpolation=cv2.INTER_LINEAR)
+            map_x, map_y = _displaced_grid(backward * self._scale)
+        return map_x, map_y, reliability
+
+    def _propagate(
+        self, grey: np.ndarray, image: np.ndarray, codes: np.ndarray | None
+    ) -> dict[int, np.ndarray]:
+        """Every object's probability on the new frame (returned) and its sharpened state."""
+        settings = self.settings
+        map_x, map_y, reliability = self._motion(grey)
+        guide = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255
+        search = _disk(round(settings.search_px * self._scale))
+        refine_radius = round(settings.refine_radius * self._scale)
         outputs = {}
-        search = cv2.getStructuringElement(
-            cv2.MORPH_ELLIPSE, (2 * settings.search_px + 1, 2 * settings.search_px + 1)
-        )
         for object_id, soft in self._soft.items():
             warped = cv2.remap(
                 soft, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
@@ -156,10 +175,8 @@ class FlowTracker:
                 probability = self._fuse(warped, reliability, codes, self._colours[object_id])
                 near = cv2.dilate((warped > 0.5).astype(np.uint8), search).astype(bool)
                 probability = np.where(near, probability, np.minimum(warped, probability))
-            if settings.refine_radius > 0:
-                probability = _guided_filter(
-                    guide, probability, settings.refine_radius, settings.refine_eps
-                )
+            if refine_radius > 0:
+                probability = _guided_filter(guide, probability, refine_radius, settings.refine_eps)
             probability = np.clip(probability, 0, 1).astype(np.float32)
             outputs[object_id] = probability
             self._soft[object_id] = np.clip(
@@ -182,7 +199,7 @@ class FlowTracker:
             if object_id not in self.object_ids:
                 self.object_ids.append(object_id)
             small = cv2.resize(
-                mask.astype(np.float32), self._work_size, interpolation=cv2.INTER_AREA
+                mask.astype(np.float32), self._mask_size, interpolation=cv2.INTER_AREA
             )
             self._soft[object_id] = small
             if codes is not None and small.max() > 0.5:
@@ -192,8 +209,7 @@ class FlowTracker:
                     self._soft[other_id] = self._soft[other_id] * (1 - small)
 
     def _learn_colours(self, object_id: int, mask: np.ndarray, codes: np.ndarray) -> None:
-        radius = self.settings.search_px
-        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        disk = _disk(round(self.settings.search_px * self._scale))
         band = cv2.dilate(mask.astype(np.uint8), disk).astype(bool) & ~mask
         if object_id not in self._colours:
             self._colours[object_id] = _ColourModel(self.settings.colour_bins)
@@ -228,6 +244,17 @@ class FlowTracker:
         return torch.from_numpy(probs)
 
 
+def _disk(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def _displaced_grid(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.remap maps: every pixel's coordinates plus its flow."""
+    h, w = flow.shape[:2]
+    grid_x, grid_y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return grid_x + flow[..., 0], grid_y + flow[..., 1]
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 0.01, 0.99)
     return np.log(p / (1 - p))
@@ -253,11 +280,12 @@ def load_flow_engine(
     *,
     preset: str = "medium",
     work_height: int = 240,
+    mask_height: int = 480,
     consistency_px: float = 1.0,
     occlusion_logit: float = -1.0,
     colour_weight: float = 0.5,
     colour_bins: int = 16,
-    search_px: int = 12,
+    search_px: int = 20,
     refine_radius: int = 3,
     refine_eps: float = 1e-3,
     sharpen: float = 2.0,
@@ -265,8 +293,11 @@ def load_flow_engine(
     """The weight-free flow engine.
 
     preset: DIS optical-flow preset, "ultrafast", "fast" or "medium" (slower, more accurate).
-    work_height: frames are resized to this height (keeping the aspect ratio) for the flow and
-        the mask propagation; the probabilities come back at the source resolution.
+    work_height: frames are resized to this height (keeping the aspect ratio) for the optical
+        flow, the costly part.
+    mask_height: height at which masks are carried, warped and fused with colour (thin parts
+        survive better than at work_height); the probabilities come back at the source size.
+        Pixel settings below are in work_height pixels and scaled to it.
     consistency_px: forward-backward flow mismatch (working pixels) at which the flow's vote
         is halved; larger mismatches mean occlusion, where colour decides.
     occlusion_logit: log-odds of "object" where the flow is unreliable, before colour: pixels
@@ -288,6 +319,7 @@ def load_flow_engine(
     settings = FlowSettings(
         preset=preset,
         work_height=int(work_height),
+        mask_height=int(mask_height),
         consistency_px=float(consistency_px),
         occlusion_logit=float(occlusion_logit),
         colour_weight=float(colour_weight),
