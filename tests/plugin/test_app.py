@@ -1,0 +1,93 @@
+"""Browser check: the FiftyOne App, in headless Chromium, shows propagated masks on a video.
+
+The keyframe is the clip's last frame, so the frame the App opens on (frame 1) carries a mask
+the engine propagated backwards. Two screenshots of the sample's modal, with and without the
+propagated field, must differ where the mask is drawn. XMEM_LABEL_SAVE_SCREENSHOT=1 also saves
+the first one as plugin/screenshot.png (the README's picture).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import cv2
+import fiftyone as fo  # noqa: I001  (conftest has set the environment)
+import fiftyone.operators as foo
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import PLUGIN_NAME, REPO
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+WINDOW = (1400, 900)
+
+
+def screenshot(url: str, path) -> np.ndarray:
+    subprocess.run(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--hide-scrollbars", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+         "--virtual-time-budget=20000", f"--screenshot={path}", url],
+        check=True, capture_output=True, timeout=120,
+    )
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def show(session: fo.Session, view, sample_id: str) -> None:
+    """Point the App at `view` with `sample_id` open, once the session's client has connected
+    to the App server (a busy machine can take seconds)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            session.view = view
+            session.sample_id = sample_id
+            return
+        except RuntimeError:  # "Client is not connected"
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+def test_app_shows_propagated_masks(dataset, tmp_path):
+    sample = dataset.first()
+    dataset.set_values("frames.last", {sample.id: {8: sample.frames[8].truth.copy()}},
+                       key_field="id")
+    foo.execute_operator(
+        f"{PLUGIN_NAME}/propagate_masks",
+        ctx=dict(dataset=dataset, params=dict(prompt_field="last", label_field="xmem")),
+    )
+    dataset.reload()
+    assert dataset.first().frames[1].xmem.detections[0].keyframe is False
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    session = fo.launch_app(
+        dataset.select_fields("frames.xmem"), remote=True, address="127.0.0.1", port=port,
+        auto=False,
+    )
+    try:
+        show(session, dataset.select_fields("frames.xmem"), sample.id)  # modal on frame 1
+        with_masks = screenshot(session.url, tmp_path / "masks.png")
+        show(session, dataset.select_fields(), sample.id)
+        without = screenshot(session.url, tmp_path / "plain.png")
+    finally:
+        session.close()
+
+    # Where the two pictures differ in the video player part of the modal (the sidebars
+    # list fields), minus thin lines and edges (the frame lands a fraction of a pixel apart).
+    player = (slice(60, 780), slice(30, 1050))
+    changed = (np.abs(with_masks - without).sum(axis=2)[player] > 60).astype(np.uint8)
+    changed = cv2.morphologyEx(changed, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    rows, cols = np.nonzero(changed)
+    assert changed.sum() > 2000, "no mask drawn on the video"
+    # one compact region, the mask and its box (the chair is top left of the frame)
+    assert (rows.max() - rows.min()) * (cols.max() - cols.min()) < 0.15 * changed.size
+    assert cols.max() < changed.shape[1] / 2
+    if os.environ.get("XMEM_LABEL_SAVE_SCREENSHOT"):
+        shutil.copy(tmp_path / "masks.png", REPO / "plugin" / "screenshot.png")
