@@ -1,9 +1,12 @@
-"""The one browser check: headless Chromium shows a propagated mask on a frame nobody drew.
+"""Headless Chromium against the real Label Studio UI.
 
-A keyframe on frame 0 is propagated by "Retrieve predictions"; the annotation is then removed
-so that opening the task pre-labels it with the prediction, and the pager is moved to frame 6.
-The mask colour (magenta, absent from the clip) must cover a good part of the chair there.
-Set XMEM_LABEL_SCREENSHOT=<path> to keep the screenshot (backend/screenshot.png was made so).
+1. A person paints a stroke on frame 1 and submits: the webhook propagates it and the
+   prediction (stored through the API) returns the stroke exactly as the browser encoded it.
+2. A propagated mask shows on a frame nobody drew: a keyframe on frame 0 is propagated (by
+   the annotation webhook), the annotation is removed so that opening the task pre-labels it
+   with the prediction, and the pager is moved to frame 6; the mask colour (magenta, absent from
+   the clip) must cover a good part of the chair there. Set XMEM_LABEL_SCREENSHOT=<path> to
+   keep the screenshot (backend/screenshot.png was made so).
 """
 
 from __future__ import annotations
@@ -17,11 +20,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .test_label_studio_e2e import FRAMES, HEIGHT, WIDTH, brush, chair
+from xmem_label.backend.rle import rle_to_mask
+
+from .test_label_studio_e2e import (
+    HEIGHT,
+    WIDTH,
+    brush,
+    chair,
+    clip_urls,
+    wait_for_prediction,
+)
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -38,26 +51,11 @@ def magenta_pixels(image: np.ndarray) -> int:
     return int(((red - green > 60) & (blue - green > 60)).sum())
 
 
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                    reason="chromium and chromedriver are not installed")
-def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(label_studio, backend, tmp_path):
-    project_id = label_studio.project("browser", CONFIG)
-    folder = label_studio.media_folder(project_id, "chair")
-    for path in FRAMES:
-        shutil.copy(path, folder / path.name)
-    urls = [label_studio.url_of(folder / path.name) for path in FRAMES]
-    label_studio.api("POST", f"/api/projects/{project_id}/import", json=[{"frames": urls}])
-    (task,) = label_studio.tasks(project_id)
-    annotation = label_studio.api("POST", f"/api/tasks/{task['id']}/annotations",
-                                  json={"result": [brush(0, "Chair", chair(0))]})
-    label_studio.connect(project_id, backend)
-    label_studio.retrieve_predictions(project_id, [task["id"]])
-    (prediction,) = label_studio.predictions(task["id"])
-    assert any(r["item_index"] == SHOWN_FRAME for r in prediction["result"])
-    label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
-    label_studio.api("PATCH", f"/api/projects/{project_id}", json={
-        "show_collab_predictions": True, "model_version": prediction["model_version"]})
-
+@pytest.fixture(scope="module")
+def browser(label_studio):
+    """A logged-in headless Chromium."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("chromium and chromedriver are not installed")
     options = Options()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -70,20 +68,74 @@ def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(label_studio, ba
         driver.find_element(By.NAME, "password").send_keys("e2e-password-123")
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         _wait(lambda: "/user/login" not in driver.current_url, "login")
-        driver.get(f"{label_studio.url}/projects/{project_id}/data?task={task['id']}")
-        next_frame = _wait(lambda: driver.find_element(By.CSS_SELECTOR, NEXT_FRAME), "the pager")
-        for _ in range(SHOWN_FRAME):
-            next_frame.click()
-            time.sleep(0.3)
-        indicator = driver.find_element(By.CSS_SELECTOR, ".lsf-pagination__page-indicator").text
-        assert indicator.split()[0] == str(SHOWN_FRAME + 1), indicator
-        time.sleep(2)  # let the canvas draw the masks
-        image_element = driver.find_element(By.CSS_SELECTOR, ".lsf-object img")
-        rect = image_element.rect
-        shot = tmp_path / "browser.png"
-        driver.save_screenshot(str(shot))
+        yield driver
     finally:
         driver.quit()
+
+
+def new_task(label_studio, backend) -> tuple[int, int]:
+    project_id = label_studio.project("browser", CONFIG)
+    label_studio.api("POST", f"/api/projects/{project_id}/import",
+                     json=[{"frames": clip_urls(label_studio, project_id)}])
+    (task,) = label_studio.tasks(project_id)
+    label_studio.connect(project_id, backend)
+    return project_id, task["id"]
+
+
+def test_a_stroke_painted_in_the_browser_is_propagated_on_submit(label_studio, backend, browser):
+    project_id, task_id = new_task(label_studio, backend)
+    browser.get(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
+    stage = _wait(lambda: browser.find_element(By.CSS_SELECTOR, ".konvajs-content"), "the image")
+    image = _wait(lambda: browser.find_element(By.CSS_SELECTOR, ".lsf-object img"), "the frame")
+    time.sleep(1)
+    ActionChains(browser).send_keys("1").perform()  # the label's hotkey selects the brush
+
+    def at(fx: float, fy: float) -> tuple[int, int]:  # offsets from the stage's centre
+        frame, canvas = image.rect, stage.rect
+        return (int(frame["x"] + fx * frame["width"] - canvas["x"] - canvas["width"] / 2),
+                int(frame["y"] + fy * frame["height"] - canvas["y"] - canvas["height"] / 2))
+
+    stroke = ActionChains(browser).move_to_element_with_offset(stage, *at(0.40, 0.10))
+    stroke.click_and_hold()
+    for fy in (0.12, 0.15, 0.20, 0.25, 0.30):
+        stroke.move_to_element_with_offset(stage, *at(0.40, fy)).pause(0.05)
+    stroke.release().perform()
+    time.sleep(0.5)
+    browser.find_element(By.XPATH, "//button[contains(., 'Submit')]").click()
+
+    prediction = wait_for_prediction(label_studio, task_id)  # webhook -> job -> API
+    (annotation,) = label_studio.api("GET", f"/api/tasks/{task_id}")["annotations"]
+    (painted,) = annotation["result"]
+    assert painted["origin"] == "manual" and painted["original_width"] == WIDTH
+    returned = next(r for r in prediction["result"] if r["item_index"] == 0)
+    assert returned["value"]["rle"] == painted["value"]["rle"]  # exactly as painted
+    assert rle_to_mask(painted["value"]["rle"], WIDTH, HEIGHT).sum() > 20
+    assert len({r["item_index"] for r in prediction["result"]}) > 1
+
+
+def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(label_studio, backend, browser,
+                                                                tmp_path):
+    project_id, task_id = new_task(label_studio, backend)
+    # The annotation's webhook propagates the keyframe and stores the prediction.
+    annotation = label_studio.api("POST", f"/api/tasks/{task_id}/annotations",
+                                  json={"result": [brush(0, "Chair", chair(0))]})
+    prediction = wait_for_prediction(label_studio, task_id)
+    assert any(r["item_index"] == SHOWN_FRAME for r in prediction["result"])
+    label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
+    label_studio.api("PATCH", f"/api/projects/{project_id}", json={
+        "show_collab_predictions": True, "model_version": prediction["model_version"]})
+
+    browser.get(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
+    next_frame = _wait(lambda: browser.find_element(By.CSS_SELECTOR, NEXT_FRAME), "the pager")
+    for _ in range(SHOWN_FRAME):
+        next_frame.click()
+        time.sleep(0.3)
+    indicator = browser.find_element(By.CSS_SELECTOR, ".lsf-pagination__page-indicator").text
+    assert indicator.split()[0] == str(SHOWN_FRAME + 1), indicator
+    time.sleep(2)  # let the canvas draw the masks
+    rect = browser.find_element(By.CSS_SELECTOR, ".lsf-object img").rect
+    shot = tmp_path / "browser.png"
+    browser.save_screenshot(str(shot))
 
     screenshot = np.asarray(Image.open(shot).convert("RGB"))
     x0, y0 = int(rect["x"]), int(rect["y"])
