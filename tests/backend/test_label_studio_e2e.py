@@ -370,7 +370,7 @@ def test_video_keyframe_box_becomes_a_track_on_every_frame(label_studio, backend
 # ----- flow 4: import video files as image-sequence tasks --------------------------------------
 
 
-def test_import_videos_creates_image_sequence_tasks(label_studio, tmp_path):
+def test_import_videos_creates_image_sequence_tasks(label_studio, backend, tmp_path):
     project_id = label_studio.project("imported", SEQUENCE_CONFIG)
     video = tmp_path / "chair.webm"
     write_webm(video)
@@ -387,6 +387,19 @@ def test_import_videos_creates_image_sequence_tasks(label_studio, tmp_path):
     assert served.status_code == 200
     image = cv2.imdecode(np.frombuffer(served.content, np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (HEIGHT, WIDTH, 3)
+
+    # The imported task is propagated like any other.
+    label_studio.api("POST", f"/api/tasks/{task['id']}/annotations",
+                     json={"result": [brush(0, "Chair", chair(0))]})
+    label_studio.connect(project_id, backend)
+    label_studio.retrieve_predictions(project_id, [task["id"]])
+    (prediction,) = label_studio.predictions(task["id"])
+    assert_valid(SEQUENCE_CONFIG, prediction)
+    written = label_studio.media_root / "xmem-label" / f"project-{project_id}" / "chair"
+    expected = engine_labels(written, {0: {1: chair(0)}})
+    for want, have in zip(expected, decoded_labels(prediction["result"], len(FRAMES)),
+                          strict=True):
+        assert np.array_equal(want, have)
 
     again = subprocess.run([*command[:2], str(tmp_path / "missing.mp4"), *command[3:]],
                            capture_output=True, text=True, timeout=120)
