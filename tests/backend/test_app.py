@@ -167,3 +167,16 @@ def test_keyframe_is_returned_exactly_as_drawn(client):
     assert first["value"]["rle"] == task["annotations"][0]["result"][0]["value"]["rle"]
     assert prediction["score"] == min(r["score"] for r in prediction["result"])
     assert np.isclose(first["score"], 1.0)
+
+
+def test_missing_weights_answer_503_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(sdk_io, "LOCAL_FILES_DOCUMENT_ROOT", str(DATA))
+    monkeypatch.setenv("XMEM_LABEL_WEIGHTS", str(tmp_path / "missing.pth"))
+    client = create_app(Runtime(engine="xmem")).test_client()
+    client.post("/setup", json={"project": "1.0", "schema": config("mask", "Chair"),
+                                "hostname": "http://ls.invalid", "access_token": "t0123456"})
+    reply = client.post("/predict", json={
+        "tasks": [keyframe_task(5, "mask", "Chair")], "project": "1.0",
+        "label_config": config("mask", "Chair")})
+    assert reply.status_code == 503
+    assert "missing.pth" in reply.json["error"]
