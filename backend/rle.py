@@ -8,8 +8,8 @@ zero-padded to a byte.
 
 `mask_to_rle` is vectorised with numpy and writes the same bytes as
 `label_studio_sdk.converter.brush.mask2rle(mask * 255)` (runs of 4+ values only, since every
-pixel is four equal bytes; field sizes 3/4/8/16; 1 to 8 padding bits), 12-44x faster
-(benchmarks/label_studio.py: 1.4 ms against 26-60 ms for a 1920x1080 mask). `rle_to_mask` reads
+pixel is four equal bytes; field sizes 3/4/8/16; 1 to 8 padding bits), 5-44x faster
+(benchmarks/label_studio.py: 1.1-1.4 ms against 26-60 ms for a 1920x1080 mask). `rle_to_mask` reads
 any valid stream, including the literal chunks the browser writes, and refuses malformed ones
 with an InputError.
 """

@@ -11,6 +11,9 @@
    decode / propagate / encode (measured inside the backend, from /metrics) and HTTP (the rest:
    Label Studio's /health + /setup + /predict round trip, the JSON transfer, and storing).
    Decoding runs in the engine's prefetch thread, so its time overlaps propagation.
+3. Prompt masks (backend/prompts.py) on the first frame of the test clip and seven DAVIS clips:
+   IoU with the ground truth of GrabCut from a box (tight + 3 px), of the filled box itself, and
+   of GrabCut from one point (the object pixel farthest from its border).
 The machine is shared (2 cores, other jobs running): figures are noisy, run it twice.
 """
 
@@ -68,6 +71,44 @@ def rle_figures(mask: np.ndarray, repeat: int) -> None:
         slow = time_call(lambda m=scaled: mask2rle(m * 255), max(1, repeat // 4))
         print(f"  {width}x{height:<5} {fast * 1000:10.2f} ms {slow * 1000:12.2f} ms "
               f"{slow / fast:8.1f}x {len(ours):7d}")
+
+
+PROMPT_CLIPS = ("blackswan", "dog", "car-shadow", "bmx-trees", "horsejump-high", "libby",
+                "dance-twirl")
+
+
+def prompt_figures(data: Path) -> None:
+    import cv2
+
+    from xmem_label.backend.prompts import mask_from_box, mask_from_points
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    clips = [ROOT / "tests" / "data" / "vos" / "chair"] + [data / name for name in PROMPT_CLIPS]
+    print("\nPrompt -> mask on the first frame, IoU with the ground truth:")
+    print(f"  {'clip':<16} {'box GrabCut':>11} {'filled box':>10} {'point GrabCut':>13}")
+    rows = []
+    for clip in clips:
+        if not clip.exists():
+            continue
+        frame = cv2.cvtColor(cv2.imread(str(sorted((clip / "frames").iterdir())[0])),
+                             cv2.COLOR_BGR2RGB)
+        truth = read_label_mask(sorted((clip / "masks").iterdir())[0]) == 1
+        ys, xs = np.nonzero(truth)
+        height, width = truth.shape
+        box = (max(0, xs.min() - 3), max(0, ys.min() - 3),
+               min(width, xs.max() + 4), min(height, ys.max() + 4))
+        filled = np.zeros_like(truth)
+        filled[box[1]:box[3], box[0]:box[2]] = True
+        inside = cv2.distanceTransform(truth.astype(np.uint8), cv2.DIST_L2, 5)
+        y, x = np.unravel_index(inside.argmax(), inside.shape)
+        row = (iou(mask_from_box(frame, box), truth), iou(filled, truth),
+               iou(mask_from_points(frame, [(float(x), float(y))]), truth))
+        rows.append(row)
+        print(f"  {clip.name:<16} {row[0]:11.2f} {row[1]:10.2f} {row[2]:13.2f}")
+    means = np.mean(rows, axis=0)
+    print(f"  {'mean':<16} {means[0]:11.2f} {means[1]:10.2f} {means[2]:13.2f}")
 
 
 def free_port() -> int:
@@ -214,6 +255,7 @@ def main() -> None:
     args = parser.parse_args()
     mask = read_label_mask(sorted((args.clip / "masks").iterdir())[0]) == 1
     rle_figures(mask, repeat=20)
+    prompt_figures(args.clip.parent)
     if not args.skip_server:
         with tempfile.TemporaryDirectory(prefix="xmem-label-bench-") as work:
             end_to_end_figures(args, Path(work))
