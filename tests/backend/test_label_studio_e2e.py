@@ -65,12 +65,16 @@ def brush(frame: int, label: str, mask: np.ndarray, **extra) -> dict:
             "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}, **extra}
 
 
-def engine_labels(source, keyframes: dict[int, dict[int, np.ndarray]]) -> list[np.ndarray]:
-    """What the engine computes for `source` and keyframes {frame: {object: mask}}."""
+def engine_labels(source, keyframes: dict[int, dict[int, np.ndarray | None]]) -> list:
+    """What the engine computes for `source` and keyframes {frame: {object: mask or None for
+    absent}}."""
     with Session(load_engine("flow"), source) as session:
         for frame, masks in keyframes.items():
             for object_id, mask in masks.items():
-                session.add_object_mask(frame, object_id, mask)
+                if mask is None:
+                    session.set_absent(frame, object_id)
+                else:
+                    session.add_object_mask(frame, object_id, mask)
         return [result.labels for result in session.propagate()]
 
 
@@ -365,6 +369,34 @@ def test_video_keyframe_box_becomes_a_track_on_every_frame(label_studio, backend
         assert item["width"] == pytest.approx(100 * (xs.max() + 1 - xs.min()) / WIDTH)
         assert item["height"] == pytest.approx(100 * (ys.max() + 1 - ys.min()) / HEIGHT)
         assert item["time"] == pytest.approx(item["frame"] / 10)
+
+    # A correction through the webhook: a second box on frame 6 that ends the track there.
+    annotation = label_studio.api("GET", f"/api/tasks/{task['id']}")["annotations"][0]
+    ys, xs = np.nonzero(chair(5))
+    second = {"frame": 6, "enabled": False, "rotation": 0, "time": 0.6,
+              "x": 100 * (xs.min() - 2) / WIDTH, "y": 100 * (ys.min() - 2) / HEIGHT,
+              "width": 100 * (xs.max() - xs.min() + 5) / WIDTH,
+              "height": 100 * (ys.max() - ys.min() + 5) / HEIGHT}
+    track["value"]["sequence"].append(second)
+    label_studio.api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": [track]})
+    corrected = wait_for_prediction(label_studio, task["id"], skip_ids={prediction["id"]})
+    assert_valid(VIDEO_CONFIG, corrected)
+    capture = cv2.VideoCapture(str(folder / "chair.webm"))
+    frame_6 = [cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB) for _ in range(6)][-1]
+    capture.release()
+    box_6 = (second["x"] * WIDTH / 100, second["y"] * HEIGHT / 100,
+             second["x"] * WIDTH / 100 + second["width"] * WIDTH / 100,
+             second["y"] * HEIGHT / 100 + second["height"] * HEIGHT / 100)
+    expected = engine_labels(folder / "chair.webm", {0: {1: mask_from_box(first, box)},
+                                                     5: {1: mask_from_box(frame_6, box_6)},
+                                                     6: {1: None}})
+    sequence = corrected["result"][0]["value"]["sequence"]
+    assert [item["frame"] for item in sequence] == [1, 2, 3, 4, 5, 6]  # absent from frame 7
+    assert [item["enabled"] for item in sequence] == [True] * 5 + [False]
+    for item in sequence:
+        ys, xs = np.nonzero(expected[item["frame"] - 1] == 1)
+        assert item["x"] == pytest.approx(100 * xs.min() / WIDTH)
+        assert item["width"] == pytest.approx(100 * (xs.max() + 1 - xs.min()) / WIDTH)
 
 
 # ----- flow 4: import video files as image-sequence tasks --------------------------------------
