@@ -8,6 +8,7 @@ into the operation's error message (`ExecutionResult.error_message`, shown by th
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 
 import fiftyone as fo
 import fiftyone.operators as foo
@@ -19,8 +20,8 @@ from .videos import (
     PROMPT_TYPES,
     choose_engine,
     frame_field_name,
+    iter_video_labels,
     plan_videos,
-    propagate_video,
     write_frame_labels,
 )
 
@@ -54,6 +55,7 @@ class PropagateMasks(foo.Operator):
             label="Propagate masks",
             description="Turn keyframe masks or boxes into masks on every frame (xmem-label)",
             dynamic=True,
+            execute_as_generator=True,
             allow_immediate_execution=True,
             allow_delegated_execution=True,
         )
@@ -108,32 +110,33 @@ class PropagateMasks(foo.Operator):
             default_choice_to_delegated=_frame_count(ctx.target_view()) > LONG_JOB_FRAMES,
         )
 
-    def execute(self, ctx) -> dict:
-        prompt_field = frame_field_name(ctx.params.get("prompt_field"))
-        label_field = frame_field_name(ctx.params.get("label_field") or DEFAULT_OUTPUT_FIELD)
-        if label_field == prompt_field:
-            raise InputError("the output field must differ from the keyframe field")
-        jobs, skipped = plan_videos(ctx.target_view(), prompt_field)
-        engine = choose_engine(
-            ctx.params.get("engine") or "auto",
-            ctx.params.get("checkpoint") or None,
-            ctx.params.get("device") or None,
+    def execute(self, ctx):
+        """Delegated: run, report progress to the operation's record, return the summary.
+        Immediate: a generator, so the App shows progress while it runs (the App calls
+        generator operators through a streaming request); it ends with a notification.
+        Input is checked here, before anything runs, so bad input fails at once."""
+        run = _PropagationRun(ctx)
+        updates = _throttled(run.steps())
+        if ctx.delegated:
+            return _drain(updates, lambda fraction: ctx.set_progress(fraction, _percent(fraction)))
+        return self._stream(ctx, updates)
+
+    @staticmethod
+    def _stream(ctx, updates):
+        while True:
+            try:
+                fraction = next(updates)
+            except StopIteration as finished:
+                summary = finished.value
+                break
+            yield ctx.ops.set_progress(label=_percent(fraction), progress=fraction)
+        yield ctx.ops.set_progress(label="done", progress=1.0)
+        yield ctx.ops.reload_dataset()
+        yield ctx.ops.notify(
+            f"xmem-label: {summary['frames']} frames of {summary['samples']} videos written to "
+            f"{summary['label_field']}",
+            variant="success",
         )
-        progress = _Progress(ctx, sum(job.num_frames for job in jobs))
-        labels = {}
-        for job in jobs:
-            labels[job.sample_id] = propagate_video(job, engine, progress.for_video(job))
-            progress.video_done(job)
-        write_frame_labels(ctx.dataset, label_field, labels)
-        if not ctx.delegated:
-            ctx.trigger("reload_dataset")
-        return {
-            "samples": len(labels),
-            "frames": sum(len(frames) for frames in labels.values()),
-            "skipped_samples": len(skipped),
-            "label_field": f"frames.{label_field}",
-            "engine": engine.describe()["engine"],
-        }
 
     def resolve_output(self, ctx) -> types.Property:
         outputs = types.Object()
@@ -145,27 +148,77 @@ class PropagateMasks(foo.Operator):
         return types.Property(outputs)
 
 
-class _Progress:
-    """Turns the engine's per-video (done, total) steps into one 0..1 progress over all
-    videos, reported at most once a second (delegated runs store each report)."""
+class _PropagationRun:
+    """One run of "propagate masks": its checked input, then `steps()`, which propagates
+    every video, yields the fraction done after every frame, writes every label in one bulk
+    call at the end (a failed or killed run writes nothing) and returns the summary."""
 
-    def __init__(self, ctx, total_frames: int):
-        self.ctx, self.total = ctx, max(total_frames, 1)
-        self.frames_done, self.last_report = 0, 0.0
+    def __init__(self, ctx):
+        self.prompt_field = frame_field_name(ctx.params.get("prompt_field"))
+        self.label_field = frame_field_name(
+            ctx.params.get("label_field") or DEFAULT_OUTPUT_FIELD
+        )
+        if self.label_field == self.prompt_field:
+            raise InputError("the output field must differ from the keyframe field")
+        self.dataset = ctx.dataset
+        self.jobs, self.skipped = plan_videos(ctx.target_view(), self.prompt_field)
+        self.engine = choose_engine(
+            ctx.params.get("engine") or "auto",
+            ctx.params.get("checkpoint") or None,
+            ctx.params.get("device") or None,
+        )
 
-    def for_video(self, job):
-        def report(done: int, total: int) -> None:
-            now = time.monotonic()
-            if now - self.last_report < PROGRESS_INTERVAL_S:
-                return
-            self.last_report = now
-            fraction = (self.frames_done + job.num_frames * done / max(total, 1)) / self.total
-            self.ctx.set_progress(progress=min(fraction, 1.0), label=f"{fraction:.0%} of frames")
+    def steps(self) -> Generator[float, None, dict]:
+        total = max(sum(job.num_frames for job in self.jobs), 1)
+        finished = 0
+        labels = {}
+        for job in self.jobs:
+            engine_done = [0.0]  # the engine's own progress, backward pass included
 
-        return report
+            def note(done: int, steps: int, engine_done=engine_done) -> None:
+                engine_done[0] = done / max(steps, 1)
 
-    def video_done(self, job) -> None:
-        self.frames_done += job.num_frames
+            frames = {}
+            for frame_number, detections in iter_video_labels(job, self.engine, note):
+                frames[frame_number] = detections
+                yield (finished + job.num_frames * engine_done[0]) / total
+            labels[job.sample_id] = frames
+            finished += job.num_frames
+        write_frame_labels(self.dataset, self.label_field, labels)
+        return {
+            "samples": len(labels),
+            "frames": sum(len(frames) for frames in labels.values()),
+            "skipped_samples": len(self.skipped),
+            "label_field": f"frames.{self.label_field}",
+            "engine": self.engine.describe()["engine"],
+        }
+
+
+def _throttled(steps: Generator[float, None, dict]) -> Generator[float, None, dict]:
+    """Pass on at most one progress update per PROGRESS_INTERVAL_S (delegated runs store each
+    one in the database); returns what `steps` returns."""
+    last = float("-inf")
+    while True:
+        try:
+            fraction = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if time.monotonic() - last >= PROGRESS_INTERVAL_S:
+            last = time.monotonic()
+            yield min(fraction, 1.0)
+
+
+def _drain(updates: Generator[float, None, dict], report) -> dict:
+    """Run `updates` to the end, calling report(fraction) for each; returns its result."""
+    while True:
+        try:
+            report(next(updates))
+        except StopIteration as finished:
+            return finished.value
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction:.0%} of frames"
 
 
 class ReviewFrames(foo.Operator):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fiftyone as fo
@@ -160,13 +160,14 @@ def _read_frame(frames, index: int) -> np.ndarray:
     raise InputError(f"cannot read frame {index + 1} of the video")
 
 
-def propagate_video(
+def iter_video_labels(
     job: VideoJob, engine: Engine, progress: ProgressCallback | None = None
-) -> dict[int, fo.Detections]:
-    """Run the engine over one video; returns FiftyOne frame number -> Detections.
+) -> Iterator[tuple[int, fo.Detections]]:
+    """Run the engine over one video, yielding (FiftyOne frame number, Detections) in order.
 
     On every keyframe each object the video knows is either given by the person or declared
     absent there: a keyframe label is a person's complete say on that frame.
+    progress(done, total) is the engine's, called after every step of either pass.
     """
     with Session(engine, job.filepath) as session:
         for index, objects in sorted(job.keyframes.items()):
@@ -175,10 +176,17 @@ def propagate_video(
                 session.add_object_mask(index, obj.object_id, obj.mask)
             for object_id in sorted(set(job.names) - given):
                 session.set_absent(index, object_id)
-        return {
-            result.index + 1: result_to_detections(result, job.names, job.drawn_on(result.index))
-            for result in session.propagate(progress=progress)
-        }
+        for result in session.propagate(progress=progress):
+            yield result.index + 1, result_to_detections(
+                result, job.names, job.drawn_on(result.index)
+            )
+
+
+def propagate_video(
+    job: VideoJob, engine: Engine, progress: ProgressCallback | None = None
+) -> dict[int, fo.Detections]:
+    """Run the engine over one video; returns FiftyOne frame number -> Detections."""
+    return dict(iter_video_labels(job, engine, progress))
 
 
 def write_frame_labels(

@@ -12,6 +12,7 @@ import pytest
 from fiftyone.operators.executor import execute_or_delegate_operator
 
 from xmem_label.plugin.labels import relative_to_pixel_box
+from xmem_label.plugin.videos import iter_video_labels
 
 from .conftest import PLUGIN_NAME, check_equals_engine, full_frame
 
@@ -38,13 +39,12 @@ def test_immediate_run_writes_the_engines_masks_and_evaluates_like_the_engine(
 ):
     result = run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem", engine="flow")
     assert result.error is None, result.error
-    assert result.result == {
-        "samples": 1,
-        "frames": 8,
-        "skipped_samples": 0,
-        "label_field": "frames.xmem",
-        "engine": "flow",
-    }
+    # what the App receives while the generator runs: progress, then a reload and a message
+    requests = result.executor.to_json()["requests"]
+    progress = [r["params"]["progress"] for r in requests if r["operator_uri"] == "set_progress"]
+    assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) >= 2
+    assert [r["operator_uri"] for r in requests[-2:]] == ["reload_dataset", "notify"]
+    assert "8 frames of 1 videos written to frames.xmem" in requests[-1]["params"]["message"]
     dataset.reload()
     check_equals_engine(dataset, "xmem", engine_labels)
     keyframe = dataset.first().frames[1]
@@ -94,7 +94,6 @@ def test_segmentation_prompt_and_selected_samples(dataset, chair_truth, chair_mp
         view_target="SELECTED_SAMPLES",
     )
     assert result.error is None, result.error
-    assert result.result["samples"] == 1
     dataset.reload()
     assert dataset.count("frames.from_seg.detections") == 8
     assert dataset[other.id].frames[1].has_field("from_seg") is False or (
@@ -196,3 +195,31 @@ def test_image_samples_are_refused(mongod, tmp_path):
         assert "needs video samples" in result.error_message
     finally:
         ds.delete()
+
+
+def test_run_dying_mid_way_leaves_earlier_labels_intact(dataset, engine_labels, monkeypatch):
+    """Labels are written in one bulk call after every video has propagated: a run that dies
+    on its second video (an engine error, a killed worker) writes nothing."""
+    import xmem_label.plugin.operators as operators
+
+    first = dataset.first()
+    second = fo.Sample(filepath=first.filepath)
+    dataset.add_sample(second)
+    dataset.set_values("frames.gt", {second.id: {1: first.frames[1].gt.copy()}}, key_field="id")
+    assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem").error is None
+    dataset.set_values(
+        "frames.later",
+        {sid: {5: first.frames[5].truth.copy()} for sid in (first.id, second.id)},
+        key_field="id",
+    )
+
+    def dies_on_second_video(job, engine, progress=None):
+        if job.sample_id == second.id:
+            raise RuntimeError("worker killed")
+        yield from iter_video_labels(job, engine, progress)
+
+    monkeypatch.setattr(operators, "iter_video_labels", dies_on_second_video)
+    failed = run(PROPAGATE, dataset, prompt_field="later", label_field="xmem")
+    assert "worker killed" in failed.error_message
+    dataset.reload()
+    check_equals_engine(dataset, "xmem", engine_labels)  # the first run's labels, untouched
