@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import re
 
 import numpy as np
@@ -42,8 +41,6 @@ class SequenceConfig:
     frames_key: str
     labels: tuple[str, ...]
     prompt_names: tuple[str, ...]  # smart RectangleLabels / KeyPointLabels on the same image
-    config_hash: str
-    kind: str = "sequence"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +52,6 @@ class VideoConfig:
     video_key: str
     framerate: float
     labels: tuple[str, ...]
-    config_hash: str
-    kind: str = "video"
 
 
 ProjectConfig = SequenceConfig | VideoConfig
@@ -71,7 +66,6 @@ def parse_label_config(label_config: str) -> ProjectConfig:
         interface = LabelInterface(label_config)
     except Exception as exc:  # the SDK raises several types for broken XML
         raise InputError(f"cannot parse the label config: {exc}") from None
-    config_hash = hashlib.sha256(label_config.encode()).hexdigest()[:12]
     objects = {obj.name: obj for obj in interface.objects}
     controls = list(interface.controls)
 
@@ -97,7 +91,6 @@ def parse_label_config(label_config: str) -> ProjectConfig:
                 frames_key=frames_key,
                 labels=tuple(control.labels),
                 prompt_names=prompts,
-                config_hash=config_hash,
             )
         if control.tag == "VideoRectangle" and target is not None and target.tag == "Video":
             labels = next(
@@ -111,7 +104,6 @@ def parse_label_config(label_config: str) -> ProjectConfig:
                 video_key=(target.value or "").lstrip("$"),
                 framerate=float(target.attr.get("framerate") or 24.0),
                 labels=labels,
-                config_hash=config_hash,
             )
     raise InputError(
         "the label config has no supported tag pair: use <Image valueList=\"$frames\"/> with "

@@ -12,7 +12,6 @@ import collections
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,6 @@ class Job:
         self.work = work
         self.result: Any = None
         self.error: BaseException | None = None
-        self.submitted = time.monotonic()
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._store: Callable[[Any], None] | None = None

@@ -90,7 +90,6 @@ class Runtime:
         self.connections: dict[str, tuple[str | None, str | None]] = {}
         self.configs: dict[tuple[str, str], formats.ProjectConfig] = {}
         self.last_timings: dict[str, float] = {}
-        self.started = time.time()
 
     @classmethod
     def from_environment(cls) -> Runtime:

@@ -38,13 +38,14 @@ def square(x0, y0, size=4, shape=(12, 16)):
 
 def test_parse_sequence_and_video_configs():
     sequence = formats.parse_label_config(SEQUENCE)
-    assert (sequence.kind, sequence.brush_name, sequence.image_name, sequence.frames_key) == (
-        "sequence", "mask", "image", "frames")
+    assert isinstance(sequence, formats.SequenceConfig)
+    assert (sequence.brush_name, sequence.image_name, sequence.frames_key) == (
+        "mask", "image", "frames")
     assert sequence.labels == ("Chair", "Person") and sequence.prompt_names == ("box",)
     video = formats.parse_label_config(VIDEO)
-    assert (video.kind, video.box_name, video.video_key, video.framerate, video.labels) == (
-        "video", "track", "video", 10.0, ("Chair",))
-    assert sequence.config_hash != video.config_hash
+    assert isinstance(video, formats.VideoConfig)
+    assert (video.box_name, video.video_key, video.framerate, video.labels) == (
+        "track", "video", 10.0, ("Chair",))
 
 
 @pytest.mark.parametrize("config, reason", [
