@@ -223,3 +223,38 @@ def test_run_dying_mid_way_leaves_earlier_labels_intact(dataset, engine_labels, 
     assert "worker killed" in failed.error_message
     dataset.reload()
     check_equals_engine(dataset, "xmem", engine_labels)  # the first run's labels, untouched
+
+
+def test_corrected_review_frames_become_keyframes(dataset, chair_truth):
+    """The active-learning loop: review picks the least confident frame, a person corrects it
+    in the keyframe field, the next run keeps that correction verbatim."""
+    assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem").error is None
+    assert run(REVIEW, dataset, label_field="xmem", k=1, tag="fix").error is None
+    dataset.reload()
+    sample = dataset.first()
+    (worst,) = [fn for fn, frame in sample.frames.items() if frame.xmem.detections[0].tags]
+    dataset.set_values(
+        "frames.gt", {sample.id: {worst: sample.frames[worst].truth.copy()}}, key_field="id"
+    )
+    assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem").error is None
+    dataset.reload()
+    corrected = dataset.first().frames[worst].xmem.detections[0]
+    assert corrected.keyframe is True and corrected.confidence == 1.0
+    labels = full_frame(dataset.first().frames[worst].xmem, chair_truth[0].shape)
+    assert ((labels == 1) == (chair_truth[worst - 1] == 1)).all()
+
+
+def test_long_jobs_default_to_delegated_execution(dataset):
+    from fiftyone.operators.executor import resolve_execution_options
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def options():
+        request = dict(dataset_name=dataset.name, view=dataset.view()._serialize(), params={})
+        return asyncio.run(resolve_execution_options(OperatorRegistry(), PROPAGATE, request))
+
+    assert options().default_choice_to_delegated is False  # 8 frames
+    sample = dataset.first()
+    sample.metadata = fo.VideoMetadata(total_frame_count=5000)
+    sample.save()
+    assert options().default_choice_to_delegated is True
+    assert options().allow_immediate_execution and options().allow_delegated_execution
