@@ -1,11 +1,12 @@
-"""Accuracy (J&F) and speed of the flow engine beside the plain DIS-warp baseline (issue 3).
+"""Accuracy (J&F) and speed of the flow engine beside two baselines (issue 3).
 
     python -m benchmarks.quality [--data ../shared/data/vos] [--sequences a,b] [--threads 2]
 
-The baseline chains backward DIS flow (PRESET_MEDIUM, full resolution) from the previous frame
-and warps the previous frame's hard mask, thresholded at 0.5; it is defined here, not in the
-product. Both engines go through the same Session and scoring (model/evaluation.py). Frames/s
-counts propagation with frame decoding; the machine is shared, so timings are noisy.
+The DIS-warp baseline chains backward DIS flow (PRESET_MEDIUM, full resolution) from the
+previous frame and warps the previous frame's hard mask, thresholded at 0.5; copying the
+keyframe's mask to every frame is the lower bound. Both are defined here, not in the product.
+All engines go through the same Session and scoring (model/evaluation.py). Frames/s counts
+propagation with frame decoding; the machine is shared, so timings are noisy.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class DisWarpTracker:
     """Baseline pass: each object's mask is pulled from the previous frame along the backward
     DIS flow and thresholded at 0.5."""
 
-    def __init__(self):
+    def __init__(self, warp: bool = True):
         self.object_ids: list[int] = []
+        self._warp = warp
         self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         self._previous_grey: np.ndarray | None = None
         self._masks: dict[int, np.ndarray] = {}
@@ -43,7 +45,7 @@ class DisWarpTracker:
         last: bool = False,
     ) -> torch.Tensor:
         grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-        if self._previous_grey is not None and self._masks:
+        if self._warp and self._previous_grey is not None and self._masks:
             flow = self._flow.calc(grey, self._previous_grey, None)
             h, w = grey.shape
             grid_x, grid_y = np.meshgrid(
@@ -81,6 +83,15 @@ class DisWarpEngine:
         return DisWarpTracker()
 
 
+class CopyFirstMaskEngine(DisWarpEngine):
+    """Lower bound: every frame gets the keyframe's mask unchanged."""
+
+    name = "copy first mask"
+
+    def new_tracker(self, num_frames: int | None) -> DisWarpTracker:
+        return DisWarpTracker(warp=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of DAVIS-format clips")
@@ -90,17 +101,18 @@ def main() -> None:
     cv2.setNumThreads(args.threads)
     sequences = [name for name in (args.sequences or "").split(",") if name] or None
     reports = {}
-    for engine in (DisWarpEngine(), load_engine("flow")):
+    for engine in (CopyFirstMaskEngine(), DisWarpEngine(), load_engine("flow")):
         started = time.perf_counter()
         reports[engine.name] = evaluate_dataset(args.data, engine, sequences=sequences)
         print(format_report(reports[engine.name]))
         print(f"({time.perf_counter() - started:.0f} s including scoring)\n")
-    baseline, flow = reports.values()
-    print(f"{'clip':<18} {'baseline':>8} {'flow':>6}")
-    for base_clip, flow_clip in zip(baseline.clips, flow.clips, strict=True):
-        print(f"{base_clip.name:<18} {base_clip.jf:>8.3f} {flow_clip.jf:>6.3f}")
-    print(f"{'mean':<18} {baseline.jf:>8.3f} {flow.jf:>6.3f}")
-    print(f"{'frames/s':<18} {baseline.frames_per_second:>8.1f} {flow.frames_per_second:>6.1f}")
+    copied, baseline, flow = reports.values()
+    print(f"{'J&F':<18} {'copy':>6} {'dis-warp':>8} {'flow':>6}")
+    for clips in zip(copied.clips, baseline.clips, flow.clips, strict=True):
+        print(f"{clips[0].name:<18} {clips[0].jf:>6.3f} {clips[1].jf:>8.3f} {clips[2].jf:>6.3f}")
+    print(f"{'mean':<18} {copied.jf:>6.3f} {baseline.jf:>8.3f} {flow.jf:>6.3f}")
+    fps = baseline.frames_per_second, flow.frames_per_second
+    print(f"{'frames/s':<18} {'':>6} {fps[0]:>8.1f} {fps[1]:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,30 @@ def test_describe_names_the_engine():
     description = load_engine("flow").describe()
     assert description["engine"] == "flow"
     assert description["weights"] is None
+
+
+def test_later_keyframe_corrects_the_object():
+    """A wrong first mask (shifted) is followed until a keyframe gives the right one."""
+    frames, truths = make_clip(12, visible=lambda obj, i: obj == 1)
+    wrong = np.roll(truths[0], 24, axis=1)
+    session = Session(load_engine("flow"), frames)
+    session.add_mask(0, wrong)
+    session.add_mask(6, truths[6])
+    results = session.run()
+    assert iou(results[3].labels == 1, truths[3] == 1) < 0.7
+    assert results[6].is_keyframe and results[6].objects[1].keyframe
+    np.testing.assert_array_equal(results[6].labels, truths[6])
+    for result in results[7:]:
+        assert iou(result.labels == 1, truths[result.index] == 1) > 0.9, result.index
+
+
+def test_confidence_drops_when_the_object_vanishes():
+    """Confidence is in [0, 1], high while the square is followed, and falls once it is gone
+    (the flow still drags the old mask along, but the colours no longer fit)."""
+    frames, truths = make_clip(12, visible=lambda obj, i: obj == 1 and i < 6)
+    session = Session(load_engine("flow"), frames)
+    session.add_mask(0, truths[0])
+    confidences = [result.objects[1].confidence for result in session.run()]
+    assert all(0 <= value <= 1 for value in confidences)
+    assert min(confidences[1:6]) > 0.9
+    assert max(confidences[6:]) < 0.8
