@@ -1,5 +1,7 @@
 """Browser check: the FiftyOne App, in headless Chromium, shows propagated masks on a video.
 
+The masks are made through the App server's own endpoint for generator operators, which
+streams the run's progress, reload and notification messages back.
 The keyframe is the clip's last frame, so the frame the App opens on (frame 1) carries a mask
 the engine propagated backwards. Two screenshots of the sample's modal, with and without the
 propagated field, must differ where the mask is drawn. XMEM_LABEL_SAVE_SCREENSHOT=1 also saves
@@ -8,15 +10,16 @@ the first one as plugin/screenshot.png (the README's picture).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 
 import cv2
 import fiftyone as fo  # noqa: I001  (conftest has set the environment)
-import fiftyone.operators as foo
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,6 +38,20 @@ def screenshot(url: str, path) -> np.ndarray:
         check=True, capture_output=True, timeout=120,
     )
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def execute_through_app(url: str, dataset: fo.Dataset, **params) -> list[dict]:
+    """Run "propagate masks" as the App does (a generator operator: streamed JSON lines)."""
+    body = json.dumps(
+        {"operator_uri": f"{PLUGIN_NAME}/propagate_masks", "dataset_name": dataset.name,
+         "view": [], "params": params}
+    ).encode()
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/operators/execute/generator", data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return [json.loads(line) for line in response.read().decode().splitlines() if line]
 
 
 def show(session: fo.Session, view, sample_id: str) -> None:
@@ -57,27 +74,24 @@ def test_app_shows_propagated_masks(dataset, tmp_path):
     sample = dataset.first()
     dataset.set_values("frames.last", {sample.id: {8: sample.frames[8].truth.copy()}},
                        key_field="id")
-    foo.execute_operator(
-        f"{PLUGIN_NAME}/propagate_masks",
-        ctx=dict(dataset=dataset, params=dict(prompt_field="last", label_field="xmem")),
-    )
-    dataset.reload()
-    assert dataset.first().frames[1].xmem.detections[0].keyframe is False
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    session = fo.launch_app(
-        dataset.select_fields("frames.xmem"), remote=True, address="127.0.0.1", port=port,
-        auto=False,
-    )
+    session = fo.launch_app(dataset, remote=True, address="127.0.0.1", port=port, auto=False)
     try:
+        messages = execute_through_app(session.url, dataset, prompt_field="last",
+                                       label_field="xmem")
+        dataset.reload()
+        assert dataset.first().frames[1].xmem.detections[0].keyframe is False
         show(session, dataset.select_fields("frames.xmem"), sample.id)  # modal on frame 1
         with_masks = screenshot(session.url, tmp_path / "masks.png")
         show(session, dataset.select_fields(), sample.id)
         without = screenshot(session.url, tmp_path / "plain.png")
     finally:
         session.close()
+
+    triggered = [m["body"]["operator_uri"] for m in messages]
+    assert triggered[0] == "set_progress" and triggered[-2:] == ["reload_dataset", "notify"]
 
     # Where the two pictures differ in the video player part of the modal (the sidebars
     # list fields), minus thin lines and edges (the frame lands a fraction of a pixel apart).
