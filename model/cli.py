@@ -193,7 +193,7 @@ def _add_engine_options(parser: argparse.ArgumentParser, default_engine: str | N
     parser.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
-        help="XMem precision on CUDA (bf16/fp16: autocast; default fp32)",
+        help="XMem precision: fp32 (exact, default), bf16 (fast: CPU or CUDA), fp16 (CUDA, MPS)",
     )
     parser.add_argument(
         "--set",
