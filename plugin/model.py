@@ -71,7 +71,7 @@ class XMemLabelVideoModel(fom.SamplesMixin, fom.Model):
         if sample is None:
             raise InputError("XMemLabelVideoModel needs the sample: use dataset.apply_model")
         field = self.prompt_field()
-        dataset = sample._dataset
+        dataset = sample.dataset
         mask_targets = None
         if dataset is not None:
             mask_targets = dataset.mask_targets.get(f"frames.{field}") or (

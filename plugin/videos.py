@@ -16,8 +16,15 @@ from pathlib import Path
 import fiftyone as fo
 import numpy as np
 
-from xmem_label.model import Engine, InputError, Session, load_engine, open_frames
-from xmem_label.model.settings import manifest
+from xmem_label.model import (
+    Engine,
+    InputError,
+    Session,
+    WeightsError,
+    load_engine,
+    open_frames,
+)
+from xmem_label.model.weights import resolve_weights
 
 from .labels import PromptObject, assign_object_ids, prompt_objects, result_to_detections
 
@@ -85,9 +92,8 @@ def plan_videos(
     """
     prompt_field = frame_field_name(prompt_field)
     check_prompt_field(collection, prompt_field)
-    dataset = collection._dataset
-    mask_targets = dataset.mask_targets.get(f"frames.{prompt_field}") or (
-        dataset.default_mask_targets
+    mask_targets = collection.mask_targets.get(f"frames.{prompt_field}") or (
+        collection.default_mask_targets
     )
     jobs, skipped = [], []
     for sample in collection.select_fields(f"frames.{prompt_field}").iter_samples():
@@ -199,15 +205,13 @@ def write_frame_labels(
 
 
 def xmem_weights_available(checkpoint: str | None = None) -> bool:
-    """Whether XMem weights can be had without a download: a given checkpoint file, the
-    weights environment variable, or a cached default checkpoint."""
-    weights = manifest()["weights"]
-    if checkpoint and Path(checkpoint).expanduser().is_file():
-        return True
-    if os.environ.get(weights["env_var"]):
-        return True
-    cache = Path(os.environ.get(weights["cache_env_var"]) or weights["cache_dir"]).expanduser()
-    return (cache / (checkpoint or manifest()["default_checkpoint"])).is_file()
+    """Whether XMem weights are on this machine (a path, $XMEM_LABEL_WEIGHTS or the cache),
+    found without downloading anything."""
+    try:
+        resolve_weights(checkpoint or None, download=False)
+    except WeightsError:
+        return False
+    return True
 
 
 def choose_engine(name: str = "auto", checkpoint: str | None = None, device: str | None = None):

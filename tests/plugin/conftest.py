@@ -32,6 +32,7 @@ def _free_port() -> int:
 
 
 FO_HOME = Path(tempfile.mkdtemp(prefix="xmem-label-fo-"))
+atexit.register(shutil.rmtree, FO_HOME, ignore_errors=True)  # runs after mongod stops
 MONGO_PORT = _free_port()
 (FO_HOME / "plugins").mkdir()
 (FO_HOME / "plugins" / "xmem-label").symlink_to(REPO / "plugin")
@@ -89,7 +90,6 @@ def mongod():
 def _stop(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=30)
-    shutil.rmtree(FO_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

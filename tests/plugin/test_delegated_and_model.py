@@ -23,8 +23,9 @@ PROPAGATE = f"{PLUGIN_NAME}/propagate_masks"
 WORKER_TIMEOUT_S = 180
 
 
-def wait_for_delegated(op_id: str) -> str:
-    """Run `fiftyone delegated launch` until operation `op_id` is done; returns its state."""
+def wait_for_delegated(op_id: str) -> tuple[str, str]:
+    """Run `fiftyone delegated launch` until operation `op_id` is done; returns its state
+    and the worker's output."""
     service = DelegatedOperationService()
     worker = subprocess.Popen(
         [str(Path(sys.executable).with_name("fiftyone")), "delegated", "launch"],
@@ -34,22 +35,22 @@ def wait_for_delegated(op_id: str) -> str:
         text=True,
         start_new_session=True,
     )
+    state = None
     try:
         deadline = time.monotonic() + WORKER_TIMEOUT_S
-        state = None
         while time.monotonic() < deadline:
             state = service.get(op_id).run_state
             if state in ("completed", "failed"):
-                return state
+                break
             time.sleep(0.5)
-        return state
     finally:
         os.killpg(worker.pid, signal.SIGINT)  # only the worker group this test started
         try:
-            worker.communicate(timeout=30)
+            output, _ = worker.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
-            worker.communicate()
+            output, _ = worker.communicate()
+    return state, output
 
 
 def test_delegated_run_by_a_worker_process(dataset, engine_labels):
@@ -61,9 +62,9 @@ def test_delegated_run_by_a_worker_process(dataset, engine_labels):
         ),
     )
     assert queued.delegated
-    state = wait_for_delegated(queued.result["id"])
+    state, output = wait_for_delegated(queued.result["id"])
     operation = DelegatedOperationService().get(queued.result["id"])
-    assert state == "completed", operation.result
+    assert state == "completed", (operation.result, output)
     assert operation.result.result["frames"] == 8
     dataset.reload()
     check_equals_engine(dataset, "xmem", engine_labels)
@@ -78,7 +79,8 @@ def test_delegated_failure_is_recorded_and_writes_nothing(dataset):
             params=dict(prompt_field="missing", label_field="out"),
         ),
     )
-    assert wait_for_delegated(queued.result["id"]) == "failed"
+    state, output = wait_for_delegated(queued.result["id"])
+    assert state == "failed", output
     operation = DelegatedOperationService().get(queued.result["id"])
     assert "no frame field 'frames.missing'" in operation.result.error
     dataset.reload()
