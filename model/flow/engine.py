@@ -24,6 +24,12 @@ PRESETS = {
 }
 
 
+CONFIDENT = 0.9  # probability above which a pixel survives edge snapping unchanged
+# The flow alone never makes a pixel more than 95 % sure, so colours that keep contradicting it
+# (the background showing where an object has left) win within a few frames.
+FLOW_CERTAINTY = 0.95
+
+
 class FlowEngine:
     """Settings shared by every pass; holds no weights."""
 
@@ -103,6 +109,7 @@ class FlowTracker:
         self._work_size: tuple[int, int] | None = None  # (width, height) of the flow, for cv2
         self._mask_size: tuple[int, int] | None = None  # (width, height) of the masks
         self._scale = 1.0  # mask size / flow size
+        self._pixel_scale = 1.0  # mask pixels per pixel setting (settings assume work_height)
 
     def step(
         self,
@@ -119,6 +126,7 @@ class FlowTracker:
             mask_height = min(max(self.settings.mask_height, work_height), height)
             self._mask_size = (max(1, round(width * mask_height / height)), mask_height)
             self._scale = mask_height / work_height
+            self._pixel_scale = mask_height / self.settings.work_height
         small = cv2.resize(frame, self._work_size, interpolation=cv2.INTER_AREA)
         grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         if self._mask_size == (width, height):
@@ -163,8 +171,8 @@ class FlowTracker:
         settings = self.settings
         map_x, map_y, reliability = self._motion(grey)
         guide = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255
-        search = _disk(round(settings.search_px * self._scale))
-        refine_radius = round(settings.refine_radius * self._scale)
+        search = _disk(round(settings.search_px * self._pixel_scale))
+        refine_radius = round(settings.refine_radius * self._pixel_scale)
         outputs = {}
         for object_id, soft in self._soft.items():
             warped = cv2.remap(
@@ -176,7 +184,7 @@ class FlowTracker:
                 near = cv2.dilate((warped > 0.5).astype(np.uint8), search).astype(bool)
                 probability = np.where(near, probability, np.minimum(warped, probability))
             if refine_radius > 0:
-                probability = _guided_filter(guide, probability, refine_radius, settings.refine_eps)
+                probability = _snap_to_edges(guide, probability, refine_radius, settings.refine_eps)
             probability = np.clip(probability, 0, 1).astype(np.float32)
             outputs[object_id] = probability
             self._soft[object_id] = np.clip(
@@ -187,7 +195,8 @@ class FlowTracker:
     def _fuse(self, warped, reliability, codes, colours: _ColourModel) -> np.ndarray:
         """Log-odds of the warped mask, scaled by the flow's reliability, plus the colour's."""
         flow_logit = (
-            _logit(warped) * reliability + (1 - reliability) * self.settings.occlusion_logit
+            _logit(warped, FLOW_CERTAINTY) * reliability
+            + (1 - reliability) * self.settings.occlusion_logit
         )
         colour_logit = _logit(colours.object_odds(codes)) * self.settings.colour_weight
         return 1 / (1 + np.exp(-(flow_logit + colour_logit)))
@@ -209,7 +218,7 @@ class FlowTracker:
                     self._soft[other_id] = self._soft[other_id] * (1 - small)
 
     def _learn_colours(self, object_id: int, mask: np.ndarray, codes: np.ndarray) -> None:
-        disk = _disk(round(self.settings.search_px * self._scale))
+        disk = _disk(round(self.settings.search_px * self._pixel_scale))
         band = cv2.dilate(mask.astype(np.uint8), disk).astype(bool) & ~mask
         if object_id not in self._colours:
             self._colours[object_id] = _ColourModel(self.settings.colour_bins)
@@ -255,9 +264,16 @@ def _displaced_grid(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return grid_x + flow[..., 0], grid_y + flow[..., 1]
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 0.01, 0.99)
+def _logit(p: np.ndarray, certainty: float = 0.99) -> np.ndarray:
+    p = np.clip(p, 1 - certainty, certainty)
     return np.log(p / (1 - p))
+
+
+def _snap_to_edges(guide: np.ndarray, probability: np.ndarray, radius: int, eps: float):
+    """Guided filter of the probability, except that confident pixels keep their value: the
+    filter would otherwise wash out thin parts (chair legs, bicycle spokes) frame after frame."""
+    refined = _guided_filter(guide, probability, radius, eps)
+    return np.maximum(refined, np.where(probability > CONFIDENT, probability, 0))
 
 
 def _guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
@@ -297,7 +313,8 @@ def load_flow_engine(
         flow, the costly part.
     mask_height: height at which masks are carried, warped and fused with colour (thin parts
         survive better than at work_height); the probabilities come back at the source size.
-        Pixel settings below are in work_height pixels and scaled to it.
+        Pixel settings below are pixels of a frame work_height high, scaled to mask_height
+        (and to smaller frames), so they mean the same part of the picture at any size.
     consistency_px: forward-backward flow mismatch (working pixels) at which the flow's vote
         is halved; larger mismatches mean occlusion, where colour decides.
     occlusion_logit: log-odds of "object" where the flow is unreliable, before colour: pixels
