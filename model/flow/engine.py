@@ -171,7 +171,7 @@ class FlowTracker:
         settings = self.settings
         map_x, map_y, reliability = self._motion(grey)
         guide = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255
-        search = _disk(round(settings.search_px * self._pixel_scale))
+        search_px = settings.search_px * self._pixel_scale
         refine_radius = round(settings.refine_radius * self._pixel_scale)
         outputs = {}
         for object_id, soft in self._soft.items():
@@ -181,7 +181,7 @@ class FlowTracker:
             probability = warped
             if codes is not None and object_id in self._colours:
                 probability = self._fuse(warped, reliability, codes, self._colours[object_id])
-                near = cv2.dilate((warped > 0.5).astype(np.uint8), search).astype(bool)
+                near = _within(warped > 0.5, search_px)
                 probability = np.where(near, probability, np.minimum(warped, probability))
             if refine_radius > 0:
                 probability = _snap_to_edges(guide, probability, refine_radius, settings.refine_eps)
@@ -218,8 +218,7 @@ class FlowTracker:
                     self._soft[other_id] = self._soft[other_id] * (1 - small)
 
     def _learn_colours(self, object_id: int, mask: np.ndarray, codes: np.ndarray) -> None:
-        disk = _disk(round(self.settings.search_px * self._pixel_scale))
-        band = cv2.dilate(mask.astype(np.uint8), disk).astype(bool) & ~mask
+        band = _within(mask, self.settings.search_px * self._pixel_scale) & ~mask
         if object_id not in self._colours:
             self._colours[object_id] = _ColourModel(self.settings.colour_bins)
         self._colours[object_id].learn(codes, mask, band)
@@ -253,8 +252,11 @@ class FlowTracker:
         return torch.from_numpy(probs)
 
 
-def _disk(radius: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+def _within(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels at most `radius` from `mask` (a dilation by a disk, in time independent of the
+    radius)."""
+    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
+    return distance <= radius
 
 
 def _displaced_grid(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
