@@ -160,8 +160,16 @@ class _PropagationRun:
         )
         if self.label_field == self.prompt_field:
             raise InputError("the output field must differ from the keyframe field")
+        if not self.label_field.isidentifier():
+            raise InputError(f"output field {self.label_field!r} is not a plain field name")
         self.dataset = ctx.dataset
         self.jobs, self.skipped = plan_videos(ctx.target_view(), self.prompt_field)
+        existing = self.dataset.get_frame_field_schema().get(self.label_field)
+        if existing is not None and getattr(existing, "document_type", None) is not fo.Detections:
+            raise InputError(
+                f"frames.{self.label_field} already holds something other than Detections; "
+                "choose another output field"
+            )
         self.engine = choose_engine(
             ctx.params.get("engine") or "auto",
             ctx.params.get("checkpoint") or None,

@@ -124,33 +124,37 @@ def test_box_prompt_is_turned_into_a_mask(dataset, chair_truth):
     assert (mask & truth).sum() / (mask | truth).sum() > 0.3
 
 
-def test_review_tags_the_least_confident_frames(dataset):
+def test_review_tags_the_least_confident_frames_of_each_video(dataset):
+    first = dataset.first()
+    second = fo.Sample(filepath=first.filepath)
+    dataset.add_sample(second)
+    dataset.set_values("frames.gt", {second.id: {8: first.frames[8].truth.copy()}}, key_field="id")
     assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem").error is None
-    dataset.reload()
-    confidences = {
-        frame.id: frame.xmem.min_confidence for frame in dataset.first().frames.values()
-    }
+
     result = run(REVIEW, dataset, label_field="xmem", k=3, tag="check")
     assert result.error is None, result.error
-    assert result.result["frames"] == 3
-    tagged = dataset.select_labels(tags="check").values("frames.id", unwind=True)
-    propagated = sorted((c, fid) for fid, c in confidences.items() if c < 1.0)
-    # frame ids of frames with tagged labels
-    tagged_frames = {
-        frame.id
-        for frame in dataset.first().frames.values()
-        if "check" in frame.xmem.detections[0].tags
-    }
-    assert tagged_frames == {fid for _, fid in propagated[:3]}
-    assert len(tagged) >= 3
+    assert result.result["frames"] == 6 and result.result["samples"] == 2
+    dataset.reload()
+    for sample in dataset:
+        propagated = sorted(
+            (frame.xmem.min_confidence, number)
+            for number, frame in sample.frames.items()
+            if not frame.xmem.detections[0].keyframe
+        )
+        tagged = {
+            number
+            for number, frame in sample.frames.items()
+            if "check" in frame.xmem.detections[0].tags
+        }
+        assert tagged == {number for _, number in propagated[:3]}
 
     again = run(REVIEW, dataset, label_field="xmem", k=1, tag="check")
-    assert again.result["frames"] == 1
-    assert dataset.count_label_tags()["check"] == 1  # re-running re-tags, never accumulates
+    assert again.result["frames"] == 2
+    assert dataset.count_label_tags()["check"] == 2  # re-running moves the tag, never adds
 
     saved = run(REVIEW, dataset, label_field="xmem", k=2, action="view", tag="to-review")
     assert saved.error is None, saved.error
-    assert dataset.load_saved_view("to-review").count("frames") == 2
+    assert dataset.load_saved_view("to-review").count("frames") == 4
 
 
 @pytest.mark.parametrize(
@@ -161,6 +165,8 @@ def test_review_tags_the_least_confident_frames(dataset):
         ("late_keyframe", dict(prompt_field="late"), "keyframe on frame 20 but the video has 8"),
         ("empty_mask", dict(prompt_field="empty"), "is empty"),
         (None, dict(prompt_field="gt", label_field="gt"), "must differ"),
+        (None, dict(prompt_field="gt", label_field="a.b"), "not a plain field name"),
+        (None, dict(prompt_field="gt", label_field="frame_number"), "other than Detections"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(dataset, change, params, message):
