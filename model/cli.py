@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .engine import ENGINES, Engine, load_engine
 from .errors import InputError, WeightsError, XMemLabelError
 from .evaluation import add_eval_command
-from .frames import FrameSource, VideoFile, open_frames
+from .frames import FrameSource, VideoFile, open_frames, prefetch
 from .masks import read_label_mask, write_label_mask
 from .overlay import OverlayWriter, check_overlay_path
 from .results import FrameResult
@@ -49,6 +49,7 @@ from .weights import (
 PROG = "xmem-label"
 PLUGIN_COMMANDS = "xmem_label.commands"  # entry-point group of commands from other parts
 DEMO_CLIP = Path(__file__).with_name("demo_clip")
+OUTPUT_QUEUE_FRAMES = 4  # finished frames waiting to be written
 FOLDER_FPS = 15.0  # overlay frame rate for image folders, which carry none (the demo clip's)
 XMEM_ONLY_OPTIONS = ("weights", "device", "precision", "size")
 
@@ -440,9 +441,12 @@ def _write_results(
             bar.update(done - bar.n)
 
         try:
-            for result in session.propagate(
+            # The network runs a few frames ahead in a background thread (bounded queue), so
+            # writing PNGs, probabilities and the overlay overlaps with it.
+            results = session.propagate(
                 direction=job.direction, with_probs=job.save_probs, progress=show_progress
-            ):
+            )
+            for result in prefetch(results, depth=OUTPUT_QUEUE_FRAMES):
                 if result.name in names:
                     raise InputError(f"two frames of {job.source} are named {result.name!r}")
                 names.add(result.name)
