@@ -38,10 +38,9 @@ def _prompt_fields(collection) -> list[str]:
 
 def _frame_count(collection) -> int:
     """Frames in `collection` according to its metadata (0 when unknown)."""
-    try:
-        return int(collection.sum("metadata.total_frame_count") or 0)
-    except Exception:  # no metadata field on this dataset yet
+    if collection is None or collection.media_type != "video":
         return 0
+    return int(collection.sum("metadata.total_frame_count") or 0)
 
 
 class PropagateMasks(foo.Operator):
