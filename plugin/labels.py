@@ -5,6 +5,9 @@ or boxes alone) or `fo.Segmentation` (a full-frame mask of object ids). Results 
 `fo.Detections`: one `fo.Detection` per object, its mask cropped to its box, `index` = object
 id, `confidence`, and a `keyframe` attribute saying whether a person drew it.
 
+Objects are linked by FiftyOne's `Detection.index`; the engine numbers them 1..255, so a
+video's indexes are mapped to engine ids and back (`engine_ids`).
+
 FiftyOne boxes are relative `[x, y, width, height]`; the engine's boxes are pixel
 `(x0, y0, x1, y1)` with x1, y1 exclusive. Frame sizes are `(height, width)` here.
 """
@@ -35,13 +38,14 @@ class PromptObject:
     drawn: fo.Detection | None = None
 
 
-def assign_object_ids(detections_by_frame: dict[int, list[fo.Detection]]) -> dict[int, list[int]]:
-    """Object ids for every detection of every keyframe of one video.
+def assign_object_indexes(
+    detections_by_frame: dict[int, list[fo.Detection]],
+) -> dict[int, list[int]]:
+    """The object index of every detection of every keyframe of one video.
 
-    A detection's `index` is its id (the FiftyOne convention that links one object across
-    frames). Detections without an index get ids above the largest index, matched across
-    keyframes by label and order: the second "chair" on one keyframe is the second "chair"
-    on the next.
+    A detection's `index` links one object across frames (FiftyOne's convention) and is kept.
+    Detections without one get indexes above the largest given, matched across keyframes by
+    label and order: the second "chair" on one keyframe is the second "chair" on the next.
     """
     explicit = [
         det.index
@@ -49,31 +53,35 @@ def assign_object_ids(detections_by_frame: dict[int, list[fo.Detection]]) -> dic
         for det in dets
         if det.index is not None
     ]
-    for index in explicit:
-        if not 1 <= index <= MAX_OBJECT_ID:
-            raise InputError(f"detection index {index} is not an object id (1..{MAX_OBJECT_ID})")
-    next_id = max(explicit, default=0) + 1
+    if any(index < 0 for index in explicit):
+        raise InputError(f"detection index {min(explicit)} is negative")
+    next_index = max(explicit, default=0) + 1
     implicit: dict[tuple[str | None, int], int] = {}
-    ids_by_frame = {}
+    indexes_by_frame = {}
     for frame_number in sorted(detections_by_frame):
         seen: dict[str | None, int] = {}
-        ids = []
+        indexes = []
         for det in detections_by_frame[frame_number]:
             if det.index is not None:
-                ids.append(det.index)
+                indexes.append(det.index)
                 continue
             key = (det.label, seen.get(det.label, 0))
             seen[det.label] = key[1] + 1
             if key not in implicit:
-                if next_id > MAX_OBJECT_ID:
-                    raise InputError(f"more than {MAX_OBJECT_ID} objects in one video")
-                implicit[key] = next_id
-                next_id += 1
-            ids.append(implicit[key])
-        if len(set(ids)) != len(ids):
+                implicit[key] = next_index
+                next_index += 1
+            indexes.append(implicit[key])
+        if len(set(indexes)) != len(indexes):
             raise InputError(f"frame {frame_number}: two detections share one index")
-        ids_by_frame[frame_number] = ids
-    return ids_by_frame
+        indexes_by_frame[frame_number] = indexes
+    return indexes_by_frame
+
+
+def engine_ids(indexes: set[int]) -> dict[int, int]:
+    """FiftyOne object index -> the engine's object id (1..255, in index order)."""
+    if len(indexes) > MAX_OBJECT_ID:
+        raise InputError(f"{len(indexes)} objects in one video; at most {MAX_OBJECT_ID}")
+    return {index: object_id for object_id, index in enumerate(sorted(indexes), start=1)}
 
 
 def detection_to_mask(det: fo.Detection, frame_hw: tuple[int, int], frame: np.ndarray | None):
@@ -155,7 +163,7 @@ def prompt_objects(
 ) -> list[PromptObject]:
     """The objects a person gave in one keyframe label (`where` names it in errors).
 
-    object_ids: for Detections, the ids from `assign_object_ids`, one per detection.
+    object_ids: for Detections, the engine's id of each detection (see `engine_ids`).
     mask_targets: for Segmentation, id -> label name (the dataset's mask targets).
     """
     if isinstance(label, fo.Detections):
@@ -192,20 +200,26 @@ def prompt_objects(
 
 
 def result_to_detections(
-    result: FrameResult, names: dict[int, str], drawn: dict[int, fo.Detection]
+    result: FrameResult,
+    names: dict[int, str],
+    drawn: dict[int, fo.Detection],
+    indexes: dict[int, int] | None = None,
 ) -> fo.Detections:
     """One frame's engine result as `fo.Detections`.
 
     names: object id -> label. drawn: object id -> the person's Detection on this frame, copied
     verbatim (an engine returns the keyframe mask too, but overlapping objects would clip it).
+    indexes: object id -> the Detection `index` to write (default: the object id).
     The container carries `min_confidence`, the frame's review priority (it counts objects
     that vanished, which have no Detection).
     """
     height, width = result.labels.shape
+    indexes = indexes or {}
     detections = []
     for object_id, obj in result.objects.items():
+        index = indexes.get(object_id, object_id)
         if object_id in drawn:
-            detections.append(_verbatim(drawn[object_id], object_id, names[object_id]))
+            detections.append(_verbatim(drawn[object_id], index, names[object_id]))
             continue
         if obj.box is None:
             continue
@@ -215,7 +229,7 @@ def result_to_detections(
                 label=names[object_id],
                 bounding_box=[x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height],
                 mask=result.labels[y0:y1, x0:x1] == object_id,
-                index=object_id,
+                index=index,
                 confidence=obj.confidence,
                 keyframe=obj.keyframe,
             )
@@ -223,13 +237,13 @@ def result_to_detections(
     return fo.Detections(detections=detections, min_confidence=result.min_confidence)
 
 
-def _verbatim(det: fo.Detection, object_id: int, name: str) -> fo.Detection:
+def _verbatim(det: fo.Detection, index: int, name: str) -> fo.Detection:
     mask = np.asarray(det.get_mask()) > 0  # masks stored as PNG files read back as 0/255
     return fo.Detection(
         label=name,
         bounding_box=list(det.bounding_box),
         mask=mask,
-        index=object_id,
+        index=index,
         confidence=1.0,
         keyframe=True,
     )

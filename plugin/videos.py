@@ -26,7 +26,13 @@ from xmem_label.model import (
 )
 from xmem_label.model.weights import resolve_weights
 
-from .labels import PromptObject, assign_object_ids, prompt_objects, result_to_detections
+from .labels import (
+    PromptObject,
+    assign_object_indexes,
+    engine_ids,
+    prompt_objects,
+    result_to_detections,
+)
 
 ENGINE_CHOICES = ("auto", "xmem", "flow")
 PROMPT_TYPES = (fo.Detections, fo.Segmentation)
@@ -39,6 +45,8 @@ class VideoJob:
     """Everything needed to propagate one video sample, checked.
 
     keyframes: engine frame index (0-based) -> the objects a person gave there.
+    names, indexes: engine object id -> label, and -> FiftyOne `Detection.index` (empty for
+    Segmentation prompts, whose ids are the mask values).
     """
 
     sample_id: str
@@ -46,6 +54,7 @@ class VideoJob:
     num_frames: int
     keyframes: dict[int, list[PromptObject]]
     names: dict[int, str]
+    indexes: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def drawn_on(self, index: int) -> dict[int, fo.Detection]:
         """object id -> the person's own Detection on frame `index`, if any."""
@@ -131,7 +140,11 @@ def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> Vide
             for fn, label in labels.items()
             if isinstance(label, fo.Detections)
         }
-        ids_by_frame = assign_object_ids(detections)
+        indexes_by_frame = assign_object_indexes(detections)
+        id_of = engine_ids({index for ids in indexes_by_frame.values() for index in ids})
+        ids_by_frame = {
+            fn: [id_of[index] for index in indexes] for fn, indexes in indexes_by_frame.items()
+        }
         keyframes = {}
         for frame_number, label in sorted(labels.items()):
             needs_image = isinstance(label, fo.Detections) and any(
@@ -149,7 +162,8 @@ def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> Vide
     finally:
         frames.close()
     names = {obj.object_id: obj.label for objs in keyframes.values() for obj in objs}
-    return VideoJob(sample.id, sample.filepath, num_frames, keyframes, names)
+    indexes = {object_id: index for index, object_id in id_of.items()}
+    return VideoJob(sample.id, sample.filepath, num_frames, keyframes, names, indexes)
 
 
 def _has_prompt(label) -> bool:
@@ -184,7 +198,7 @@ def iter_video_labels(
                 session.set_absent(index, object_id)
         for result in session.propagate(progress=progress):
             yield result.index + 1, result_to_detections(
-                result, job.names, job.drawn_on(result.index)
+                result, job.names, job.drawn_on(result.index), job.indexes
             )
 
 

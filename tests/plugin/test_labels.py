@@ -8,9 +8,10 @@ import pytest
 
 from xmem_label.model import FrameResult, InputError, ObjectResult
 from xmem_label.plugin.labels import (
-    assign_object_ids,
+    assign_object_indexes,
     box_to_mask,
     detection_to_mask,
+    engine_ids,
     prompt_objects,
     relative_to_pixel_box,
     result_to_detections,
@@ -32,21 +33,27 @@ def test_detection_mask_round_trip():
     np.testing.assert_array_equal(detection_to_mask(det, FRAME_HW, None), mask)
 
 
-def test_object_ids_come_from_index_then_label_order():
+def test_object_indexes_are_kept_then_given_by_label_order():
     chair = fo.Detection(label="chair", bounding_box=[0, 0, 0.5, 0.5])
     cat = fo.Detection(label="cat", bounding_box=[0, 0, 0.5, 0.5])
     indexed = fo.Detection(label="dog", bounding_box=[0, 0, 0.5, 0.5], index=7)
     second_chair = fo.Detection(label="chair", bounding_box=[0.5, 0.5, 0.5, 0.5])
-    ids = assign_object_ids({1: [chair, indexed, cat], 5: [cat, chair, second_chair]})
-    assert ids == {1: [8, 7, 9], 5: [9, 8, 10]}
+    indexes = assign_object_indexes({1: [chair, indexed, cat], 5: [cat, chair, second_chair]})
+    assert indexes == {1: [8, 7, 9], 5: [9, 8, 10]}
 
 
-def test_object_ids_reject_bad_and_duplicate_indexes():
-    with pytest.raises(InputError, match="not an object id"):
-        assign_object_ids({1: [fo.Detection(label="a", index=300)]})
+def test_any_indexes_map_to_engine_ids_and_back():
+    assert engine_ids({0, 300, 7}) == {0: 1, 7: 2, 300: 3}
+    with pytest.raises(InputError, match="at most 255"):
+        engine_ids(set(range(256)))
+
+
+def test_negative_and_duplicate_indexes_are_input_errors():
+    with pytest.raises(InputError, match="negative"):
+        assign_object_indexes({1: [fo.Detection(label="a", index=-1)]})
     twice = [fo.Detection(label="a", index=2), fo.Detection(label="b", index=2)]
     with pytest.raises(InputError, match="share one index"):
-        assign_object_ids({1: twice})
+        assign_object_indexes({1: twice})
 
 
 def test_segmentation_prompt_uses_ids_and_mask_targets():
@@ -108,16 +115,16 @@ def test_result_to_detections_crops_to_box_and_keeps_drawn_masks_verbatim():
     drawn_mask = full_mask(19, 26, 39, 45)  # the person's mask, larger than what is left
     drawn = fo.Detection.from_mask(drawn_mask, label="b", index=2)
     result = FrameResult(index=4, name="4", labels=labels, objects=objects)
-    out = result_to_detections(result, {1: "a", 2: "b", 3: "c"}, {2: drawn})
+    out = result_to_detections(result, {1: "a", 2: "b", 3: "c"}, {2: drawn}, {1: 0, 2: 5})
 
     assert out.min_confidence == 0.4
     first, second = out.detections  # object 3 is absent: no detection
-    assert (first.label, first.index, first.confidence, first.keyframe) == ("a", 1, 0.8, False)
+    assert (first.label, first.index, first.confidence, first.keyframe) == ("a", 0, 0.8, False)
     assert first.bounding_box == [10 / 60, 5 / 40, 20 / 60, 10 / 40]
     np.testing.assert_array_equal(
         first.to_segmentation(frame_size=(60, 40), target=1).mask > 0, labels == 1
     )
-    assert (second.label, second.index, second.confidence, second.keyframe) == ("b", 2, 1.0, True)
+    assert (second.label, second.index, second.confidence, second.keyframe) == ("b", 5, 1.0, True)
     assert second.bounding_box == drawn.bounding_box
     np.testing.assert_array_equal(detection_to_mask(second, FRAME_HW, None), drawn_mask)
 

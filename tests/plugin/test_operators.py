@@ -264,3 +264,22 @@ def test_long_jobs_default_to_delegated_execution(dataset):
     sample.save()
     assert options().default_choice_to_delegated is True
     assert options().allow_immediate_execution and options().allow_delegated_execution
+
+
+def test_two_objects_keep_their_own_indexes(dataset, chair_truth):
+    """FiftyOne indexes are kept as given (0 and 12 here), whatever the engine numbers."""
+    first = dataset.first()
+    patch = np.zeros_like(chair_truth[0], dtype=bool)
+    patch[110:140, 150:200] = True  # a stretch of floor, as a second object
+    keyframe = fo.Detections(
+        detections=[
+            fo.Detection.from_mask(chair_truth[0] == 1, label="chair", index=12),
+            fo.Detection.from_mask(patch, label="floor", index=0),
+        ]
+    )
+    dataset.set_values("frames.two", {first.id: {1: keyframe}}, key_field="id")
+    assert run(PROPAGATE, dataset, prompt_field="two", label_field="out").error is None
+    dataset.reload()
+    for number, frame in dataset.first().frames.items():
+        found = {(det.label, det.index) for det in frame.out.detections}
+        assert found == {("chair", 12), ("floor", 0)}, number
