@@ -8,6 +8,7 @@ carries the masks at a higher "mask" resolution, and returns probabilities at th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -184,7 +185,9 @@ class FlowTracker:
                 near = _within(warped > 0.5, search_px)
                 probability = np.where(near, probability, np.minimum(warped, probability))
             if refine_radius > 0:
-                probability = _snap_to_edges(guide, probability, refine_radius, settings.refine_eps)
+                probability = _snap_to_edges(
+                    guide, probability, refine_radius, settings.refine_eps, round(self._scale)
+                )
             probability = np.clip(probability, 0, 1).astype(np.float32)
             outputs[object_id] = probability
             self._soft[object_id] = np.clip(
@@ -261,9 +264,13 @@ def _within(mask: np.ndarray, radius: float) -> np.ndarray:
 
 def _displaced_grid(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cv2.remap maps: every pixel's coordinates plus its flow."""
-    h, w = flow.shape[:2]
-    grid_x, grid_y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    grid_x, grid_y = _pixel_grid(*flow.shape[:2])
     return grid_x + flow[..., 0], grid_y + flow[..., 1]
+
+
+@functools.cache
+def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
 
 
 def _logit(p: np.ndarray, certainty: float = 0.99) -> np.ndarray:
@@ -271,27 +278,43 @@ def _logit(p: np.ndarray, certainty: float = 0.99) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def _snap_to_edges(guide: np.ndarray, probability: np.ndarray, radius: int, eps: float):
+def _snap_to_edges(
+    guide: np.ndarray, probability: np.ndarray, radius: int, eps: float, subsample: int
+) -> np.ndarray:
     """Guided filter of the probability, except that confident pixels keep their value: the
     filter would otherwise wash out thin parts (chair legs, bicycle spokes) frame after frame."""
-    refined = _guided_filter(guide, probability, radius, eps)
+    refined = _guided_filter(guide, probability, radius, eps, subsample)
     return np.maximum(refined, np.where(probability > CONFIDENT, probability, 0))
 
 
-def _guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
+def _guided_filter(
+    guide: np.ndarray, source: np.ndarray, radius: int, eps: float, subsample: int = 1
+) -> np.ndarray:
     """Edge-preserving smoothing of `source` steered by the grey image `guide` (He et al.):
-    mask edges move to nearby image edges."""
+    mask edges move to nearby image edges. The local linear coefficients are computed
+    `subsample` times smaller and applied at full size (He and Sun's fast guided filter)."""
+    height, width = guide.shape
+    small_guide, small_source = guide, source
+    if subsample > 1:
+        small_size = (max(1, width // subsample), max(1, height // subsample))
+        small_guide = cv2.resize(guide, small_size, interpolation=cv2.INTER_AREA)
+        small_source = cv2.resize(source, small_size, interpolation=cv2.INTER_AREA)
+        radius = max(1, round(radius / subsample))
     size = (2 * radius + 1, 2 * radius + 1)
 
     def box(x: np.ndarray) -> np.ndarray:
         return cv2.boxFilter(x, -1, size, borderType=cv2.BORDER_REFLECT)
 
-    mean_guide, mean_source = box(guide), box(source)
-    variance = box(guide * guide) - mean_guide * mean_guide
-    covariance = box(guide * source) - mean_guide * mean_source
+    mean_guide, mean_source = box(small_guide), box(small_source)
+    variance = box(small_guide * small_guide) - mean_guide * mean_guide
+    covariance = box(small_guide * small_source) - mean_guide * mean_source
     slope = covariance / (variance + eps)
     offset = mean_source - slope * mean_guide
-    return box(slope) * guide + box(offset)
+    mean_slope, mean_offset = box(slope), box(offset)
+    if subsample > 1:
+        mean_slope = cv2.resize(mean_slope, (width, height), interpolation=cv2.INTER_LINEAR)
+        mean_offset = cv2.resize(mean_offset, (width, height), interpolation=cv2.INTER_LINEAR)
+    return mean_slope * guide + mean_offset
 
 
 def load_flow_engine(
@@ -303,7 +326,7 @@ def load_flow_engine(
     occlusion_logit: float = -1.0,
     colour_weight: float = 0.5,
     colour_bins: int = 16,
-    search_px: int = 20,
+    search_px: int = 30,
     refine_radius: int = 3,
     refine_eps: float = 1e-3,
     sharpen: float = 2.0,
