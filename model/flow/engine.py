@@ -1,8 +1,14 @@
 """A weight-free propagation engine: dense optical flow (OpenCV DIS) carries each object's soft
-mask from one frame to the next.
+mask from one frame to the next, and the object's keyframe colours re-anchor it.
 
-Every tracker computes the flow at a reduced "working" resolution (flow is the costly part),
-carries the masks at a higher "mask" resolution, and returns probabilities at the source size.
+Per frame and object: (1) DIS flow both ways at a reduced "working" height (the costly part);
+pixels whose round trip does not come back are unreliable (occlusions, disocclusions). (2) The
+previous soft mask is pulled along the flow at the higher "mask" height. (3) Its log-odds,
+weighted by the reliability (at most 95 % sure), are added to the log-odds of a colour model
+learned on the keyframes (object vs the band around it); colour may only add pixels near the
+warped mask. (4) A guided filter snaps uncertain edges to image edges. The result, resized to
+the source, is the object's probability; the session's confidence is computed from it, so it
+falls where flow and colours disagree.
 """
 
 from __future__ import annotations
