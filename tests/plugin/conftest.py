@@ -48,7 +48,6 @@ FIFTYONE_ENV = {
     "FIFTYONE_CONFIG_PATH": str(FO_HOME / "config.json"),
     "FIFTYONE_DO_NOT_TRACK": "true",
     "FIFTYONE_SHOW_PROGRESS_BARS": "false",
-    "OMP_NUM_THREADS": "1",
 }
 os.environ.update(FIFTYONE_ENV)
 

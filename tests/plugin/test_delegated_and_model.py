@@ -29,7 +29,7 @@ def wait_for_delegated(op_id: str) -> tuple[str, str]:
     service = DelegatedOperationService()
     worker = subprocess.Popen(
         [str(Path(sys.executable).with_name("fiftyone")), "delegated", "launch"],
-        env=dict(os.environ),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),  # a good neighbour on a 2-core runner
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
