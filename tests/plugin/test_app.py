@@ -40,18 +40,24 @@ def screenshot(url: str, path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 
 
-def execute_through_app(url: str, dataset: fo.Dataset, **params) -> list[dict]:
-    """Run "propagate masks" as the App does (a generator operator: streamed JSON lines)."""
+def post(url: str, endpoint: str, dataset: fo.Dataset, **params) -> str:
+    """POST to the App server's operator endpoint as the App does, for "propagate masks"."""
     body = json.dumps(
         {"operator_uri": f"{PLUGIN_NAME}/propagate_masks", "dataset_name": dataset.name,
-         "view": [], "params": params}
+         "view": [], "params": params, "target": "inputs"}
     ).encode()
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/operators/execute/generator", data=body,
+        f"{url.rstrip('/')}/operators/{endpoint}", data=body,
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as response:
-        return [json.loads(line) for line in response.read().decode().splitlines() if line]
+        return response.read().decode()
+
+
+def execute_through_app(url: str, dataset: fo.Dataset, **params) -> list[dict]:
+    """Run "propagate masks" as the App does (a generator operator: streamed JSON lines)."""
+    lines = post(url, "execute/generator", dataset, **params).splitlines()
+    return [json.loads(line) for line in lines if line]
 
 
 def show(session: fo.Session, view, sample_id: str) -> None:
@@ -79,6 +85,10 @@ def test_app_shows_propagated_masks(dataset, tmp_path):
         port = sock.getsockname()[1]
     session = fo.launch_app(dataset, remote=True, address="127.0.0.1", port=port, auto=False)
     try:
+        form = json.loads(post(session.url, "resolve-type", dataset))  # the App's input form
+        fields = form["type"]["properties"]
+        assert {"prompt_field", "label_field", "engine", "delegate"} <= set(fields)
+        assert fields["label_field"]["default"] == "xmem"
         messages = execute_through_app(session.url, dataset, prompt_field="last",
                                        label_field="xmem")
         dataset.reload()
