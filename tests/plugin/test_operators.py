@@ -283,3 +283,21 @@ def test_two_objects_keep_their_own_indexes(dataset, chair_truth):
     for number, frame in dataset.first().frames.items():
         found = {(det.label, det.index) for det in frame.out.detections}
         assert found == {("chair", 12), ("floor", 0)}, number
+
+
+def test_unreadable_video_is_a_clear_error(dataset, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    sample = fo.Sample(filepath=str(broken))
+    dataset.add_sample(sample)
+    gt = dataset.first().frames[1].gt.copy()
+    dataset.set_values("frames.gt", {sample.id: {1: gt}}, key_field="id")
+    result = run(PROPAGATE, dataset, prompt_field="gt", label_field="out")
+    assert "broken.mp4" in result.error_message
+    dataset.reload()
+    assert not dataset.has_frame_field("out")
+
+
+def test_review_needs_a_propagated_field(dataset):
+    result = run(REVIEW, dataset, label_field="truth_seg_missing", k=2)
+    assert "is not a propagated Detections field" in result.error_message
