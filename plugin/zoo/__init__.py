@@ -1,6 +1,6 @@
 """FiftyOne zoo model source for xmem-label's prompted video model.
 
-Copy or symlink this folder to `$FIFTYONE_MODEL_ZOO_DIR/xmem-label` (the folder name must be
+Copy this folder to `$FIFTYONE_MODEL_ZOO_DIR/xmem-label` (the folder name must be
 the manifest's "name"), then:
 
     model = foz.load_zoo_model("xmem-label-video", engine="flow")
@@ -17,7 +17,7 @@ from xmem_label.plugin.model import XMemLabelVideoModel
 
 def download_model(model_name: str, model_path: str) -> None:
     """Nothing to download: the engine ships with the package and XMem fetches its own weights.
-    FiftyOne counts a model as downloaded when `model_path` exists, so a note is written."""
+    FiftyOne counts a model as downloaded when `model_path` exists, so a note is written there."""
     os.makedirs(os.path.dirname(model_path), exist_ok=True)
     with open(model_path, "w", encoding="utf-8") as f:
         json.dump({"model": model_name, "weights": "resolved by xmem-label"}, f)
