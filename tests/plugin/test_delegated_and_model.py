@@ -67,6 +67,7 @@ def test_delegated_run_by_a_worker_process(dataset, engine_labels):
     operation = DelegatedOperationService().get(queued.result["id"])
     assert state == "completed", (operation.result, output)
     assert operation.result.result["frames"] == 8
+    assert operation.status.progress > 0  # progress reported on the operation's record
     dataset.reload()
     check_equals_engine(dataset, "xmem", engine_labels)
 
