@@ -117,6 +117,8 @@ def plan_videos(
 
 
 def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> VideoJob | None:
+    """The checked keyframes of one video sample (frames whose `field` holds a label), or None
+    when it has none. Opens the video for its length and size, and for box prompts' frames."""
     labels = {
         frame_number: frame[field]
         for frame_number, frame in sample.frames.items()
