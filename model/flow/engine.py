@@ -331,7 +331,7 @@ def load_flow_engine(
     consistency_px: float = 1.0,
     occlusion_logit: float = -1.0,
     colour_weight: float = 0.5,
-    colour_bins: int = 16,
+    colour_bins: int = 24,
     search_px: int = 30,
     refine_radius: int = 3,
     refine_eps: float = 1e-3,
