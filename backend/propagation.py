@@ -21,9 +21,9 @@ from PIL import Image
 
 from xmem_label.model import Engine, InputError, Session
 from xmem_label.model.frames import RandomAccessSource
+from xmem_label.model.prompts import mask_from_box, mask_from_points
 
 from . import formats
-from .prompts import mask_from_box, mask_from_points
 from .studio import LabelStudio
 
 DOWNLOAD_THREADS = 4

@@ -11,7 +11,7 @@
    decode / propagate / encode (measured inside the backend, from /metrics) and HTTP (the rest:
    Label Studio's /health + /setup + /predict round trip, the JSON transfer, and storing).
    Decoding runs in the engine's prefetch thread, so its time overlaps propagation.
-3. Prompt masks (backend/prompts.py) on the first frame of the test clip and seven DAVIS clips:
+3. Prompt masks (model/prompts.py) on the first frame of the test clip and seven DAVIS clips:
    IoU with the ground truth of GrabCut from a box (tight + 3 px), of the filled box itself, and
    of GrabCut from one point (the object pixel farthest from its border).
 The machine is shared (2 cores, other jobs running): figures are noisy, run it twice.

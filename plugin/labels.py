@@ -21,10 +21,9 @@ import fiftyone as fo
 import numpy as np
 
 from xmem_label.model import FrameResult, InputError
+from xmem_label.model.prompts import mask_from_box
 
 MAX_OBJECT_ID = 255
-GRABCUT_ITERATIONS = 5
-MIN_GRABCUT_SIDE_PX = 8  # smaller boxes are too small to model colours: filled whole
 
 
 @dataclasses.dataclass
@@ -87,7 +86,7 @@ def engine_ids(indexes: set[int]) -> dict[int, int]:
 def detection_to_mask(det: fo.Detection, frame_hw: tuple[int, int], frame: np.ndarray | None):
     """The full-frame boolean mask of `det`: its instance mask pasted into its box (rounded to
     whole pixels, as FiftyOne's own `Detection.from_mask` makes boxes), or, for a box without a
-    mask, the object found inside the box (`box_to_mask`)."""
+    mask, the object found inside the box (`model.prompts.mask_from_box`, GrabCut)."""
     height, width = frame_hw
     if det.bounding_box is None:
         raise InputError(f"detection {det.label!r} has no bounding box")
@@ -95,7 +94,7 @@ def detection_to_mask(det: fo.Detection, frame_hw: tuple[int, int], frame: np.nd
     if not det.has_mask:
         if frame is None:
             raise InputError(f"detection {det.label!r} is a box; its frame is needed for a mask")
-        return box_to_mask(frame, box)
+        return mask_from_box(frame, box)
     x0, y0, x1, y1 = box
     crop = np.asarray(det.get_mask()) > 0  # masks stored as PNG files read back as 0/255
     mask = np.zeros((height, width), dtype=bool)
@@ -119,38 +118,6 @@ def relative_to_pixel_box(
     x1 = int(np.clip(round((x + w) * width), 0, width))
     y1 = int(np.clip(round((y + h) * height), 0, height))
     return x0, y0, x1, y1
-
-
-def box_to_mask(frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """An object mask inside a pixel box: GrabCut seeded with the box (everything outside is
-    background), or the whole box when it is too small for colour models or GrabCut finds
-    nothing.
-
-    Boxes are a weaker prompt than masks; this gives the engine a mask to start from.
-    """
-    height, width = frame.shape[:2]
-    x0, y0, x1, y1 = box
-    mask = np.zeros((height, width), dtype=bool)
-    if x1 <= x0 or y1 <= y0:
-        raise InputError(f"box {box} is empty")
-    mask[y0:y1, x0:x1] = True
-    if min(x1 - x0, y1 - y0) < MIN_GRABCUT_SIDE_PX or mask.all():
-        return mask
-    labels = np.zeros((height, width), dtype=np.uint8)
-    background_model = np.zeros((1, 65), dtype=np.float64)
-    foreground_model = np.zeros((1, 65), dtype=np.float64)
-    bgr = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR)
-    cv2.grabCut(
-        bgr,
-        labels,
-        (x0, y0, x1 - x0, y1 - y0),
-        background_model,
-        foreground_model,
-        GRABCUT_ITERATIONS,
-        cv2.GC_INIT_WITH_RECT,
-    )
-    found = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
-    return found if found.any() else mask
 
 
 def prompt_objects(

@@ -19,9 +19,9 @@ import pytest
 import requests
 from label_studio_sdk.label_interface import LabelInterface
 
-from xmem_label.backend.prompts import mask_from_box, mask_from_points
 from xmem_label.backend.rle import mask_to_rle, rle_to_mask
 from xmem_label.model import Session, load_engine, read_label_mask
+from xmem_label.model.prompts import mask_from_box, mask_from_points
 
 from .conftest import TOKEN
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from xmem_label.backend import formats
-from xmem_label.backend.prompts import mask_from_box, mask_from_points
 from xmem_label.model import InputError, read_label_mask
+from xmem_label.model.prompts import mask_from_box, mask_from_points
 
 CHAIR = Path(__file__).resolve().parents[1] / "data" / "vos" / "chair"
 CONFIG = """<View><Image name="image" valueList="$frames"/>

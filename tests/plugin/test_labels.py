@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from xmem_label.model import FrameResult, InputError, ObjectResult
+from xmem_label.model.prompts import mask_from_box
 from xmem_label.plugin.labels import (
     assign_object_indexes,
-    box_to_mask,
     detection_to_mask,
     engine_ids,
     prompt_objects,
@@ -91,7 +91,7 @@ def test_box_prompt_finds_the_object_inside_the_box():
     frame[10:30, 20:40] = (220, 40, 40)  # the object
     box = relative_to_pixel_box([15 / 60, 5 / 40, 30 / 60, 30 / 40], FRAME_HW)
     assert box == (15, 5, 45, 35)
-    mask = box_to_mask(frame, box)
+    mask = mask_from_box(frame, box)
     truth = full_mask(10, 30, 20, 40)
     iou = (mask & truth).sum() / (mask | truth).sum()
     assert iou > 0.9
@@ -100,7 +100,7 @@ def test_box_prompt_finds_the_object_inside_the_box():
 
 def test_tiny_box_prompt_is_filled():
     frame = np.zeros((*FRAME_HW, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(box_to_mask(frame, (3, 4, 6, 9)), full_mask(4, 9, 3, 6))
+    np.testing.assert_array_equal(mask_from_box(frame, (3, 4, 6, 9)), full_mask(4, 9, 3, 6))
 
 
 def test_result_to_detections_crops_to_box_and_keeps_drawn_masks_verbatim():

@@ -1,8 +1,8 @@
 """A box or points on one frame -> that object's mask on that frame (OpenCV GrabCut).
 
 The propagation engine needs a mask on its keyframe; Label Studio's smart tools and video
-tracks give boxes and points. GrabCut fits a colour model (Gaussian mixtures) of object and
-background and cuts along image edges:
+tracks, and FiftyOne box detections, give boxes and points. GrabCut fits a colour model
+(Gaussian mixtures) of object and background and cuts along image edges:
 - box: outside the box is background, inside is "probably object";
 - points: a disc around each positive point is object, around each negative point background,
   a window around the positive points "probably background" and the rest background; the
@@ -17,7 +17,7 @@ import contextlib
 import cv2
 import numpy as np
 
-from xmem_label.model import InputError
+from .errors import InputError
 
 ITERATIONS = 5
 WORK_SIDE = 320  # GrabCut runs on the prompt's surroundings scaled to this long side
