@@ -80,7 +80,7 @@ PROMPT_CLIPS = ("blackswan", "dog", "car-shadow", "bmx-trees", "horsejump-high",
 def prompt_figures(data: Path) -> None:
     import cv2
 
-    from xmem_label.backend.prompts import mask_from_box, mask_from_points
+    from xmem_label.model.prompts import mask_from_box, mask_from_points
 
     def iou(a, b):
         return (a & b).sum() / (a | b).sum()
