@@ -31,6 +31,7 @@ PRESETS = {
 }
 
 
+MIN_FLOW_SIZE = 16  # DIS refuses images under 12 px on a side; smaller frames are upscaled
 CONFIDENT = 0.9  # probability above which a pixel survives edge snapping unchanged
 # The flow alone never makes a pixel more than 95 % sure, so colours that keep contradicting it
 # (the background showing where an object has left) win within a few frames.
@@ -115,7 +116,7 @@ class FlowTracker:
         self._colours: dict[int, _ColourModel] = {}
         self._work_size: tuple[int, int] | None = None  # (width, height) of the flow, for cv2
         self._mask_size: tuple[int, int] | None = None  # (width, height) of the masks
-        self._scale = 1.0  # mask size / flow size
+        self._scale = np.ones(2, dtype=np.float32)  # mask size / flow size, (x, y)
         self._pixel_scale = 1.0  # mask pixels per pixel setting (settings assume work_height)
 
     def step(
@@ -128,12 +129,7 @@ class FlowTracker:
         prompt = prompt or {}
         height, width = frame.shape[:2]
         if self._work_size is None:
-            work_height = min(self.settings.work_height, height)
-            self._work_size = (max(1, round(width * work_height / height)), work_height)
-            mask_height = min(max(self.settings.mask_height, work_height), height)
-            self._mask_size = (max(1, round(width * mask_height / height)), mask_height)
-            self._scale = mask_height / work_height
-            self._pixel_scale = mask_height / self.settings.work_height
+            self._choose_sizes(width, height)
         small = cv2.resize(frame, self._work_size, interpolation=cv2.INTER_AREA)
         grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         if self._mask_size == (width, height):
@@ -147,6 +143,24 @@ class FlowTracker:
         self._apply_prompt(prompt, codes)
         self._previous_grey = grey
         return self._probabilities((height, width), prompt, outputs)
+
+    def _choose_sizes(self, width: int, height: int) -> None:
+        """Flow and mask sizes for this clip, keeping the aspect ratio; frames smaller than DIS
+        can handle are upscaled for it."""
+        work_height = min(self.settings.work_height, height)
+        work_width = round(width * work_height / height)
+        self._work_size = (max(MIN_FLOW_SIZE, work_width), max(MIN_FLOW_SIZE, work_height))
+        mask_height = min(max(self.settings.mask_height, work_height), height)
+        mask_width = round(width * mask_height / height)
+        self._mask_size = (
+            max(self._work_size[0], mask_width),
+            max(self._work_size[1], mask_height),
+        )
+        self._scale = np.array(
+            [self._mask_size[0] / self._work_size[0], self._mask_size[1] / self._work_size[1]],
+            dtype=np.float32,
+        )
+        self._pixel_scale = self._mask_size[1] / self.settings.work_height
 
     def _colour_codes(self, small: np.ndarray) -> np.ndarray | None:
         if self.settings.colour_weight <= 0:
@@ -165,7 +179,7 @@ class FlowTracker:
         )
         mismatch = np.linalg.norm(backward + returned, axis=2)
         reliability = 1 / (1 + (mismatch / self.settings.consistency_px) ** 2)
-        if self._scale != 1:
+        if self._mask_size != self._work_size:
             reliability = cv2.resize(reliability, self._mask_size, interpolation=cv2.INTER_LINEAR)
             backward = cv2.resize(backward, self._mask_size, interpolation=cv2.INTER_LINEAR)
             map_x, map_y = _displaced_grid(backward * self._scale)
@@ -192,7 +206,7 @@ class FlowTracker:
                 probability = np.where(near, probability, np.minimum(warped, probability))
             if refine_radius > 0:
                 probability = _snap_to_edges(
-                    guide, probability, refine_radius, settings.refine_eps, round(self._scale)
+                    guide, probability, refine_radius, settings.refine_eps, round(self._scale[1])
                 )
             probability = np.clip(probability, 0, 1).astype(np.float32)
             outputs[object_id] = probability

@@ -136,3 +136,19 @@ def test_confidence_drops_when_the_object_vanishes():
     assert all(0 <= value <= 1 for value in confidences)
     assert min(confidences[1:6]) > 0.9
     assert max(confidences[6:]) < 0.8
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (8, 10), (16, 300)])
+def test_tiny_and_thin_frames_work(shape):
+    """DIS needs 12 px on a side: smaller frames are upscaled for the flow, not refused."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(4)]
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[: max(1, shape[0] // 2), : max(1, shape[1] // 2)] = 1
+    session = Session(load_engine("flow"), frames)
+    session.add_mask(1, labels)
+    results = session.run(with_probs=True)
+    assert [result.labels.shape for result in results] == [shape] * 4
+    np.testing.assert_array_equal(results[1].labels, labels)
+    for result in results:
+        assert 0 <= result.objects[1].confidence <= 1
