@@ -122,3 +122,11 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops():
     assert next(stream) == 0
     stream.close()
     assert not any(t.name == "xmem-label-prefetch" for t in threading.enumerate())
+
+
+def test_labels_are_the_argmax_of_the_probabilities_with_ties_to_the_lower_channel():
+    from xmem_label.model.session import _argmax_channels
+
+    probs = torch.rand(4, 30, 20, generator=torch.Generator().manual_seed(0))
+    probs[:, :5] = 0.25  # four-way ties
+    assert torch.equal(_argmax_channels(probs), probs.argmax(0).to(torch.uint8))
