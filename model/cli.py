@@ -91,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args = parser.parse_args(argv)
             except SystemExit as done:  # --help and --version
                 return done.code if isinstance(done.code, int) else 0
-            # Commands set their handler as `run`, or as argparse's conventional `func`.
-            handler = getattr(args, "run", None) or getattr(args, "func", None)
+            # Every command sets its handler as `run` (set_defaults(run=...)).
+            handler = getattr(args, "run", None)
             if handler is None:
                 return _usage(parser)
             return handler(args)

@@ -233,7 +233,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--out", help="write predicted masks to this folder")
     parser.add_argument("--sequences", help="comma-separated clip names (default: all)")
     parser.add_argument("--keyframe", type=int, default=0, help="keyframe index (default: 0)")
-    parser.set_defaults(func=_run_eval)
+    parser.set_defaults(run=_run_eval)
     return parser
 
 

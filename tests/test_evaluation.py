@@ -91,7 +91,7 @@ def test_eval_command(tmp_path, capsys):
             "chair",
         ]
     )
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     output = capsys.readouterr().out
     assert "chair" in output and "J&F" in output
     assert len(list((tmp_path / "chair").glob("*.png"))) == 8
