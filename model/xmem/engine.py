@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,7 @@ class XMemEngine:
             "sha256": self._weights_sha256,
             "device": str(self.device),
             "precision": self.precision,
-            "settings": {
-                name: getattr(self.settings, name)
-                for name in XMemSettings.__dataclass_fields__
-            },
+            "settings": dataclasses.asdict(self.settings),
         }
 
     def new_tracker(self, num_frames: int | None) -> XMemTracker:

@@ -9,7 +9,6 @@ values, deep-update the sensory memory and write to working memory.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -127,7 +126,7 @@ class XMemTracker:
             is_normal_update = not last
 
         image = self.engine.prepare_image(frame, geometry)
-        with self._precision():
+        with self.engine.autocast():
             features = network.encode_key(
                 image,
                 need_shrinkage=is_memory_frame,
@@ -136,7 +135,7 @@ class XMemTracker:
         probs = None
         if need_segment:
             readout = self.memory.read(features.key, features.selection)
-            with self._precision():
+            with self.engine.autocast():
                 hidden, _, probs = network.segment(
                     features, readout, self.hidden, update_hidden=is_normal_update
                 )
@@ -145,7 +144,7 @@ class XMemTracker:
         if prompt:
             probs = self._apply_prompt(probs, prompt, new_ids, geometry, image.device)
         if is_memory_frame:
-            with self._precision():
+            with self.engine.autocast():
                 value, hidden = network.encode_value(
                     image, features.f16, self.hidden, probs[:, 1:], deep_update=is_deep_update
                 )
@@ -184,6 +183,3 @@ class XMemTracker:
             self.hidden = zeros if self.hidden is None else torch.cat([self.hidden, zeros], 1)
             self.object_ids = all_ids
         return soft_aggregate(masks.unsqueeze(0), dim=1)
-
-    def _precision(self) -> contextlib.AbstractContextManager:
-        return self.engine.autocast()
