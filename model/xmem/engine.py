@@ -18,6 +18,7 @@ from .allocator import keep_freed_memory
 from .checkpoint import build_network, load_state_dict
 from .inference import IMAGENET_MEAN, IMAGENET_STD, FrameGeometry, XMemTracker
 from .network import XMemNetwork
+from .winograd import use_winograd
 
 # Precisions per device type: "fp32" is exact mode; bf16/fp16 autocast is fast mode.
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16"), "mps": ("fp32", "fp16")}
@@ -114,6 +115,8 @@ def load_xmem_engine(
         parameter.requires_grad_(False)
     if device.type == "cpu":
         keep_freed_memory()
+        if precision == "fp32":
+            use_winograd(network.decoder)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if compile:

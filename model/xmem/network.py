@@ -13,7 +13,9 @@ selection, value, hidden state) and the outputs of `segment` are float32 even un
 `torch.autocast`; the frame features f16/f8/f4 keep the autocast dtype, so call all three
 methods of a frame in the same precision context.
 
-Speed on CPU: `network.to(memory_format=torch.channels_last)` with channels-last images changes
+Speed on CPU: `winograd.use_winograd(network.decoder)` runs the decoder's wide 3x3
+convolutions with a quarter of the multiplications (float32 only; rounding-level differences);
+`network.to(memory_format=torch.channels_last)` with channels-last images changes
 results only by rounding; `torch.autocast("cpu", dtype=torch.bfloat16)` around the calls is the
 fast mode (about 2x, probabilities within ~0.02); `allocator.keep_freed_memory()` once per
 process saves the page faults of the large activations.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import BasicBlock, KeyEncoder, make_stage
+from .winograd import Conv3x3
 
 # Objects that go through the full-resolution half of the networks together. Batching them
 # amortises per-call overhead; capping the batch bounds activation memory (about 150 MB per
@@ -63,18 +66,14 @@ def _upsample4(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
 
 
-def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
-
-
-def _conv_split(shared: Tensor, own: Tensor, conv: nn.Conv2d) -> Tensor:
+def _conv_split(shared: Tensor, own: Tensor, conv: Conv3x3) -> Tensor:
     """`conv(cat([shared expanded to every object, own], 1))`, the shared part computed once.
 
     shared: (1, Cs, h, w), the same for every object; own: (K, Co, h, w).
     """
     split = shared.shape[1]
-    shared_part = F.conv2d(shared, conv.weight[:, :split], conv.bias, padding=conv.padding)
-    own_part = F.conv2d(own, conv.weight[:, split:], None, padding=conv.padding)
+    shared_part = conv.forward_input_channels(shared, slice(None, split), with_bias=True)
+    own_part = conv.forward_input_channels(own, slice(split, None), with_bias=False)
     return own_part + shared_part
 
 
@@ -87,10 +86,10 @@ class GroupResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.downsample = (
-            _conv3x3(in_channels, out_channels) if in_channels != out_channels else None
+            Conv3x3(in_channels, out_channels) if in_channels != out_channels else None
         )
-        self.conv1 = _conv3x3(in_channels, out_channels)
-        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.conv1 = Conv3x3(in_channels, out_channels)
+        self.conv2 = Conv3x3(out_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(F.relu(self.conv1(F.relu(x))))
@@ -172,7 +171,7 @@ class HiddenReinforcer(nn.Module):
 
     def __init__(self, value_dim: int, hidden_dim: int):
         super().__init__()
-        self.transform = _conv3x3(value_dim + hidden_dim, hidden_dim * 3)
+        self.transform = Conv3x3(value_dim + hidden_dim, hidden_dim * 3)
 
     def forward(self, value: Tensor, hidden: Tensor) -> Tensor:
         return _gated_update(self.transform(torch.cat([value, hidden.to(value.dtype)], 1)), hidden)
@@ -186,7 +185,7 @@ class HiddenUpdater(nn.Module):
         self.g16_conv = nn.Conv2d(512, mid_channels, 1)
         self.g8_conv = nn.Conv2d(256, mid_channels, 1)
         self.g4_conv = nn.Conv2d(257, mid_channels, 1)
-        self.transform = _conv3x3(mid_channels + hidden_dim, hidden_dim * 3)
+        self.transform = Conv3x3(mid_channels + hidden_dim, hidden_dim * 3)
 
     def forward(self, g16: Tensor, g8: Tensor, g4: Tensor, hidden: Tensor) -> Tensor:
         # Area downsampling by exact factors is average pooling.
@@ -248,9 +247,9 @@ class KeyProjection(nn.Module):
 
     def __init__(self, in_channels: int, key_dim: int):
         super().__init__()
-        self.key_proj = _conv3x3(in_channels, key_dim)
-        self.d_proj = _conv3x3(in_channels, 1)
-        self.e_proj = _conv3x3(in_channels, key_dim)
+        self.key_proj = Conv3x3(in_channels, key_dim)
+        self.d_proj = Conv3x3(in_channels, 1)
+        self.e_proj = Conv3x3(in_channels, key_dim)
 
     def forward(
         self, f16: Tensor, need_shrinkage: bool, need_selection: bool
@@ -266,7 +265,7 @@ class UpsampleBlock(nn.Module):
 
     def __init__(self, skip_channels: int, up_channels: int, out_channels: int):
         super().__init__()
-        self.skip_conv = _conv3x3(skip_channels, up_channels)
+        self.skip_conv = Conv3x3(skip_channels, up_channels)
         self.out_conv = GroupResBlock(up_channels, out_channels)
 
     def forward(self, projected_skip: Tensor, coarse: Tensor) -> Tensor:
@@ -285,7 +284,7 @@ class Decoder(nn.Module):
         self.hidden_update = HiddenUpdater(hidden_dim)
         self.up_16_8 = UpsampleBlock(512, 512, 256)
         self.up_8_4 = UpsampleBlock(256, 256, 256)
-        self.pred = nn.Conv2d(256, 1, 3, padding=1)
+        self.pred = Conv3x3(256, 1)
 
     def forward(
         self,

@@ -1,0 +1,160 @@
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, CVPR 2016).
+
+Why: on CPU the decoder's wide 3x3 convolutions are most of XMem's time, and oneDNN's direct
+float32 kernels already run near the CPU's peak, so the only way to go faster at float32 is to
+multiply less. Winograd's algorithm computes each 4x4 output tile from a 6x6 input tile with 36
+multiplications per input/output channel pair instead of 144. The input and output transforms
+cost little next to the multiplications when both channel counts are wide (>= 192), so those
+convolutions run 1.7-3x faster on a 2-core machine. The results differ from a direct float32
+convolution by rounding only: about 5e-5 absolute on outputs of magnitude ~7, against ~1e-5 for
+the direct kernel (the equivalence test against the official implementation covers it).
+
+The transformed weight (36 values per 3x3 filter, so 4x the weight's memory) is computed once,
+in float64, and kept beside the original weight, which autocast, CUDA and training still use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TILE = 4  # output pixels per tile side
+_SPAN = TILE + 2  # input pixels per tile side
+
+# F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2 and infinity: input transform B^T,
+# filter transform G and output transform A^T. Output tile = A^T [(G g G^T) * (B^T d B)] A.
+_INPUT_TRANSFORM = torch.tensor(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=torch.float32,
+)
+_FILTER_TRANSFORM = torch.tensor(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=torch.float64,
+)
+_OUTPUT_TRANSFORM = torch.tensor(
+    [
+        [1, 1, 1, 1, 1, 0],
+        [0, 1, -1, 2, -2, 0],
+        [0, 1, 1, 4, 4, 0],
+        [0, 1, -1, 8, -8, 1],
+    ],
+    dtype=torch.float32,
+)
+
+# Convolutions narrower than this on either side are faster direct (measured on ResNet widths).
+MIN_CHANNELS = 192
+# Elements per transformed band of tiles (32 MB in float32): the speed of whole-image transforms
+# at a fraction of their memory (measured at 854x480 with 1 and 3 objects).
+CHUNK_ELEMENTS = 1 << 23
+
+
+def transform_weight(weight: Tensor) -> Tensor:
+    """(Cout, Cin, 3, 3) -> (36, Cin, Cout) float32: G w G^T for each channel pair, laid out
+    as one (Cin, Cout) matrix per position in the 6x6 tile."""
+    g = _FILTER_TRANSFORM.to(weight.device)
+    u = g @ weight.detach().double() @ g.T  # (Cout, Cin, 6, 6)
+    cout, cin = weight.shape[:2]
+    return u.permute(2, 3, 1, 0).reshape(_SPAN * _SPAN, cin, cout).float().contiguous()
+
+
+def winograd_conv3x3(x: Tensor, transformed_weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.conv2d(x, weight, bias, padding=1)` for float32 x (N, Cin, H, W).
+
+    transformed_weight: `transform_weight(weight)`, possibly sliced along Cin. The output is
+    (N, Cout, H, W) in channels-last memory. Tiles go through in bands of tile rows, so the
+    transformed tiles (2.25x the input or output) stay within a few `CHUNK_ELEMENTS` buffers.
+    """
+    n, channels, height, width = x.shape
+    out_channels = transformed_weight.shape[-1]
+    rows, cols = -(-height // TILE), -(-width // TILE)
+    # Zero-padded input in NHWC, large enough for whole tiles.
+    padded = x.new_zeros(n, rows * TILE + 2, cols * TILE + 2, channels)
+    padded[:, 1 : height + 1, 1 : width + 1] = x.permute(0, 2, 3, 1)
+    out = x.new_empty(n, rows * TILE, cols * TILE, out_channels)
+    s_n, s_h, s_w, s_c = padded.stride()
+    b_t, a_t = _INPUT_TRANSFORM.to(x.device), _OUTPUT_TRANSFORM.to(x.device)
+    band = max(1, CHUNK_ELEMENTS // (_SPAN * _SPAN * n * cols * max(channels, out_channels)))
+    for top in range(0, rows, band):
+        band_rows = min(band, rows - top)
+        tiles = n * band_rows * cols
+        # (6, 6 * tiles * Cin): the band's overlapping 6x6 windows, window position outermost.
+        windows = padded[:, top * TILE :].as_strided(
+            (_SPAN, _SPAN, n, band_rows, cols, channels),
+            (s_h, s_w, s_n, TILE * s_h, TILE * s_w, s_c),
+        ).reshape(_SPAN, -1)
+        v = (b_t @ windows).view(_SPAN, _SPAN, -1)  # B^T d
+        v = torch.matmul(b_t, v).view(_SPAN * _SPAN, tiles, channels)  # (B^T d) B
+        m = torch.bmm(v, transformed_weight)  # (36, tiles, Cout): the multiplications
+        y = (a_t @ m.view(_SPAN, -1)).view(TILE, _SPAN, -1)
+        y = torch.matmul(a_t, y).view(TILE, TILE, n, band_rows, cols, out_channels)
+        out[:, top * TILE : (top + band_rows) * TILE].view(
+            n, band_rows, TILE, cols, TILE, out_channels
+        ).copy_(y.permute(2, 3, 0, 4, 1, 5))
+    out = out[:, :height, :width]
+    out = out + bias if bias is not None else out.contiguous()
+    return out.permute(0, 3, 1, 2)
+
+
+class Conv3x3(nn.Conv2d):
+    """A 3x3 convolution with padding 1 that runs by Winograd once `use_winograd` prepared it.
+
+    The Winograd path applies to float32 CPU inputs outside autocast and gradients; anything
+    else runs the ordinary convolution. The transformed weight is a non-persistent buffer, so
+    state dicts keep the official layout.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+        self.register_buffer("winograd_weight", None, persistent=False)
+        self._winograd_version = -1
+
+    def prepare_winograd(self) -> None:
+        self.winograd_weight = transform_weight(self.weight)
+        self._winograd_version = self.weight._version
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_input_channels(x, slice(None), with_bias=True)
+
+    def forward_input_channels(self, x: Tensor, channels: slice, *, with_bias: bool) -> Tensor:
+        """The convolution of x with the filters' input channels `channels` only."""
+        bias = self.bias if with_bias else None
+        if self._winograd_applies(x):
+            if self.weight._version != self._winograd_version:  # weights were loaded again
+                self.prepare_winograd()
+            return winograd_conv3x3(x, self.winograd_weight[:, channels], bias)
+        return F.conv2d(x, self.weight[:, channels], bias, padding=1)
+
+    def _winograd_applies(self, x: Tensor) -> bool:
+        return (
+            self.winograd_weight is not None
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+        )
+
+
+def use_winograd(module: nn.Module) -> int:
+    """Prepare every `Conv3x3` in `module` at least `MIN_CHANNELS` wide on both sides for the
+    Winograd path; returns how many were prepared."""
+    prepared = 0
+    for conv in module.modules():
+        if isinstance(conv, Conv3x3) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS:
+            conv.prepare_winograd()
+            prepared += 1
+    return prepared

@@ -1,0 +1,112 @@
+"""Winograd F(4x4, 3x3) convolutions: equal to the direct convolution up to float32 rounding, used
+only where they apply (float32 on CPU, no autocast, no gradients), invisible to state dicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xmem_label.model import load_engine
+from xmem_label.model.xmem import winograd
+from xmem_label.model.xmem.winograd import Conv3x3, use_winograd
+
+# The direct float32 kernel is ~1e-5 from float64 on these outputs (magnitude ~5); Winograd's
+# transforms add a few times that.
+TOLERANCE = 2e-4
+
+
+def direct(x: torch.Tensor, conv: Conv3x3, channels: slice = slice(None), bias: bool = True):
+    bias_value = conv.bias.double() if bias else None
+    return F.conv2d(x.double(), conv.weight[:, channels].double(), bias_value, padding=1)
+
+
+def wide_conv(in_channels: int = 200, out_channels: int = 192) -> Conv3x3:
+    torch.manual_seed(0)
+    conv = Conv3x3(in_channels, out_channels)
+    assert use_winograd(conv) == 1
+    return conv
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 200, 16, 16), (3, 200, 13, 17), (2, 200, 5, 9)], ids=str
+)
+def test_matches_the_direct_convolution(shape):
+    conv = wide_conv()
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out = conv(x)
+    assert out.shape == (shape[0], 192, *shape[2:])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - direct(x, conv)).abs().max() < TOLERANCE
+
+
+def test_bands_of_tiles_and_input_channel_slices(monkeypatch):
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 10_000)  # many bands of one tile row
+    conv = wide_conv()
+    x = torch.randn(2, 200, 23, 31).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        whole = conv(x)
+        own = conv.forward_input_channels(x[:, 150:], slice(150, None), with_bias=False)
+    assert (whole.double() - direct(x, conv)).abs().max() < TOLERANCE
+    reference = direct(x[:, 150:], conv, slice(150, None), bias=False)
+    assert (own.double() - reference).abs().max() < TOLERANCE
+
+
+def test_direct_path_under_autocast_and_gradients():
+    conv = wide_conv()
+    x = torch.randn(1, 200, 8, 8)
+    calls = []
+    original = winograd.winograd_conv3x3
+
+    def recording(*args):
+        calls.append(1)
+        return original(*args)
+
+    winograd.winograd_conv3x3 = recording
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16
+        conv(x).sum().backward()  # training: weights require gradients, direct path
+        assert conv.weight.grad is not None
+        assert calls == []
+        with torch.inference_mode():
+            conv(x)
+        assert calls == [1]
+    finally:
+        winograd.winograd_conv3x3 = original
+
+
+def test_weights_loaded_later_are_transformed_again_and_state_dicts_are_unchanged():
+    conv = wide_conv()
+    keys = set(conv.state_dict())
+    assert keys == {"weight", "bias"}
+    other = Conv3x3(200, 192)
+    conv.load_state_dict(other.state_dict())
+    x = torch.randn(1, 200, 8, 8)
+    with torch.inference_mode():
+        out = conv(x)
+    assert (out.double() - direct(x, other)).abs().max() < TOLERANCE
+
+
+def test_narrow_convolutions_stay_direct():
+    network = torch.nn.Sequential(Conv3x3(256, 1), Conv3x3(64, 64), Conv3x3(256, 256))
+    assert use_winograd(network) == 1
+    assert network[2].winograd_weight is not None
+    assert network[0].winograd_weight is None and network[1].winograd_weight is None
+
+
+def test_exact_mode_on_cpu_prepares_the_decoder_and_fast_mode_does_not(xmem_weights_path):
+    def prepared(engine) -> list[Conv3x3]:
+        return [
+            m for m in engine.network.modules()
+            if isinstance(m, Conv3x3) and m.winograd_weight is not None
+        ]
+
+    exact = load_engine("xmem", weights=xmem_weights_path, device="cpu")
+    convs = prepared(exact)
+    assert len(convs) == 13
+    decoder_convs = set(map(id, exact.network.decoder.modules()))
+    assert all(id(conv) in decoder_convs for conv in convs)
+    fast = load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="bf16")
+    assert prepared(fast) == []
