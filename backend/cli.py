@@ -13,6 +13,7 @@ import cv2
 from gunicorn.app.base import BaseApplication
 
 from xmem_label.model import InputError, open_frames
+from xmem_label.model.xmem.allocator import keep_freed_memory
 
 from . import formats
 from .studio import LabelStudio, StudioError
@@ -70,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
                         ("job-threads", args.job_threads), ("queue", args.queue)):
         if value < 1:
             raise InputError(f"--{name} must be at least 1")
+    keep_freed_memory()  # before gunicorn forks and starts threads (see allocator.py)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] %(message)s")
     logging.getLogger("label_studio_sdk").setLevel(logging.WARNING)  # a line per frame otherwise
     os.environ.update({

@@ -24,6 +24,7 @@ import torch
 from xmem_label.model import Session, load_engine
 from xmem_label.model.cli import main as cli_main
 from xmem_label.model.masks import write_label_mask
+from xmem_label.model.xmem.allocator import keep_freed_memory
 
 from .common import SyntheticClip, synthetic_checkpoint
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # first thing, as `xmem-label` does (see allocator.py)
     width, height = (int(v) for v in args.size.lower().split("x"))
     torch.set_num_threads(args.threads)
     weights = synthetic_checkpoint()

@@ -45,6 +45,7 @@ from .weights import (
     sha256_of,
     verify_checkpoint,
 )
+from .xmem.allocator import keep_freed_memory
 
 PROG = "xmem-label"
 PLUGIN_COMMANDS = "xmem_label.commands"  # entry-point group of commands from other parts
@@ -83,6 +84,7 @@ class PropagationJob:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 done, 2 bad input)."""
+    keep_freed_memory()  # before any thread starts (see allocator.py)
     parser = build_parser()
     with warnings.catch_warnings():
         warnings.showwarning = _warning_on_one_line

@@ -10,6 +10,7 @@ long-term sizes, object groups) exactly.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,20 @@ def test_fast_mode_stays_close_to_exact_mode(xmem_fixture_dir, xmem_weights_path
     )
     assert worst <= FAST_MAX_DIFFERENCE
     assert min(decided_agreement) >= FAST_DECIDED_AGREEMENT
+
+
+def test_fast_mode_agrees_with_exact_mode_on_real_frames(xmem_weights_path):
+    """The same comparison on real frames (the weight-free engine's keyframe setup: first
+    ground-truth mask, forward): tests/data/vos/chair, 8 frames at 854x480, default size 480.
+    `python -m benchmarks.fast_mode` runs it on every clip of the shared data."""
+    from benchmarks.fast_mode import compare_clip
+
+    exact, fast = (
+        load_engine("xmem", weights=xmem_weights_path, device="cpu", precision=precision)
+        for precision in ("fp32", "bf16")
+    )
+    figures = compare_clip(Path(__file__).parents[1] / "data" / "vos" / "chair", exact, fast)
+    print(f"bf16 vs fp32 on chair: {figures}")
+    assert figures["agreement"] >= 0.99
+    assert figures["decided_agreement"] >= FAST_DECIDED_AGREEMENT
+    assert figures["max_difference"] <= FAST_MAX_DIFFERENCE

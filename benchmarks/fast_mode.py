@@ -1,0 +1,98 @@
+"""Fast mode (bf16 autocast) against exact mode (float32) on real clips (issue 6, goal 2).
+
+    python -m benchmarks.fast_mode [--data ../shared/data/vos] [--sequences a,b] [--threads 2]
+
+Both modes propagate each clip forward from its ground-truth first-frame mask (the setup of the
+weight-free engine's evaluation), with the synthetic seed-1 weights: the official ones cannot be
+downloaded here. Per clip: argmax agreement over all pixels and over the pixels exact mode
+decides by a probability margin above 0.05, the share of such decided pixels, and the largest
+probability difference. Random weights leave many near-ties, which real weights do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmem_label.model import Session, load_engine, read_label_mask
+
+from .common import synthetic_checkpoint
+from .quality import DEFAULT_DATA
+
+DECIDED_MARGIN = 0.05
+
+
+def compare_clip(clip_dir: Path, exact, fast) -> dict[str, float]:
+    """Propagate one clip in both modes in lockstep; agreement figures over frames 1..N-1."""
+    keyframe = read_label_mask(sorted((clip_dir / "masks").glob("*.png"))[0])
+    same = decided_same = decided = pixels = 0
+    worst = 0.0
+    with Session(exact, clip_dir / "frames") as exact_run, Session(
+        fast, clip_dir / "frames"
+    ) as fast_run:
+        exact_run.add_mask(0, keyframe)
+        fast_run.add_mask(0, keyframe)
+        for ours, reference in zip(
+            fast_run.propagate(direction="forward", with_probs=True),
+            exact_run.propagate(direction="forward", with_probs=True),
+            strict=True,
+        ):
+            if ours.index == 0:
+                continue
+            top_two = np.sort(reference.probs, axis=0)[-2:]
+            is_decided = top_two[1] - top_two[0] > DECIDED_MARGIN
+            agrees = ours.labels == reference.labels
+            same += int(agrees.sum())
+            decided_same += int(agrees[is_decided].sum())
+            decided += int(is_decided.sum())
+            pixels += agrees.size
+            worst = max(worst, float(np.abs(ours.probs - reference.probs).max()))
+    return {
+        "agreement": same / pixels,
+        "decided_agreement": decided_same / max(decided, 1),
+        "decided_share": decided / pixels,
+        "max_difference": worst,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of DAVIS-format clips")
+    parser.add_argument("--sequences", help="comma-separated clip names (default: all)")
+    parser.add_argument("--size", type=int, default=480, help="internal short side (-1 native)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    engines = [
+        load_engine("xmem", weights=synthetic_checkpoint(), device="cpu", size=args.size,
+                    precision=precision)
+        for precision in ("fp32", "bf16")
+    ]
+    data = Path(args.data)
+    names = [n for n in (args.sequences or "").split(",") if n] or sorted(
+        p.name for p in data.iterdir() if (p / "frames").is_dir()
+    )
+    print(f"bf16 against fp32, synthetic weights, size {args.size}, {args.threads} threads")
+    print(f"{'clip':<16} {'all px':>8} {'decided px':>11} {'decided share':>14} {'max|dp|':>8}")
+    rows = []
+    for name in names:
+        row = compare_clip(data / name, *engines)
+        rows.append(row)
+        print(
+            f"{name:<16} {row['agreement']:>8.2%} {row['decided_agreement']:>11.3%} "
+            f"{row['decided_share']:>14.1%} {row['max_difference']:>8.3f}",
+            flush=True,
+        )
+    print(
+        f"{'mean':<16} {np.mean([r['agreement'] for r in rows]):>8.2%} "
+        f"{np.mean([r['decided_agreement'] for r in rows]):>11.3%} "
+        f"{np.mean([r['decided_share'] for r in rows]):>14.1%} "
+        f"{max(r['max_difference'] for r in rows):>8.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
