@@ -1,6 +1,7 @@
 """Speed and memory of XMem propagation on CPU (issue 6), beside the reference's figures.
 
     python -m benchmarks.propagate --size 854x480 --objects 1,3 --frames 60 [--precision bf16]
+        [--compile]
 
 Each case runs in its own process so its peak RSS is its own. Frames are pre-decoded (a
 synthetic clip, computed in memory), so this measures the network and memory, as the reference
@@ -29,10 +30,13 @@ REFERENCE = {(854, 480, 1): (2.03, 1500), (854, 480, 3): (4.35, 1710), (320, 192
 FLOP_FRAMES = 7  # frames counted for GFLOP/s: includes the first memory write after frame 0
 
 
-def run_case(width: int, height: int, objects: int, frames: int, precision: str) -> dict:
+def run_case(
+    width: int, height: int, objects: int, frames: int, precision: str, compile: bool
+) -> dict:
     """Propagate one synthetic clip and return its timings (runs in the case's own process)."""
     engine = load_engine(
-        "xmem", weights=synthetic_checkpoint(), size=-1, device="cpu", precision=precision
+        "xmem", weights=synthetic_checkpoint(), size=-1, device="cpu", precision=precision,
+        compile=compile,
     )
     clip = SyntheticClip(frames, height, width)
 
@@ -45,10 +49,12 @@ def run_case(width: int, height: int, objects: int, frames: int, precision: str)
             stamps.append(time.perf_counter())
         return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
-    with FlopCounterMode(display=False) as counter:
-        timed_run(FLOP_FRAMES)
-    flops_per_frame = counter.get_total_flops() / FLOP_FRAMES
-    seconds = timed_run(frames)[3:-1]
+    flops_per_frame = float("nan")  # compiled graphs hide their operations from the counter
+    if not compile:
+        with FlopCounterMode(display=False) as counter:
+            timed_run(FLOP_FRAMES)
+        flops_per_frame = counter.get_total_flops() / FLOP_FRAMES
+    seconds = timed_run(frames)[3:-1]  # with compile, the first frames include compiling
     median = statistics.median(seconds)
     return {
         "seconds": seconds,
@@ -65,22 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     torch.set_num_threads(args.threads)
 
     if args.case:  # child process: one case, JSON on stdout
-        result = run_case(width, height, int(args.objects), args.frames, args.precision)
+        result = run_case(
+            width, height, int(args.objects), args.frames, args.precision, args.compile
+        )
         print(json.dumps(result))
         return 0
 
-    print(f"XMem on CPU, {args.threads} threads, {args.precision}, {width}x{height}, "
+    compiled = ", compiled" if args.compile else ""
+    print(f"XMem on CPU, {args.threads} threads, {args.precision}{compiled}, {width}x{height}, "
           f"{args.frames} frames, synthetic clip and weights")
     for objects in (int(n) for n in args.objects.split(",")):
         command = [sys.executable, "-m", "benchmarks.propagate", "--case", "--size", args.size,
                    "--objects", str(objects), "--frames", str(args.frames),
                    "--precision", args.precision, "--threads", str(args.threads)]
+        command += ["--compile"] if args.compile else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         line = (f"{objects} object(s): {describe_times(result['seconds'])}, "

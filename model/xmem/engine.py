@@ -38,8 +38,10 @@ class XMemEngine:
         device: torch.device,
         precision: str,
         weights_path: Path,
+        compiled: bool = False,
     ):
         self.network = network
+        self.compiled = compiled
         self.settings = settings
         self.device = device
         self.precision = precision
@@ -63,11 +65,21 @@ class XMemEngine:
     def new_tracker(self, num_frames: int | None) -> XMemTracker:
         return XMemTracker(self, num_frames)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The precision context of the network calls (memory reads stay float32)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+    def network_context(self) -> contextlib.ExitStack:
+        """The context of the network calls: autocast in fast mode (memory reads stay float32),
+        and with `compile`, inductor's weight freezing (weights folded as constants and
+        prepacked for oneDNN), the setting meant for inference; the first call of each shape
+        compiles under it."""
+        stack = contextlib.ExitStack()
+        if self.precision != "fp32":
+            stack.enter_context(
+                torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+            )
+        if self.compiled:
+            import torch._inductor.config as inductor_config
+
+            stack.enter_context(inductor_config.patch(freezing=True))
+        return stack
 
     def prepare_image(self, frame: np.ndarray, geometry: FrameGeometry) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (1, 3, Hp, Wp) float32 normalised, resized, padded, channels
@@ -128,4 +140,5 @@ def load_xmem_engine(
         device=device,
         precision=precision,
         weights_path=path,
+        compiled=compile,
     )

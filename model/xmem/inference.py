@@ -126,7 +126,7 @@ class XMemTracker:
             is_normal_update = not last
 
         image = self.engine.prepare_image(frame, geometry)
-        with self.engine.autocast():
+        with self.engine.network_context():
             features = network.encode_key(
                 image,
                 need_shrinkage=is_memory_frame,
@@ -135,7 +135,7 @@ class XMemTracker:
         probs = None
         if need_segment:
             readout = self.memory.read(features.key, features.selection)
-            with self.engine.autocast():
+            with self.engine.network_context():
                 hidden, _, probs = network.segment(
                     features, readout, self.hidden, update_hidden=is_normal_update
                 )
@@ -144,7 +144,7 @@ class XMemTracker:
         if prompt:
             probs = self._apply_prompt(probs, prompt, new_ids, geometry, image.device)
         if is_memory_frame:
-            with self.engine.autocast():
+            with self.engine.network_context():
                 value, hidden = network.encode_value(
                     image, features.f16, self.hidden, probs[:, 1:], deep_update=is_deep_update
                 )
