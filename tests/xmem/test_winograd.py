@@ -53,7 +53,7 @@ def test_bands_of_tiles_and_input_channel_slices(monkeypatch):
     assert (own.double() - reference).abs().max() < TOLERANCE
 
 
-def test_direct_path_under_autocast_and_gradients():
+def test_direct_path_under_autocast_and_gradients(monkeypatch):
     conv = wide_conv()
     x = torch.randn(1, 200, 8, 8)
     calls = []
@@ -63,18 +63,15 @@ def test_direct_path_under_autocast_and_gradients():
         calls.append(1)
         return original(*args)
 
-    winograd.winograd_conv3x3 = recording
-    try:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert conv(x).dtype == torch.bfloat16
-        conv(x).sum().backward()  # training: weights require gradients, direct path
-        assert conv.weight.grad is not None
-        assert calls == []
-        with torch.inference_mode():
-            conv(x)
-        assert calls == [1]
-    finally:
-        winograd.winograd_conv3x3 = original
+    monkeypatch.setattr(winograd, "winograd_conv3x3", recording)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    conv(x).sum().backward()  # training: weights require gradients, direct path
+    assert conv.weight.grad is not None
+    assert calls == []
+    with torch.inference_mode():
+        conv(x)
+    assert calls == [1]
 
 
 def test_weights_loaded_later_are_transformed_again_and_state_dicts_are_unchanged():
