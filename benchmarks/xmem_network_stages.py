@@ -4,8 +4,10 @@
     python -m benchmarks.xmem_network_stages --channels-last --bf16 --keep-freed-memory
 
 Prints the median and minimum seconds of encode_key, encode_value (deep update) and segment
-(with the hidden-state update), and the network's share of a frame at the default settings
-(every frame: encode_key + segment; every 5th frame also encode_value). The readout is random:
+(with the hidden-state update), the GFLOP each executes and the rate achieved, and the network's
+share of a frame at the default settings (every frame: encode_key + segment; every 5th frame
+also encode_value). Beside them, the rate of a large matrix product in the same precision: what
+this CPU can do at best, so how far doing the same work faster can go. The readout is random:
 speed does not depend on values, and the synthetic weights of the equivalence fixtures stand in
 for the official checkpoint.
 """
@@ -18,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import synthetic_checkpoint
 from xmem_label.model.xmem.allocator import keep_freed_memory
@@ -26,6 +29,18 @@ from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
 
 def padded(size: int) -> int:
     return (size + 15) // 16 * 16
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+    """Median GFLOP/s of a (size x size) @ (size x size) product in `dtype`."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(seconds) / 1e9
 
 
 def main() -> None:
@@ -67,8 +82,13 @@ def main() -> None:
         "segment": lambda: network.segment(features, readout, hidden, update_hidden=True),
     }
     times: dict[str, list[float]] = {name: [] for name in stages}
+    gflop: dict[str, float] = {}
     with torch.inference_mode(), precision:
         features = stages["encode_key"]()
+        for name, stage in stages.items():
+            with FlopCounterMode(display=False) as counter:
+                stage()
+            gflop[name] = counter.get_total_flops() / 1e9
         for _ in range(args.repeats):
             for name, stage in stages.items():
                 start = time.perf_counter()
@@ -78,10 +98,20 @@ def main() -> None:
     mode += " keep-freed-memory" if args.keep_freed_memory else ""
     print(f"{width}x{height} padded, {objects} object(s), {args.threads} threads, {mode}")
     for name, values in times.items():
-        print(f"  {name:13s} median {statistics.median(values):.3f} s   min {min(values):.3f} s")
+        median = statistics.median(values)
+        print(
+            f"  {name:13s} median {median:.3f} s   min {min(values):.3f} s   "
+            f"{gflop[name]:.0f} GFLOP, {gflop[name] / median:.0f} GFLOP/s"
+        )
     median = {name: statistics.median(values) for name, values in times.items()}
     per_frame = median["encode_key"] + median["segment"] + median["encode_value"] / 5
-    print(f"  network per frame with a memory frame every 5: {per_frame:.3f} s")
+    frame_gflop = gflop["encode_key"] + gflop["segment"] + gflop["encode_value"] / 5
+    print(
+        f"  network per frame with a memory frame every 5: {per_frame:.3f} s, "
+        f"{frame_gflop:.0f} GFLOP, {frame_gflop / per_frame:.0f} GFLOP/s"
+    )
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    print(f"  4096^3 matrix product in {dtype}: {matmul_gflops(dtype):.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -152,9 +152,10 @@ def test_keyframe_masks_come_back_verbatim(xmem_fixture_dir, config_runs):
     assert np.array_equal(results[0].labels, np.where(labels == 3, 0, labels))
 
 
-# Fast mode (bf16 autocast on CPU) against exact mode, on config A. With the synthetic weights
-# about a tenth of the pixels are near-ties (winning margin below 0.05 in float32; real weights
-# give confident masks), so agreement is required on the decided pixels and reported overall.
+# Fast mode (bf16 autocast on CPU) against exact mode, on config A. The synthetic weights leave
+# near-ties (real weights give confident masks): float32 decides about a third of the pixels by
+# less than 0.05 and a sixth by less than 1e-3, below bf16's rounding unit (2^-8), and bf16 flips
+# about a tenth. So agreement is required on the decided pixels and reported overall.
 FAST_MAX_DIFFERENCE = 0.03
 DECIDED_MARGIN = 0.05
 FAST_DECIDED_AGREEMENT = 0.999
@@ -163,17 +164,20 @@ FAST_DECIDED_AGREEMENT = 0.999
 def test_fast_mode_stays_close_to_exact_mode(xmem_fixture_dir, xmem_weights_path, config_runs):
     exact, _, _ = config_runs("A")
     fast, _, _ = run_config(xmem_fixture_dir, xmem_weights_path, "A", precision="bf16")
-    decided_agreement, agreement, worst = [], [], 0.0
+    decided_agreement, agreement, near_ties, worst = [], [], [], 0.0
     for ours, reference in zip(fast[1:], exact[1:], strict=True):
         worst = max(worst, float(np.abs(ours.probs - reference.probs).max()))
         top_two = np.sort(reference.probs, axis=0)[-2:]
-        decided = top_two[1] - top_two[0] > DECIDED_MARGIN
+        margin = top_two[1] - top_two[0]
+        decided = margin > DECIDED_MARGIN
         same = ours.probs.argmax(0) == reference.probs.argmax(0)
         decided_agreement.append(same[decided].mean())
         agreement.append(same.mean())
+        near_ties.append((margin < 1e-3).mean())
     print(
         f"bf16 vs fp32: max|dp| {worst:.3f}, argmax agreement {np.mean(agreement):.2%} of all "
-        f"pixels, {min(decided_agreement):.3%} of decided pixels (worst frame)"
+        f"pixels, {min(decided_agreement):.3%} of decided pixels (worst frame); "
+        f"{np.mean(near_ties):.1%} of pixels have a float32 margin below 1e-3"
     )
     assert worst <= FAST_MAX_DIFFERENCE
     assert min(decided_agreement) >= FAST_DECIDED_AGREEMENT
