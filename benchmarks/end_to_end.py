@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--size", default="854x480", help="WIDTHxHEIGHT")
     parser.add_argument("--frames", type=int, default=30)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     keep_freed_memory()  # first thing, as `xmem-label` does (see allocator.py)

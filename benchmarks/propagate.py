@@ -1,6 +1,6 @@
 """Speed and memory of XMem propagation on CPU (issue 6), beside the reference's figures.
 
-    python -m benchmarks.propagate --size 854x480 --objects 1,3 --frames 60 [--precision bf16]
+    python -m benchmarks.propagate --size 854x480 --objects 1,3 --frames 60 [--precision bf16|int8]
         [--compile]
 
 Each case runs in its own process so its peak RSS is its own. Frames are pre-decoded (a
@@ -19,11 +19,16 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from xmem_label.model import Session, load_engine
 
-from .common import SyntheticClip, describe_times, peak_rss_mb, synthetic_checkpoint
+from .common import (
+    SyntheticClip,
+    counting_flops,
+    describe_times,
+    peak_rss_mb,
+    synthetic_checkpoint,
+)
 
 # The official implementation on this machine kind (shared notes, section 6): s/frame, peak RSS.
 REFERENCE = {(854, 480, 1): (2.03, 1500), (854, 480, 3): (4.35, 1710), (320, 192, 1): (0.275, 980)}
@@ -51,7 +56,7 @@ def run_case(
 
     flops_per_frame = float("nan")  # compiled graphs hide their operations from the counter
     if not compile:
-        with FlopCounterMode(display=False) as counter:
+        with counting_flops() as counter:
             timed_run(FLOP_FRAMES)
         flops_per_frame = counter.get_total_flops() / FLOP_FRAMES
     seconds = timed_run(frames)[3:-1]  # with compile, the first frames include compiling
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="854x480", help="WIDTHxHEIGHT")
     parser.add_argument("--objects", default="1,3", help="comma-separated object counts")
     parser.add_argument("--frames", type=int, default=60)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)

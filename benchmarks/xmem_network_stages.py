@@ -2,6 +2,7 @@
 
     python -m benchmarks.xmem_network_stages --size 854x480 --objects 1 --threads 2
     python -m benchmarks.xmem_network_stages --channels-last --bf16 --keep-freed-memory
+    python -m benchmarks.xmem_network_stages --channels-last --int8 --keep-freed-memory
 
 Prints the median and minimum seconds of encode_key, encode_value (deep update) and segment
 (with the hidden-state update), the GFLOP each executes and the rate achieved, and the network's
@@ -20,11 +21,11 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import synthetic_checkpoint
+from benchmarks.common import counting_flops, synthetic_checkpoint
 from xmem_label.model.xmem.allocator import keep_freed_memory
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
+from xmem_label.model.xmem.conv3x3 import use_int8
 
 
 def padded(size: int) -> int:
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="torch.autocast('cpu', bfloat16)")
     parser.add_argument(
+        "--int8", action="store_true", help="bf16 with the wide 3x3 convolutions in int8"
+    )
+    parser.add_argument(
         "--keep-freed-memory", action="store_true", help="model/xmem/allocator.py's glibc tuning"
     )
     args = parser.parse_args()
@@ -63,6 +67,8 @@ def main() -> None:
     network = build_network(load_state_dict(synthetic_checkpoint()))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     network = network.to(memory_format=memory_format)
+    if args.int8:
+        use_int8(network)
     objects, h, w = args.objects, height // 16, width // 16
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, height, width, generator=generator)
@@ -71,7 +77,9 @@ def main() -> None:
     hidden = torch.zeros(1, objects, network.hidden_dim, h, w)
     readout = torch.randn(1, objects, network.value_dim, h, w, generator=generator)
     precision = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if args.bf16 or args.int8
+        else contextlib.nullcontext()
     )
 
     stages = {
@@ -86,7 +94,7 @@ def main() -> None:
     with torch.inference_mode(), precision:
         features = stages["encode_key"]()
         for name, stage in stages.items():
-            with FlopCounterMode(display=False) as counter:
+            with counting_flops() as counter:
                 stage()
             gflop[name] = counter.get_total_flops() / 1e9
         for _ in range(args.repeats):
@@ -94,7 +102,8 @@ def main() -> None:
                 start = time.perf_counter()
                 stage()
                 times[name].append(time.perf_counter() - start)
-    mode = ("bf16" if args.bf16 else "fp32") + (" channels-last" if args.channels_last else "")
+    mode = "int8" if args.int8 else "bf16" if args.bf16 else "fp32"
+    mode += " channels-last" if args.channels_last else ""
     mode += " keep-freed-memory" if args.keep_freed_memory else ""
     print(f"{width}x{height} padded, {objects} object(s), {args.threads} threads, {mode}")
     for name, values in times.items():
@@ -110,7 +119,7 @@ def main() -> None:
         f"  network per frame with a memory frame every 5: {per_frame:.3f} s, "
         f"{frame_gflop:.0f} GFLOP, {frame_gflop / per_frame:.0f} GFLOP/s"
     )
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 or args.int8 else torch.float32
     print(f"  4096^3 matrix product in {dtype}: {matmul_gflops(dtype):.0f} GFLOP/s")
 
 

@@ -195,8 +195,9 @@ def _add_engine_options(parser: argparse.ArgumentParser, default_engine: str | N
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        help="XMem precision: fp32 (exact, default), bf16 (fast: CPU or CUDA), fp16 (CUDA, MPS)",
+        choices=("fp32", "bf16", "fp16", "int8"),
+        help="XMem precision: fp32 (exact, default), bf16 (fast: CPU or CUDA), fp16 (CUDA, MPS), "
+        "int8 (fastest: CPU)",
     )
     parser.add_argument(
         "--set",

@@ -16,13 +16,19 @@ from ..settings import XMemSettings, xmem_settings
 from ..weights import resolve_weights, sha256_of
 from .allocator import keep_freed_memory
 from .checkpoint import build_network, load_state_dict
+from .conv3x3 import use_int8, use_winograd
 from .inference import IMAGENET_MEAN, IMAGENET_STD, FrameGeometry, XMemTracker
+from .int8 import int8_available
 from .network import XMemNetwork
-from .winograd import use_winograd
 
-# Precisions per device type: "fp32" is exact mode; bf16/fp16 autocast is fast mode.
-PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16"), "mps": ("fp32", "fp16")}
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Precisions per device type: "fp32" is exact mode; bf16/fp16 autocast is fast mode, and "int8"
+# (CPU) is bf16 autocast with the wide 3x3 convolutions in 8-bit integers.
+PRECISIONS = {
+    "cpu": ("fp32", "bf16", "int8") if int8_available() else ("fp32", "bf16"),
+    "cuda": ("fp32", "bf16", "fp16"),
+    "mps": ("fp32", "fp16"),
+}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 
 
 class XMemEngine:
@@ -108,8 +114,9 @@ def load_xmem_engine(
 
     weights: a checkpoint path or name from manifest.yml (None: the default one), resolved as
     `xmem_label.model.weights.resolve_weights` does (path, environment, cache, download).
-    device: None picks CUDA, then MPS, then CPU. precision: "fp32" (exact) or "bf16"/"fp16"
-    autocast (fast). compile: wrap the three networks in torch.compile.
+    device: None picks CUDA, then MPS, then CPU. precision: "fp32" (exact), "bf16"/"fp16"
+    autocast (fast), or "int8" (fastest, CPU). compile: wrap the three networks in
+    torch.compile (not with int8, whose kernels run eagerly).
     settings: XMem settings under the official names, and `size` (internal short side, -1 =
     native); defaults come from manifest.yml.
     """
@@ -120,6 +127,8 @@ def load_xmem_engine(
         raise InputError(
             f"precision {precision!r} is not available on {device.type}; choose {allowed}"
         )
+    if compile and precision == "int8":
+        raise InputError("compile is not available with precision 'int8'; use bf16 to compile")
     path = resolve_weights(weights)
     network = build_network(load_state_dict(path)).to(device).eval()
     network = network.to(memory_format=torch.channels_last)
@@ -129,6 +138,8 @@ def load_xmem_engine(
         keep_freed_memory()
         if precision == "fp32":
             use_winograd(network.decoder)
+        elif precision == "int8":
+            use_int8(network)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if compile:

@@ -13,11 +13,12 @@ selection, value, hidden state) and the outputs of `segment` are float32 even un
 `torch.autocast`; the frame features f16/f8/f4 keep the autocast dtype, so call all three
 methods of a frame in the same precision context.
 
-Speed on CPU: `winograd.use_winograd(network.decoder)` runs the decoder's wide 3x3
+Speed on CPU: `conv3x3.use_winograd(network.decoder)` runs the decoder's wide 3x3
 convolutions with a quarter of the multiplications (float32 only; rounding-level differences);
 `network.to(memory_format=torch.channels_last)` with channels-last images changes
 results only by rounding; `torch.autocast("cpu", dtype=torch.bfloat16)` around the calls is the
-fast mode (about 2x, probabilities within ~0.02); `allocator.keep_freed_memory()` once per
+bf16 fast mode (probabilities within ~0.03), and `conv3x3.use_int8(network)` under it the int8
+one (the wide 3x3 convolutions in 8-bit integers); `allocator.keep_freed_memory()` once per
 process saves the page faults of the large activations.
 """
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import BasicBlock, KeyEncoder, make_stage
-from .winograd import Conv3x3
+from .conv3x3 import Conv3x3
 
 # Objects that go through the full-resolution half of the networks together. Batching them
 # amortises per-call overhead; capping the batch bounds activation memory (about 150 MB per

@@ -10,14 +10,13 @@ convolution by rounding only: about 5e-5 absolute on outputs of magnitude ~7, ag
 the direct kernel (the equivalence test against the official implementation covers it).
 
 The transformed weight (36 values per 3x3 filter, so 4x the weight's memory) is computed once,
-in float64, and kept beside the original weight, which autocast, CUDA and training still use.
+in float64, and kept beside the original weight (`conv3x3.Conv3x3` holds both).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 TILE = 4  # output pixels per tile side
 _SPAN = TILE + 2  # input pixels per tile side
@@ -108,53 +107,3 @@ def winograd_conv3x3(x: Tensor, transformed_weight: Tensor, bias: Tensor | None)
     out = out[:, :height, :width]
     out = out + bias if bias is not None else out.contiguous()
     return out.permute(0, 3, 1, 2)
-
-
-class Conv3x3(nn.Conv2d):
-    """A 3x3 convolution with padding 1 that runs by Winograd once `use_winograd` prepared it.
-
-    The Winograd path applies to float32 CPU inputs outside autocast and gradients; anything
-    else runs the ordinary convolution. The transformed weight is a non-persistent buffer, so
-    state dicts keep the official layout.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, 3, padding=1)
-        self.register_buffer("winograd_weight", None, persistent=False)
-        self._winograd_version = -1
-
-    def prepare_winograd(self) -> None:
-        self.winograd_weight = transform_weight(self.weight)
-        self._winograd_version = self.weight._version
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_input_channels(x, slice(None), with_bias=True)
-
-    def forward_input_channels(self, x: Tensor, channels: slice, *, with_bias: bool) -> Tensor:
-        """The convolution of x with the filters' input channels `channels` only."""
-        bias = self.bias if with_bias else None
-        if self._winograd_applies(x):
-            if self.weight._version != self._winograd_version:  # weights were loaded again
-                self.prepare_winograd()
-            return winograd_conv3x3(x, self.winograd_weight[:, channels], bias)
-        return F.conv2d(x, self.weight[:, channels], bias, padding=1)
-
-    def _winograd_applies(self, x: Tensor) -> bool:
-        return (
-            self.winograd_weight is not None
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and self.weight.requires_grad)
-        )
-
-
-def use_winograd(module: nn.Module) -> int:
-    """Prepare every `Conv3x3` in `module` at least `MIN_CHANNELS` wide on both sides for the
-    Winograd path; returns how many were prepared."""
-    prepared = 0
-    for conv in module.modules():
-        if isinstance(conv, Conv3x3) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS:
-            conv.prepare_winograd()
-            prepared += 1
-    return prepared

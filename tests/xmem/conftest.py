@@ -46,3 +46,22 @@ def xmem_weights_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("xmem_weights") / f"xmem_synthetic_seed{WEIGHTS_SEED}.pth"
     torch.save(state_dict, path)
     return path
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """count_calls(module, name) replaces module.name by a wrapper that counts its calls and
+    returns the list the calls are appended to."""
+
+    def install(module, name: str) -> list[int]:
+        calls: list[int] = []
+        original = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+        return calls
+
+    return install

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from xmem_label.model import Session, load_engine
+from xmem_label.model.xmem.int8 import int8_available
 
 MEAN_TOLERANCE = 2e-4
 MAX_TOLERANCE = 1e-2
@@ -152,18 +153,28 @@ def test_keyframe_masks_come_back_verbatim(xmem_fixture_dir, config_runs):
     assert np.array_equal(results[0].labels, np.where(labels == 3, 0, labels))
 
 
-# Fast mode (bf16 autocast on CPU) against exact mode, on config A. The synthetic weights leave
-# near-ties (real weights give confident masks): float32 decides about a third of the pixels by
-# less than 0.05 and a sixth by less than 1e-3, below bf16's rounding unit (2^-8), and bf16 flips
-# about a tenth. So agreement is required on the decided pixels and reported overall.
-FAST_MAX_DIFFERENCE = 0.03
+# Fast modes (bf16 autocast on CPU; int8: the same with the wide 3x3 convolutions in int8)
+# against exact mode, on config A. The synthetic weights leave near-ties (real weights give
+# confident masks): float32 decides about a third of the pixels by less than 0.05 and a sixth
+# by less than 1e-3, below bf16's rounding unit (2^-8), and bf16 flips about a tenth. So
+# agreement is required on the decided pixels and reported overall.
+FAST_MAX_DIFFERENCE = {"bf16": 0.03, "int8": 0.05}
 DECIDED_MARGIN = 0.05
 FAST_DECIDED_AGREEMENT = 0.999
+FAST_PRECISIONS = [
+    "bf16",
+    pytest.param(
+        "int8", marks=pytest.mark.skipif(not int8_available(), reason="no int8 convolution")
+    ),
+]
 
 
-def test_fast_mode_stays_close_to_exact_mode(xmem_fixture_dir, xmem_weights_path, config_runs):
+@pytest.mark.parametrize("precision", FAST_PRECISIONS)
+def test_fast_mode_stays_close_to_exact_mode(
+    xmem_fixture_dir, xmem_weights_path, config_runs, precision
+):
     exact, _, _ = config_runs("A")
-    fast, _, _ = run_config(xmem_fixture_dir, xmem_weights_path, "A", precision="bf16")
+    fast, _, _ = run_config(xmem_fixture_dir, xmem_weights_path, "A", precision=precision)
     decided_agreement, agreement, near_ties, worst = [], [], [], 0.0
     for ours, reference in zip(fast[1:], exact[1:], strict=True):
         worst = max(worst, float(np.abs(ours.probs - reference.probs).max()))
@@ -175,26 +186,27 @@ def test_fast_mode_stays_close_to_exact_mode(xmem_fixture_dir, xmem_weights_path
         agreement.append(same.mean())
         near_ties.append((margin < 1e-3).mean())
     print(
-        f"bf16 vs fp32: max|dp| {worst:.3f}, argmax agreement {np.mean(agreement):.2%} of all "
-        f"pixels, {min(decided_agreement):.3%} of decided pixels (worst frame); "
+        f"{precision} vs fp32: max|dp| {worst:.3f}, argmax agreement {np.mean(agreement):.2%} "
+        f"of all pixels, {min(decided_agreement):.3%} of decided pixels (worst frame); "
         f"{np.mean(near_ties):.1%} of pixels have a float32 margin below 1e-3"
     )
-    assert worst <= FAST_MAX_DIFFERENCE
+    assert worst <= FAST_MAX_DIFFERENCE[precision]
     assert min(decided_agreement) >= FAST_DECIDED_AGREEMENT
 
 
-def test_fast_mode_agrees_with_exact_mode_on_real_frames(xmem_weights_path):
+@pytest.mark.parametrize("precision", FAST_PRECISIONS)
+def test_fast_mode_agrees_with_exact_mode_on_real_frames(xmem_weights_path, precision):
     """The same comparison on real frames (the weight-free engine's keyframe setup: first
     ground-truth mask, forward): tests/data/vos/chair, 8 frames at 854x480, default size 480.
     `python -m benchmarks.fast_mode` runs it on every clip of the shared data."""
     from benchmarks.fast_mode import compare_clip
 
     exact, fast = (
-        load_engine("xmem", weights=xmem_weights_path, device="cpu", precision=precision)
-        for precision in ("fp32", "bf16")
+        load_engine("xmem", weights=xmem_weights_path, device="cpu", precision=name)
+        for name in ("fp32", precision)
     )
     figures = compare_clip(Path(__file__).parents[1] / "data" / "vos" / "chair", exact, fast)
-    print(f"bf16 vs fp32 on chair: {figures}")
+    print(f"{precision} vs fp32 on chair: {figures}")
     assert figures["agreement"] >= 0.99
     assert figures["decided_agreement"] >= FAST_DECIDED_AGREEMENT
-    assert figures["max_difference"] <= FAST_MAX_DIFFERENCE
+    assert figures["max_difference"] <= FAST_MAX_DIFFERENCE[precision]

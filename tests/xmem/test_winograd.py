@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from xmem_label.model import load_engine
 from xmem_label.model.xmem import winograd
-from xmem_label.model.xmem.winograd import Conv3x3, use_winograd
+from xmem_label.model.xmem.conv3x3 import Conv3x3, use_winograd
 
 # The direct float32 kernel is ~1e-5 from float64 on these outputs (magnitude ~5); Winograd's
 # transforms add a few times that.
@@ -53,17 +53,10 @@ def test_bands_of_tiles_and_input_channel_slices(monkeypatch):
     assert (own.double() - reference).abs().max() < TOLERANCE
 
 
-def test_direct_path_under_autocast_and_gradients(monkeypatch):
+def test_direct_path_under_autocast_and_gradients(count_calls):
     conv = wide_conv()
     x = torch.randn(1, 200, 8, 8)
-    calls = []
-    original = winograd.winograd_conv3x3
-
-    def recording(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(winograd, "winograd_conv3x3", recording)
+    calls = count_calls(winograd, "winograd_conv3x3")
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x).dtype == torch.bfloat16
     conv(x).sum().backward()  # training: weights require gradients, direct path

@@ -1,0 +1,89 @@
+"""The network's 3x3 convolution (padding 1), with two faster CPU kernels for inference.
+
+- Winograd (`winograd.py`), float32: exact mode, the same results up to rounding.
+- int8 (`int8.py`), under bf16 autocast: the "int8" precision, a fast mode.
+
+`use_winograd` / `use_int8` choose the convolutions wide enough to gain. Anything else, and
+every call with gradients, off the CPU, or in another precision, runs the ordinary convolution,
+so CUDA, MPS and training see a plain `nn.Conv2d`. What the kernels derive from the weight is
+kept out of the state dict and derived again when the weight changes (`load_state_dict`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import int8, winograd
+
+
+class Conv3x3(nn.Conv2d):
+    """`nn.Conv2d(in_channels, out_channels, 3, padding=1)` with optional CPU kernels."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+        self.register_buffer("winograd_weight", None, persistent=False)
+        self.uses_int8 = False
+        # Packed int8 weights and scales per slice of input channels (see `_conv_split`).
+        self._int8_weights: dict[tuple[int | None, int | None], tuple[Tensor, Tensor]] = {}
+        self._derived_version = -1
+
+    def prepare_winograd(self) -> None:
+        self.winograd_weight = winograd.transform_weight(self.weight)
+        self._derived_version = self.weight._version
+
+    def prepare_int8(self) -> None:
+        self.uses_int8 = True
+        self._int8_weights = {}  # packed per slice on first use
+        self._derived_version = self.weight._version
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_input_channels(x, slice(None), with_bias=True)
+
+    def forward_input_channels(self, x: Tensor, channels: slice, *, with_bias: bool) -> Tensor:
+        """The convolution of x with the filters' input channels `channels` only."""
+        bias = self.bias if with_bias else None
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            if self.weight._version != self._derived_version:  # weights were loaded again
+                self._derive_again()
+            autocast = torch.is_autocast_enabled("cpu")
+            if self.winograd_weight is not None and x.dtype == torch.float32 and not autocast:
+                return winograd.winograd_conv3x3(x, self.winograd_weight[:, channels], bias)
+            if self.uses_int8 and autocast:
+                return int8.int8_conv3x3(x, *self._int8_weight(channels), bias)
+        return F.conv2d(x, self.weight[:, channels], bias, padding=1)
+
+    def _int8_weight(self, channels: slice) -> tuple[Tensor, Tensor]:
+        key = (channels.start, channels.stop)
+        if key not in self._int8_weights:
+            self._int8_weights[key] = int8.quantize_weight(self.weight[:, channels])
+        return self._int8_weights[key]
+
+    def _derive_again(self) -> None:
+        if self.winograd_weight is not None:
+            self.prepare_winograd()
+        if self.uses_int8:
+            self.prepare_int8()
+        self._derived_version = self.weight._version
+
+
+def _prepare_wide(module: nn.Module, min_channels: int, prepare) -> int:
+    prepared = 0
+    for conv in module.modules():
+        if isinstance(conv, Conv3x3) and min(conv.in_channels, conv.out_channels) >= min_channels:
+            prepare(conv)
+            prepared += 1
+    return prepared
+
+
+def use_winograd(module: nn.Module) -> int:
+    """Prepare every `Conv3x3` in `module` at least `winograd.MIN_CHANNELS` wide on both sides
+    for the Winograd path; returns how many were prepared."""
+    return _prepare_wide(module, winograd.MIN_CHANNELS, Conv3x3.prepare_winograd)
+
+
+def use_int8(module: nn.Module) -> int:
+    """Prepare every `Conv3x3` in `module` at least `int8.MIN_CHANNELS` wide on both sides for
+    the int8 path (taken under bf16 autocast on CPU); returns how many were prepared."""
+    return _prepare_wide(module, int8.MIN_CHANNELS, Conv3x3.prepare_int8)
