@@ -24,8 +24,9 @@ def int8_available() -> bool:
     return hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
 
 
-def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(Cout, Cin, 3, 3) float -> (oneDNN-packed int8 weight, float32 scale per output channel)."""
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(Cout, Cin, 3, 3) float -> (oneDNN-packed int8 weight, float32 scale and zero point (0,
+    symmetric) per output channel)."""
     weight = weight.detach().float()
     scales = weight.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127
     quantized = torch.round(weight / scales.view(-1, 1, 1, 1)).clamp(-127, 127).to(torch.int8)
@@ -33,10 +34,12 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     packed = torch.ops.onednn.qconv_prepack(
         quantized, scales, 1.0, 0, [1, 1], [1, 1], [1, 1], 1, None
     )
-    return packed, scales
+    return packed, scales, torch.zeros(len(scales), dtype=torch.long)
 
 
-def int8_conv3x3(x: Tensor, packed: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+def int8_conv3x3(
+    x: Tensor, packed: Tensor, scales: Tensor, zero_points: Tensor, bias: Tensor | None
+) -> Tensor:
     """`F.conv2d(x, weight, bias, padding=1)` with int8 weights from `quantize_weight` and x
     quantised to uint8 over its own range; returns bfloat16, channels-last."""
     low, high = float(x.amin()), float(x.amax())
@@ -58,7 +61,7 @@ def int8_conv3x3(x: Tensor, packed: Tensor, scales: Tensor, bias: Tensor | None)
         zero_point,
         packed,
         scales,
-        torch.zeros(len(scales), dtype=torch.long),
+        zero_points,
         None if bias is None else bias.float(),
         [1, 1],
         [1, 1],
