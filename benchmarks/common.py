@@ -103,7 +103,6 @@ def describe_times(seconds: list[float]) -> str:
     )
 
 
-
 def _int8_convolution_flops(x_shape, _x_scale, _x_zero_point, w_shape, *_, out_shape, **__):
     out_channels, in_channels, kernel_h, kernel_w = w_shape
     return 2 * out_shape.numel() * in_channels * kernel_h * kernel_w

@@ -59,6 +59,7 @@ def main() -> None:
         "--keep-freed-memory", action="store_true", help="model/xmem/allocator.py's glibc tuning"
     )
     args = parser.parse_args()
+    bf16 = args.bf16 or args.int8
     if args.keep_freed_memory and not keep_freed_memory():
         parser.error("--keep-freed-memory needs glibc")
 
@@ -77,9 +78,7 @@ def main() -> None:
     hidden = torch.zeros(1, objects, network.hidden_dim, h, w)
     readout = torch.randn(1, objects, network.value_dim, h, w, generator=generator)
     precision = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if args.bf16 or args.int8
-        else contextlib.nullcontext()
+        torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     )
 
     stages = {
@@ -106,20 +105,19 @@ def main() -> None:
     mode += " channels-last" if args.channels_last else ""
     mode += " keep-freed-memory" if args.keep_freed_memory else ""
     print(f"{width}x{height} padded, {objects} object(s), {args.threads} threads, {mode}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(
-            f"  {name:13s} median {median:.3f} s   min {min(values):.3f} s   "
-            f"{gflop[name]:.0f} GFLOP, {gflop[name] / median:.0f} GFLOP/s"
-        )
     median = {name: statistics.median(values) for name, values in times.items()}
+    for name, values in times.items():
+        print(
+            f"  {name:13s} median {median[name]:.3f} s   min {min(values):.3f} s   "
+            f"{gflop[name]:.0f} GFLOP, {gflop[name] / median[name]:.0f} GFLOP/s"
+        )
     per_frame = median["encode_key"] + median["segment"] + median["encode_value"] / 5
     frame_gflop = gflop["encode_key"] + gflop["segment"] + gflop["encode_value"] / 5
     print(
         f"  network per frame with a memory frame every 5: {per_frame:.3f} s, "
         f"{frame_gflop:.0f} GFLOP, {frame_gflop / per_frame:.0f} GFLOP/s"
     )
-    dtype = torch.bfloat16 if args.bf16 or args.int8 else torch.float32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     print(f"  4096^3 matrix product in {dtype}: {matmul_gflops(dtype):.0f} GFLOP/s")
 
 
