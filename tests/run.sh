@@ -4,7 +4,8 @@
 # 1. Debian packages: ffmpeg (FiftyOne reads video metadata with it), chromium + chromedriver
 #    (the two browser checks). Installed with apt-get when missing (root, or sudo).
 # 2. .venv: torch 2.13.0 first (a CPU build from local disk on our machines), then this
-#    package with all extras, installed non-editable so the tests see what users install.
+#    package with all extras, installed editable (PEP 660), so the tests run the code in this
+#    checkout as it is edited.
 # 3. .venv-ls: the Label Studio 1.23.2 server for the end-to-end tests. It is a separate
 #    program we talk to over HTTP, and its pins (Django, ...) are not ours to share a venv with.
 # 4. ruff, then pytest.
@@ -30,7 +31,7 @@ step "Python environment $VENV"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q "$ROOT[all]"
+"$VENV/bin/pip" install -q -e "$ROOT[all]"
 
 step "Label Studio server $LS_VENV"
 [[ -x "$LS_VENV/bin/python" ]] || "$PY" -m venv "$LS_VENV"
