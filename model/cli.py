@@ -13,10 +13,11 @@ import dataclasses
 import importlib
 import inspect
 import json
-import shutil
+import re
+import signal
 import sys
+import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import entry_points
@@ -33,6 +34,14 @@ from .errors import InputError, WeightsError, XMemLabelError
 from .evaluation import add_eval_command
 from .frames import FrameSource, VideoFile, open_frames, prefetch
 from .masks import read_label_mask, write_label_mask
+from .outputs import (
+    StagedOutput,
+    check_apart,
+    check_overlay_replaceable,
+    check_replaceable,
+    remove_stale_partials,
+    staged_output,
+)
 from .overlay import OverlayWriter, check_overlay_path
 from .results import FrameResult
 from .session import DIRECTIONS, Session
@@ -53,6 +62,16 @@ DEMO_CLIP = Path(__file__).with_name("demo_clip")
 OUTPUT_QUEUE_FRAMES = 4  # finished frames waiting to be written
 FOLDER_FPS = 15.0  # overlay frame rate for image folders, which carry none (the demo clip's)
 XMEM_ONLY_OPTIONS = ("weights", "device", "precision", "size")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run like Ctrl-C
+KEYFRAME_ARGUMENT = re.compile(r"\s*([0-9]+)\s*=(.+)", re.ASCII | re.DOTALL)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: unwinds like Ctrl-C, so every cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,15 +97,17 @@ class PropagationJob:
     direction: str = "both"
     save_probs: bool = False
     overlay: Path | None = None
-    force: bool = False  # replace a non-empty `out` and an existing `overlay`
+    force: bool = False  # replace this tool's own earlier output at `out` and `overlay`
     download_weights: bool = True
+    skip_bad_frames: bool = False  # replace undecodable frames by the previous one, with a warning
+    command: str = "propagate"  # recorded in the output's marker; demo replaces only its own
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 done, 2 bad input)."""
     keep_freed_memory()  # before any thread starts (see allocator.py)
     parser = build_parser()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stop_signals_interrupt():
         warnings.showwarning = _warning_on_one_line
         try:
             try:
@@ -102,9 +123,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = " ".join(str(error).split()) or type(error).__name__
             print(f"{PROG}: error: {message}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as interrupt:
+            signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
+            name = signal.Signals(signum).name
+            print(f"{PROG}: interrupted ({name}); nothing was written", file=sys.stderr)
+            return 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP (and SIGINT) into an `Interrupted` exception in the main thread,
+    so a run stopped by any of them removes its staged output and spill as Ctrl-C does. Later
+    signals are ignored while that cleanup runs (it waits for at most one network step)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -166,7 +214,15 @@ def _add_propagate_command(subparsers: argparse._SubParsersAction) -> None:
         "--overlay", type=Path, metavar="FILE", help="write the masks over the frames (.mp4/.gif)"
     )
     parser.add_argument(
-        "--force", action="store_true", help="replace a non-empty --out and an existing --overlay"
+        "--force",
+        action="store_true",
+        help="replace xmem-label's own earlier output at --out and --overlay (nothing else)",
+    )
+    parser.add_argument(
+        "--skip-bad-frames",
+        action="store_true",
+        help="use the previous frame for a frame that cannot be decoded, with a warning "
+        "(default: an error)",
     )
     parser.set_defaults(run=_run_propagate)
 
@@ -224,6 +280,7 @@ def _run_propagate(args: argparse.Namespace) -> int:
         save_probs=args.save_probs,
         overlay=args.overlay,
         force=args.force,
+        skip_bad_frames=args.skip_bad_frames,
     )
     summary = run_propagation(job)
     timings = summary["timings"]
@@ -237,16 +294,18 @@ def _run_propagate(args: argparse.Namespace) -> int:
 
 
 def _parse_keyframes(items: list[str]) -> dict[int, Path]:
+    """--mask FRAME=PNG values as frame -> path; the frame is ASCII digits, the path the rest."""
     keyframes: dict[int, Path] = {}
     for item in items:
-        frame, separator, path = item.partition("=")
-        if not separator or not path or not frame.strip().isdigit():
+        match = KEYFRAME_ARGUMENT.fullmatch(item)
+        if match is None or not match.group(2).strip():
             raise InputError(
                 f"--mask takes FRAME=PNG with a frame number, e.g. 0=mask.png; got {item!r}"
             )
-        if int(frame) in keyframes:
-            raise InputError(f"two --mask options for frame {int(frame)}")
-        keyframes[int(frame)] = Path(path)
+        frame, path = int(match.group(1)), match.group(2)
+        if frame in keyframes:
+            raise InputError(f"two --mask options for frame {frame}")
+        keyframes[frame] = Path(path)
     return keyframes
 
 
@@ -256,6 +315,8 @@ def _parse_settings(items: list[str]) -> dict[str, str]:
         key, separator, value = item.partition("=")
         if not separator or not key.strip() or not value.strip():
             raise InputError(f"--set takes KEY=VALUE, e.g. top_k=20; got {item!r}")
+        if key.strip() in settings:
+            raise InputError(f"two --set options for {key.strip()!r}")
         settings[key.strip()] = value.strip()
     return settings
 
@@ -263,48 +324,73 @@ def _parse_settings(items: list[str]) -> dict[str, str]:
 def run_propagation(job: PropagationJob) -> dict[str, Any]:
     """Propagate `job.keyframes` over `job.source` and write the results; returns the summary.
 
-    Checks the inputs before loading the engine. Nothing appears at `job.out` (or
-    `job.overlay`) unless the whole clip was written.
+    Checks every input and option before loading the engine. Nothing appears at `job.out` (or
+    `job.overlay`) unless the whole clip was written, and nothing there is replaced unless this
+    tool wrote it and `job.force` is set.
     """
+    engine_options = _engine_options(job)
     _check_outputs(job)
-    frames = open_frames(job.source)
+    frames = open_frames(job.source, skip_bad_frames=job.skip_bad_frames)
     try:
         masks = {index: read_label_mask(path) for index, path in sorted(job.keyframes.items())}
         started = time.perf_counter()
-        engine = _load_engine(job)
+        engine = load_engine(job.engine, **engine_options)
         loaded = time.perf_counter()
+        weights = engine.describe().get("weights")
+        if weights:
+            check_apart(job.out, job.overlay, [("--weights file", Path(weights))])
         with Session(engine, frames) as session:
             for index, labels in masks.items():
                 try:
                     session.add_mask(index, labels)
                 except InputError as error:
                     raise InputError(f"{job.keyframes[index]}: {error}") from None
-            with _staged_outputs(job.out, job.overlay, job.force) as (folder, overlay):
-                per_frame = _write_results(session, job, folder, overlay)
+            remove_stale_partials(job.out)
+            with staged_output(job.out, job.overlay, job.command, job.force) as staged:
+                per_frame = _write_results(session, job, staged)
                 finished = time.perf_counter()
                 summary = _summary(job, session, engine, per_frame, started, loaded, finished)
-                (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+                (staged.folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     finally:
         frames.close()
     return summary
 
 
 def _check_outputs(job: PropagationJob) -> None:
-    """Refuse to overwrite anything without --force, before any work is done."""
+    """Refuse, before any work, to write over an input or over anything this tool did not
+    write, and to replace its own earlier output without --force."""
     out = job.out
+    inputs = [("SOURCE", job.source)]
+    inputs += [(f"--mask {index}=", path) for index, path in sorted(job.keyframes.items())]
+    if job.weights is not None and Path(job.weights).expanduser().exists():
+        inputs.append(("--weights file", Path(job.weights).expanduser()))
+    check_apart(out, job.overlay, inputs)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not job.force:
-        raise InputError(f"--out {out} is not empty; choose another folder or add --force")
+    if out.is_dir() and any(out.iterdir()):
+        if job.command == "demo":
+            check_replaceable(out, ["demo"], "the demo replaces only its own earlier output")
+        elif not job.force:
+            raise InputError(f"--out {out} is not empty; choose another folder or add --force")
+        else:
+            check_replaceable(
+                out, ["propagate", "demo"], "--force replaces only this tool's own output"
+            )
     if job.overlay is not None:
         check_overlay_path(job.overlay)
         inside_out = job.overlay.resolve().is_relative_to(out.resolve())
-        if job.overlay.exists() and not inside_out and not job.force:
-            raise InputError(f"--overlay {job.overlay} exists; choose another file or add --force")
+        if job.overlay.exists() and not inside_out:
+            if not job.force:
+                raise InputError(
+                    f"--overlay {job.overlay} exists; choose another file or add --force"
+                )
+            check_overlay_replaceable(job.overlay, out)
 
 
-def _load_engine(job: PropagationJob) -> Engine:
-    """The engine of `job`, with XMem's weights resolved and --set values typed."""
+def _engine_options(job: PropagationJob) -> dict[str, Any]:
+    """The engine loader's keyword arguments, every one checked (types, ranges, relations,
+    the device) before anything is read, downloaded or written."""
+    settings = _typed_settings(job.engine, job.settings)
     if job.engine != "xmem":
         given = [f"--{name}" for name in XMEM_ONLY_OPTIONS if getattr(job, name) is not None]
         if given:
@@ -312,14 +398,15 @@ def _load_engine(job: PropagationJob) -> Engine:
                 f"{', '.join(given)} apply to the xmem engine only; "
                 f"the {job.engine} engine takes --set KEY=VALUE"
             )
-        return load_engine(job.engine, **_typed_settings(job.engine, job.settings))
-    options: dict[str, Any] = {
-        "weights": resolve_weights(job.weights, download=job.download_weights)
-    }
-    for name in ("device", "precision", "size"):
-        if getattr(job, name) is not None:
-            options[name] = getattr(job, name)
-    return load_engine("xmem", **options, **_typed_settings("xmem", job.settings))
+        _engine_loader(job.engine)(**settings)  # the flow engine checks and loads instantly
+        return settings
+    from .xmem.engine import check_xmem_options
+
+    options = {name: getattr(job, name) for name in ("device", "precision", "size")}
+    options = {name: value for name, value in options.items() if value is not None}
+    check_xmem_options(**options, **settings)
+    weights = resolve_weights(job.weights, download=job.download_weights)
+    return {"weights": weights, **options, **settings}
 
 
 def _engine_loader(name: str) -> Callable[..., Engine]:
@@ -377,61 +464,18 @@ def _typed_value(key: str, text: str, default: Any) -> Any:
     return value
 
 
-@contextlib.contextmanager
-def _staged_outputs(
-    out: Path, overlay: Path | None, replace: bool
-) -> Iterator[tuple[Path, Path | None]]:
-    """Yield (staging folder, staging overlay file); on success move them to `out` and
-    `overlay`, on any error delete them. An overlay inside `out` is staged inside the folder."""
-    token = uuid.uuid4().hex[:8]  # a plain mkdir, unlike mkdtemp, keeps the user's umask
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = out.with_name(f".{out.name}.partial-{token}")
-    folder.mkdir()
-    staged_overlay = outside_overlay = None
-    if overlay is not None:
-        if overlay.resolve().is_relative_to(out.resolve()):
-            staged_overlay = folder / overlay.resolve().relative_to(out.resolve())
-            staged_overlay.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            overlay.parent.mkdir(parents=True, exist_ok=True)
-            partial_name = f".{overlay.stem}.partial-{token}{overlay.suffix}"
-            staged_overlay = outside_overlay = overlay.with_name(partial_name)
-    try:
-        yield folder, staged_overlay
-        _replace_folder(folder, out, replace)
-        if outside_overlay is not None:
-            outside_overlay.replace(overlay)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        if outside_overlay is not None:
-            outside_overlay.unlink(missing_ok=True)
-
-
-def _replace_folder(new: Path, out: Path, replace: bool) -> None:
-    """Rename `new` to `out`; an existing `out` is set aside first and deleted after."""
-    if not out.exists() or not any(out.iterdir()):
-        if out.exists():
-            out.rmdir()
-        new.rename(out)
-        return
-    if not replace:
-        raise InputError(f"--out {out} is not empty; choose another folder or add --force")
-    old = new.with_name(new.name.replace(".partial-", ".old-"))
-    out.rename(old)
-    new.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_results(
-    session: Session, job: PropagationJob, folder: Path, overlay_path: Path | None
+    session: Session, job: PropagationJob, staged: StagedOutput
 ) -> list[dict[str, Any]]:
-    """Write every frame's mask (and probabilities, overlay frame); return per-frame summaries."""
+    """Write every frame's mask (and probabilities, overlay frame) into the staging folder;
+    return per-frame summaries."""
+    folder = staged.folder
     if job.save_probs:
         (folder / "probs").mkdir()
     overlay = None
     frames_for_overlay = None
-    if overlay_path is not None:
-        overlay = OverlayWriter(overlay_path, _frame_rate(session.frames))
+    if staged.staged_overlay is not None:
+        overlay = OverlayWriter(staged.staged_overlay, _frame_rate(session.frames))
         frames_for_overlay = session.frames.forward()
     per_frame = []
     names: set[str] = set()
@@ -443,13 +487,18 @@ def _write_results(
             bar.total = total
             bar.update(done - bar.n)
 
+        # The network runs a few frames ahead in a background thread (bounded queue), so
+        # writing PNGs, probabilities and the overlay overlaps with it. Its spill goes inside
+        # the staging folder; on any error or signal the session is cancelled and waited for.
+        results = session.propagate(
+            direction=job.direction,
+            with_probs=job.save_probs,
+            progress=show_progress,
+            spill_dir=folder,
+        )
+        ahead = prefetch(results, depth=OUTPUT_QUEUE_FRAMES, on_stop=session.cancel)
         try:
-            # The network runs a few frames ahead in a background thread (bounded queue), so
-            # writing PNGs, probabilities and the overlay overlaps with it.
-            results = session.propagate(
-                direction=job.direction, with_probs=job.save_probs, progress=show_progress
-            )
-            for result in prefetch(results, depth=OUTPUT_QUEUE_FRAMES):
+            for result in ahead:
                 if result.name in names:
                     raise InputError(f"two frames of {job.source} are named {result.name!r}")
                 names.add(result.name)
@@ -463,9 +512,10 @@ def _write_results(
                     overlay.add(frame, result.labels)
                 per_frame.append(_frame_summary(result))
         finally:
+            ahead.close()
             if overlay is not None:
-                overlay.close()
                 frames_for_overlay.close()
+                overlay.close()
     return per_frame
 
 
@@ -530,6 +580,10 @@ def _summary(
             "propagation_s": round(propagation_s, 3),
             "frames_per_second": round(len(per_frame) / propagation_s, 3),
         },
+        "skipped_frames": [
+            {"index": index, "name": session.frames.frame_name(index), "problem": problem}
+            for index, problem in sorted(session.frames.skipped_frames.items())
+        ],
         "outputs": {
             "masks": "<frame>.png",
             "probs": "probs/<frame>.npy" if job.save_probs else None,
@@ -574,14 +628,14 @@ def _run_demo(args: argparse.Namespace) -> int:
             print(f"No XMem weights here: using the weight-free flow engine. {missing}.")
             print(f"To use XMem: {PROG} weights download")
     out = args.out
-    previous_demo = (out / "summary.json").is_file()
     job = PropagationJob(
         source=DEMO_CLIP / "frames",
         keyframes={0: DEMO_CLIP / "keyframe_00000.png"},
         out=out,
         engine=engine,
         overlay=out / "overlay.mp4",
-        force=previous_demo,
+        force=True,  # _check_outputs lets the demo replace only an earlier demo's output
+        command="demo",
     )
     started = time.perf_counter()
     summary = run_propagation(job)
@@ -640,6 +694,11 @@ def _run_weights_list(args: argparse.Namespace) -> int:
 
 
 def _run_weights_download(args: argparse.Namespace) -> int:
+    if args.name not in checkpoints():
+        raise WeightsError(
+            f"unknown checkpoint {args.name!r}; weights download takes a name: "
+            f"{', '.join(checkpoints())} (a file of your own needs no download: pass --weights)"
+        )
     path = resolve_weights(args.name)
     print(f"{args.name}: {path} (sha256 {sha256_of(path)})")
     return 0
@@ -652,6 +711,11 @@ def _run_weights_verify(args: argparse.Namespace) -> int:
         build_network(load_state_dict(args.name))
         print(f"{args.name}: fits the XMem network (sha256 {sha256_of(args.name)})")
         return 0
+    if args.name is not None and args.name not in checkpoints():
+        what = "is not a file" if Path(args.name).exists() else "no such file"
+        raise WeightsError(
+            f"{args.name}: {what}, nor a checkpoint name ({', '.join(checkpoints())})"
+        )
     names = (
         [args.name]
         if args.name is not None

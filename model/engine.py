@@ -72,16 +72,39 @@ def load_engine(name: str = "xmem", **options: Any) -> Engine:
     return loader(**options)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` if given, else CUDA when present, else MPS, else CPU."""
-    if device is not None:
-        try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise InputError(f"unknown device {device!r}: {exc}") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    """`device` if given (it must exist on this machine), else CUDA when present, else MPS,
+    else CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if chosen.type not in DEVICE_TYPES:
+        raise InputError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {device!r}: this machine or torch build has no CUDA device")
+        if chosen.index is not None and chosen.index >= count:
+            raise InputError(
+                f"device {device!r}: there are {count} CUDA devices (cuda:0..cuda:{count - 1})"
+            )
+    if chosen.type == "mps" and not _mps_available():
+        raise InputError(f"device {device!r}: MPS (Apple GPU) is not available here")
+    if chosen.type == "cpu" and chosen.index not in (None, 0):
+        raise InputError(f"device {device!r}: the CPU device has no index; use cpu")
+    return chosen
+
+
+def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return mps is not None and mps.is_available()

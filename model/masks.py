@@ -13,6 +13,7 @@ from .errors import InputError
 
 MAX_OBJECT_ID = 255
 SIZE_SLACK_PX = 2  # real data has keyframe masks a pixel or two off the frame size
+LOSSY_FORMATS = {"JPEG", "MPO"}  # PIL format names of files whose ids cannot be trusted
 
 
 def read_label_mask(path: str | Path) -> np.ndarray:
@@ -20,7 +21,8 @@ def read_label_mask(path: str | Path) -> np.ndarray:
 
     Palette PNGs hold object ids as palette indices. Grey PNGs hold ids as values, except the
     DAVIS 2016 convention (only 0 and 255) which is one object. Colour PNGs are refused, since
-    their colours do not say which id they mean.
+    their colours do not say which id they mean, and so are JPEGs, whose compression noise
+    would become phantom objects.
     """
     path = Path(path)
     if not path.is_file():
@@ -30,6 +32,11 @@ def read_label_mask(path: str | Path) -> np.ndarray:
         image.load()
     except Exception as exc:  # PIL raises many types for broken files
         raise InputError(f"cannot read mask {path}: {exc}") from None
+    if image.format in LOSSY_FORMATS:
+        raise InputError(
+            f"mask {path} is a {image.format} file: lossy compression turns each object's "
+            "edge into stray ids; save the label mask as PNG"
+        )
     if image.mode == "P":
         labels = np.asarray(image, dtype=np.uint8)
     elif image.mode in ("L", "1", "I", "I;16"):

@@ -49,6 +49,7 @@ class OverlayWriter:
         self.kind = self.path.suffix.lower()
         self._video: cv2.VideoWriter | None = None
         self._gif_frames: list[Image.Image] = []
+        self._written = 0
 
     def add(self, frame: np.ndarray, labels: np.ndarray) -> None:
         picture = draw_overlay(frame, labels)
@@ -62,12 +63,16 @@ class OverlayWriter:
             if not self._video.isOpened():
                 raise OSError(f"OpenCV cannot write video {self.path}")
         self._video.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        self._written += 1
 
     def close(self) -> None:
-        """Finish the file (the GIF is written here)."""
+        """Finish the file (the GIF is written here). OpenCV's writer reports no failure (a full
+        disk gives an unreadable MP4 silently), so the finished MP4 is opened again and its
+        frame count checked; an OSError says what went wrong."""
         if self._video is not None:
             self._video.release()
             self._video = None
+            self._check_video()
         if self._gif_frames:
             first, *rest = self._gif_frames
             first.save(
@@ -78,3 +83,16 @@ class OverlayWriter:
                 loop=0,
             )
             self._gif_frames = []
+
+    def _check_video(self) -> None:
+        capture = cv2.VideoCapture(str(self.path))
+        try:
+            count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+            readable = capture.isOpened() and capture.read()[0]
+        finally:
+            capture.release()
+        if not readable or count != self._written:
+            raise OSError(
+                f"overlay {self.path} was not written completely ({self._written} frames given, "
+                f"{count} readable; is the disk full?)"
+            )

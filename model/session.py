@@ -14,7 +14,9 @@ keyframe are filled by a backward pass from it (unless direction="forward").
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from .engine import Engine, Tracker
-from .errors import InputError
+from .errors import InputError, XMemLabelError
 from .frames import FrameSource, SpilledIterator, open_frames, prefetch
 from .masks import MAX_OBJECT_ID, fit_mask_to_frame
 from .results import FrameResult, ObjectResult
@@ -31,6 +33,10 @@ CONFIDENCE_FLOOR = 0.1  # probabilities below this are noise, not doubt, for the
 DIRECTIONS = ("both", "forward")
 
 ProgressCallback = Callable[[int, int], None]
+
+
+class PropagationCancelled(XMemLabelError):
+    """Raised inside a propagation that `Session.cancel()` stopped."""
 
 
 class _FramePrompt:
@@ -64,6 +70,7 @@ class Session:
         self.frames = open_frames(source)
         self.frame_hw = self.frames.size()
         self._prompts: dict[int, _FramePrompt] = {}
+        self._cancelled = threading.Event()
 
     # ----- keyframes -------------------------------------------------------------------------
 
@@ -113,12 +120,17 @@ class Session:
         direction: str = "both",
         with_probs: bool = False,
         progress: ProgressCallback | None = None,
+        spill_dir: str | Path | None = None,
     ) -> Iterator[FrameResult]:
         """Yield a FrameResult for every frame of the clip, in order.
 
         direction "both" fills frames before an object's first keyframe by a backward pass
         from that keyframe; "forward" leaves them empty, like the official evaluation.
-        progress(done, total) is called after every network step.
+        progress(done, total) is called after every network step. spill_dir: where the
+        backward pass's probabilities are spilled (default: the system's temporary folder); the
+        CLI puts them inside its partial output, so even a killed run leaves them in one place.
+        Frames of another size than the first, and probabilities that are NaN or infinite, are
+        errors naming the frame.
         """
         if direction not in DIRECTIONS:
             raise InputError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -131,7 +143,8 @@ class Session:
         total = (num_frames - forward_start if num_frames else 0) + backward_start
         steps = _StepCounter(progress, total)
 
-        with tempfile.TemporaryDirectory(prefix="xmem-label-backward-") as spill:
+        self._cancelled.clear()
+        with tempfile.TemporaryDirectory(prefix="xmem-label-backward-", dir=spill_dir) as spill:
             backward = self._backward_pass(backward_start, num_frames, Path(spill), steps)
             forward = self._pass(self.frames.forward(forward_start), num_frames, steps)
             for index, frame_probs in self._merge(backward, forward, forward_start, first):
@@ -140,6 +153,11 @@ class Session:
     def run(self, **options) -> list[FrameResult]:
         """Propagate the whole clip and return every frame's result (all masks in memory)."""
         return list(self.propagate(**options))
+
+    def cancel(self) -> None:
+        """Stop a running propagation at its next network step (from any thread): it raises
+        PropagationCancelled there, and its spilled probabilities are deleted."""
+        self._cancelled.set()
 
     def close(self) -> None:
         self.frames.close()
@@ -160,10 +178,20 @@ class Session:
     ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
         """Run one tracker over `frames`, yielding (index, object_ids, probs) per frame."""
         tracker = self.engine.new_tracker(num_frames)
-        for (index, frame), is_last in _with_last_flag(prefetch(frames)):
-            probs = tracker.step(frame, self._prompt_for(tracker, index), last=is_last)
-            steps.advance()
-            yield index, list(tracker.object_ids), probs
+        with contextlib.closing(prefetch(frames)) as decoded:
+            for (index, frame), is_last in _with_last_flag(decoded):
+                if self._cancelled.is_set():
+                    raise PropagationCancelled("propagation cancelled")
+                if frame.shape[:2] != self.frame_hw:
+                    height, width = frame.shape[:2]
+                    raise InputError(
+                        f"{self.frames.where(index)} is {width}x{height}, but the clip's first "
+                        f"frame is {self.frame_hw[1]}x{self.frame_hw[0]}; all frames must have "
+                        "one size"
+                    )
+                probs = tracker.step(frame, self._prompt_for(tracker, index), last=is_last)
+                steps.advance()
+                yield index, list(tracker.object_ids), probs
 
     def _backward_pass(
         self, start: int, num_frames: int | None, spill: Path, steps: _StepCounter
@@ -223,7 +251,12 @@ class Session:
                 if object_id in ids:
                     labels[prompt_labels == object_id] = ids.index(object_id) + 1
                     keyframe_ids.add(object_id)
-        labels_np, objects = _summarise(labels, probs, ids, keyframe_ids)
+        labels_np, objects, finite = _summarise(labels, probs, ids, keyframe_ids)
+        if not finite:
+            raise InputError(
+                f"{self.frames.where(index)}: the engine produced NaN or infinite probabilities "
+                "(damaged weights or a setting out of range); nothing was written"
+            )
         id_lookup = np.array([0, *ids], dtype=np.uint8)
         return FrameResult(
             index=index,
@@ -342,7 +375,8 @@ def _select(first, index, forward, backward) -> tuple[list[int], torch.Tensor]:
 
 
 def _summarise(labels: torch.Tensor, probs: torch.Tensor, ids: list[int], keyframe_ids: set):
-    """Copy the labels to the host once, with area, box and confidence of every object."""
+    """Copy the labels to the host once, with area, box and confidence of every object, and
+    whether every probability is finite (read in the same copy: no extra device sync)."""
     channels = torch.arange(1, len(ids) + 1, device=labels.device).view(-1, 1, 1)
     masks = labels.unsqueeze(0) == channels  # (K, H, W)
     foreground = probs[1:]
@@ -359,17 +393,19 @@ def _summarise(labels: torch.Tensor, probs: torch.Tensor, ids: list[int], keyfra
             _last_true(rows).float(),
             _first_true(cols).float(),
             _last_true(cols).float(),
+            (~torch.isfinite(probs)).sum().float().expand(len(ids)),
         ],
         dim=1,
     )
     labels_np, stats_np = labels.cpu().numpy(), stats.cpu().numpy()
+    finite = not stats_np[:, 7].any()
     objects = {}
-    for object_id, (area, inter, uni, y0, y1, x0, x1) in zip(ids, stats_np, strict=True):
+    for object_id, (area, inter, uni, y0, y1, x0, x1, _) in zip(ids, stats_np, strict=True):
         keyframe = object_id in keyframe_ids
         confidence = 1.0 if keyframe or uni == 0 else float(inter / uni)
         box = (int(x0), int(y0), int(x1) + 1, int(y1) + 1) if area > 0 else None
         objects[object_id] = ObjectResult(object_id, confidence, int(area), box, keyframe)
-    return labels_np, objects
+    return labels_np, objects, finite
 
 
 def _argmax_channels(probs: torch.Tensor) -> torch.Tensor:

@@ -134,24 +134,38 @@ def test_later_keyframe_fills_earlier_frames_unless_forward(tmp_path, capsys):
         assert (read_label_mask(out / f"{STEMS[0]}.png") > 0).any() == filled
 
 
-def test_force_replaces_a_non_empty_out(tmp_path, capsys):
+def test_force_replaces_only_this_tools_own_output(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     args = ["propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", out, "--engine", "flow"]
     code, _, err = run(capsys, *args)
     assert code == 2 and "not empty" in err and (out / "old.txt").exists()
+    code, _, err = run(capsys, *args, "--force")  # a folder this tool did not write
+    assert code == 2 and "not written by xmem-label" in err
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    (out / "old.txt").unlink()
+
     overlay = tmp_path / "overlay.gif"
-    overlay.write_bytes(b"an older overlay")
-    code, _, err = run(capsys, *args, "--force", "--overlay", overlay)
+    code, _, err = run(capsys, *args, "--overlay", overlay)
     assert code == 0, err
+    code, _, err = run(capsys, *args, "--overlay", overlay, "--set", "preset=fast")
+    assert code == 2 and "--force" in err
+    code, _, err = run(capsys, *args, "--force", "--overlay", overlay, "--set", "preset=fast")
+    assert code == 0, err  # its own output and overlay are replaced
+    assert json.loads((out / "summary.json").read_text())["settings"]["preset"] == "fast"
     with Image.open(overlay) as gif:
         assert gif.n_frames == len(STEMS)
+
     other = tmp_path / "other"
-    code, _, err = run(capsys, "propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", other,
-                       "--engine", "flow", "--overlay", overlay)  # fmt: skip
+    other_args = [*args[:-4], "--out", other, "--engine", "flow", "--overlay", overlay]
+    code, _, err = run(capsys, *other_args)
     assert code == 2 and "exists" in err and not other.exists()
-    assert not (out / "old.txt").exists() and (out / "summary.json").exists()
+    code, _, err = run(capsys, *other_args, "--force")  # not the overlay of `other`
+    assert code == 2 and "not the overlay" in err and not other.exists()
+    (out / "notes.txt").write_text("mine")  # a person's file beside the output
+    code, _, err = run(capsys, *args, "--force")
+    assert code == 2 and "notes.txt" in err and (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -380,7 +394,26 @@ def test_demo_replaces_its_previous_output_but_nothing_else(tmp_path, capsys):
     code, _, err = run(capsys, "demo", "--out", out)
     assert code == 2 and "not empty" in err
     (out / "notes.txt").unlink()
-    (out / "summary.json").write_text("{}")  # what an earlier demo run leaves
+    (out / "summary.json").write_text("{}")  # looks like a demo's output, but is not one
+    code, _, err = run(capsys, "demo", "--out", out, "--engine", "flow")
+    assert code == 2 and "not written by xmem-label" in err
+    assert (out / "summary.json").read_text() == "{}"
+    (out / "summary.json").unlink()
     code, stdout, err = run(capsys, "demo", "--out", out, "--engine", "flow")
     assert code == 0, err
+    code, stdout, err = run(capsys, "demo", "--out", out, "--engine", "flow")
+    assert code == 0, err  # its own earlier output is replaced
     assert json.loads((out / "summary.json").read_text())["frame_count"] == 30
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "demo", "--out", out, "--engine", "flow")
+    assert code == 2 and "notes.txt" in err and (out / "notes.txt").exists()
+
+    propagated = tmp_path / "propagated"
+    code, _, err = run(
+        capsys, "propagate", FRAMES, "--mask", f"0={FIRST_MASK}", "--out", propagated,
+        "--engine", "flow",
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, "demo", "--out", propagated, "--engine", "flow")
+    assert code == 2 and "propagate" in err
+    assert json.loads((propagated / "summary.json").read_text())["source"] == str(FRAMES)

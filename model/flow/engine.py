@@ -337,6 +337,53 @@ def _guided_filter(
     return mean_slope * guide + mean_offset
 
 
+# Allowed range per numeric setting: (lowest, highest, whether the lowest itself is allowed).
+_SETTING_RANGES = {
+    "work_height": (16, 4320, True),
+    "mask_height": (16, 4320, True),
+    "consistency_px": (0.0, None, False),
+    "occlusion_logit": (None, None, True),
+    "colour_weight": (0.0, None, True),
+    "colour_bins": (2, 64, True),
+    "search_px": (0, None, True),
+    "refine_radius": (0, None, True),
+    "refine_eps": (0.0, None, False),
+    "sharpen": (0.0, None, False),
+}
+
+
+def check_flow_settings(settings: FlowSettings) -> FlowSettings:
+    """`settings` with numbers as plain int and float. Refuses a setting of the wrong type
+    (2.5 for a whole number), NaN or infinite, or out of range (a negative radius), with one
+    line naming it: such values give meaningless masks."""
+    if settings.preset not in PRESETS:
+        raise InputError(
+            f"unknown flow preset {settings.preset!r}; choose one of: {', '.join(PRESETS)}"
+        )
+    normalised = {}
+    for field in dataclasses.fields(FlowSettings):
+        if field.name == "preset":
+            continue
+        value = getattr(settings, field.name)
+        whole = field.type == "int"
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise InputError(f"flow setting {field.name!r} takes a number, not {value!r}")
+        if whole and not isinstance(value, (int, np.integer)):
+            raise InputError(f"flow setting {field.name!r} takes a whole number, not {value!r}")
+        if not np.isfinite(value):
+            raise InputError(f"flow setting {field.name!r} must be a finite number, not {value}")
+        low, high, low_allowed = _SETTING_RANGES[field.name]
+        too_low = low is not None and (value < low or (value == low and not low_allowed))
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            bound = f"at least {low}" if low_allowed else f"above {low}"
+            if high is not None:
+                bound = f"{low}..{high}"
+            raise InputError(f"flow setting {field.name!r} must be {bound}, not {value}")
+        normalised[field.name] = int(value) if whole else float(value)
+    return dataclasses.replace(settings, **normalised)
+
+
 def load_flow_engine(
     *,
     preset: str = "medium",
@@ -372,23 +419,17 @@ def load_flow_engine(
         snaps mask edges to image edges.
     sharpen: gain applied around 0.5 to the carried soft masks, undoing the blur of warping.
     """
-    if preset not in PRESETS:
-        raise InputError(f"unknown flow preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    if int(work_height) < 16:
-        raise InputError(f"flow work_height must be at least 16, not {work_height}")
-    if not 2 <= int(colour_bins) <= 64:
-        raise InputError(f"flow colour_bins must be 2..64, not {colour_bins}")
     settings = FlowSettings(
         preset=preset,
-        work_height=int(work_height),
-        mask_height=int(mask_height),
-        consistency_px=float(consistency_px),
-        occlusion_logit=float(occlusion_logit),
-        colour_weight=float(colour_weight),
-        colour_bins=int(colour_bins),
-        search_px=int(search_px),
-        refine_radius=int(refine_radius),
-        refine_eps=float(refine_eps),
-        sharpen=float(sharpen),
+        work_height=work_height,
+        mask_height=mask_height,
+        consistency_px=consistency_px,
+        occlusion_logit=occlusion_logit,
+        colour_weight=colour_weight,
+        colour_bins=colour_bins,
+        search_px=search_px,
+        refine_radius=refine_radius,
+        refine_eps=refine_eps,
+        sharpen=sharpen,
     )
-    return FlowEngine(settings)
+    return FlowEngine(check_flow_settings(settings))

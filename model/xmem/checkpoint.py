@@ -97,6 +97,12 @@ def build_network(state_dict: Mapping[str, Tensor]) -> XMemNetwork:
     problems = _differences(network.state_dict(), state_dict)
     if problems:
         raise WeightsError("weights do not fit the XMem network: " + "; ".join(problems))
+    not_finite = [key for key, value in state_dict.items() if not torch.isfinite(value).all()]
+    if not_finite:
+        raise WeightsError(
+            f"weights hold NaN or infinite values (first in {not_finite[0]!r}): the file is "
+            "damaged or from a diverged training run"
+        )
     network.load_state_dict(state_dict, strict=True)
     network.eval()
     network.requires_grad_(False)

@@ -102,6 +102,29 @@ class XMemEngine:
         return image.contiguous(memory_format=torch.channels_last)
 
 
+def check_xmem_options(
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    **settings: Any,
+) -> tuple[torch.device, XMemSettings]:
+    """The device and settings XMem would run with; every option is checked here, so a caller
+    (the CLI) can refuse a bad one before resolving or downloading weights."""
+    resolved_settings = xmem_settings(**settings)
+    device = pick_device(device)
+    allowed = PRECISIONS.get(device.type, ("fp32",))
+    if precision not in allowed:
+        raise InputError(
+            f"precision {precision!r} is not available on {device.type}; choose {allowed}"
+        )
+    if not isinstance(compile, bool):
+        raise InputError(f"compile takes true or false, not {compile!r}")
+    if compile and precision == "int8":
+        raise InputError("compile is not available with precision 'int8'; use bf16 to compile")
+    return device, resolved_settings
+
+
 def load_xmem_engine(
     *,
     weights: str | Path | None = None,
@@ -120,15 +143,9 @@ def load_xmem_engine(
     settings: XMem settings under the official names, and `size` (internal short side, -1 =
     native); defaults come from manifest.yml.
     """
-    resolved_settings = xmem_settings(**settings)
-    device = pick_device(device)
-    allowed = PRECISIONS.get(device.type, ("fp32",))
-    if precision not in allowed:
-        raise InputError(
-            f"precision {precision!r} is not available on {device.type}; choose {allowed}"
-        )
-    if compile and precision == "int8":
-        raise InputError("compile is not available with precision 'int8'; use bf16 to compile")
+    device, resolved_settings = check_xmem_options(
+        device=device, precision=precision, compile=compile, **settings
+    )
     path = resolve_weights(weights)
     network = build_network(load_state_dict(path)).to(device).eval()
     network = network.to(memory_format=torch.channels_last)
