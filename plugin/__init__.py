@@ -5,10 +5,11 @@ FiftyOne loads this folder from FIFTYONE_PLUGINS_DIR under a name of its own, no
 import): both ways of loading then share one set of modules.
 """
 
-from xmem_label.plugin.operators import PropagateMasks, ReviewFrames
+from xmem_label.plugin.operators import PropagateMasks, PropagationStatus, ReviewFrames
 
 
 def register(plugin) -> None:
     """Called by FiftyOne's plugin loader."""
     plugin.register(PropagateMasks)
     plugin.register(ReviewFrames)
+    plugin.register(PropagationStatus)

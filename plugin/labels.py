@@ -21,6 +21,7 @@ import fiftyone as fo
 import numpy as np
 
 from xmem_label.model import FrameResult, InputError
+from xmem_label.model.masks import fit_mask_to_frame
 from xmem_label.model.prompts import mask_from_box
 
 MAX_OBJECT_ID = 255
@@ -122,7 +123,7 @@ def relative_to_pixel_box(
 
 def prompt_objects(
     label: fo.Detections | fo.Segmentation,
-    object_ids: list[int] | None,
+    object_ids: list[tuple[int, int]] | None,
     frame_hw: tuple[int, int],
     frame: np.ndarray | None,
     mask_targets: dict[int, str] | None,
@@ -130,40 +131,57 @@ def prompt_objects(
 ) -> list[PromptObject]:
     """The objects a person gave in one keyframe label (`where` names it in errors).
 
-    object_ids: for Detections, the engine's id of each detection (see `engine_ids`).
+    object_ids: for Detections, (engine id, FiftyOne index) of each detection (see
+    `assign_object_indexes` and `engine_ids`); a detection without a label is named by its
+    index, as the command line names objects by their ids.
     mask_targets: for Segmentation, id -> label name (the dataset's mask targets).
     """
     if isinstance(label, fo.Detections):
         objects = []
-        for det, object_id in zip(label.detections, object_ids or [], strict=True):
+        for det, (object_id, index) in zip(label.detections, object_ids or [], strict=True):
             mask = detection_to_mask(det, frame_hw, frame)
             if not mask.any():
                 raise InputError(f"{where}: the mask of {det.label!r} is empty")
             drawn = det if det.has_mask else None
-            objects.append(PromptObject(object_id, det.label or str(object_id), mask, drawn))
+            objects.append(PromptObject(object_id, det.label or str(index), mask, drawn))
         return objects
     if isinstance(label, fo.Segmentation):
-        ids_mask = label.get_mask()
-        if ids_mask is None:
-            raise InputError(f"{where}: the segmentation has no mask")
-        ids_mask = np.asarray(ids_mask)
-        if ids_mask.ndim != 2:
-            raise InputError(f"{where}: RGB segmentation masks are not supported; use object ids")
-        if ids_mask.shape != tuple(frame_hw):
-            raise InputError(
-                f"{where}: the mask is {ids_mask.shape[1]}x{ids_mask.shape[0]}, "
-                f"the video {frame_hw[1]}x{frame_hw[0]}"
-            )
-        if ids_mask.max() > MAX_OBJECT_ID or ids_mask.min() < 0:
-            raise InputError(f"{where}: mask values must be object ids 0..{MAX_OBJECT_ID}")
-        present = [int(v) for v in np.unique(ids_mask) if v != 0]
-        if not present:
-            raise InputError(f"{where}: the segmentation mask is empty")
-        names = mask_targets or {}
-        return [
-            PromptObject(obj, str(names.get(obj, obj)), ids_mask == obj) for obj in present
-        ]
+        return _segmentation_objects(label, frame_hw, mask_targets or {}, where)
     raise InputError(f"{where}: expected Detections or Segmentation, got {type(label).__name__}")
+
+
+def is_binary_mask(values: np.ndarray) -> bool:
+    """A mask holding only 0 and 255: a binary mask saved as an image, one object (id 1) by
+    the command line's rule (`model.masks.read_label_mask`)."""
+    return set(np.unique(values).tolist()) == {0, 255}
+
+
+def segmentation_ids(values: np.ndarray, frame_hw: tuple[int, int], where: str) -> np.ndarray:
+    """A Segmentation's mask as engine object ids, by the command line's rules: values are
+    ids, a 0/255 mask is object 1, and a mask one or two pixels off the frame size is resized
+    (a larger mismatch is refused)."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise InputError(f"{where}: RGB segmentation masks are not supported; use object ids")
+    if values.min(initial=0) < 0 or values.max(initial=0) > MAX_OBJECT_ID:
+        raise InputError(f"{where}: mask values must be object ids 0..{MAX_OBJECT_ID}")
+    ids_mask = (values > 0) if is_binary_mask(values) else values
+    return fit_mask_to_frame(ids_mask.astype(np.uint8), frame_hw, where)
+
+
+def _segmentation_objects(
+    label: fo.Segmentation, frame_hw: tuple[int, int], names: dict, where: str
+) -> list[PromptObject]:
+    values = label.get_mask()
+    if values is None:
+        raise InputError(f"{where}: the segmentation has no mask")
+    ids_mask = segmentation_ids(values, frame_hw, where)
+    present = [int(v) for v in np.unique(ids_mask) if v != 0]
+    if not present:
+        raise InputError(f"{where}: the segmentation mask is empty")
+    if is_binary_mask(values):  # the image holds 255; a mask target may name 255 or 1
+        names = {1: names.get(255, names.get(1, 1))}
+    return [PromptObject(obj, str(names.get(obj, obj)), ids_mask == obj) for obj in present]
 
 
 def result_to_detections(

@@ -11,12 +11,34 @@ The labels are the same as those of the "propagate masks" operator.
 
 from __future__ import annotations
 
+import inspect
+
 import fiftyone as fo
 import fiftyone.core.models as fom
 
 from xmem_label.model import InputError
 
+from .fields import check_output_field, declare_output
 from .videos import choose_engine, frame_field_name, plan_video, propagate_video
+
+
+def apply_model_label_field() -> str | None:
+    """The `label_field` of the `apply_model` call running this model, or None outside one.
+
+    FiftyOne does not tell a model where its labels go; it writes them after `predict`
+    returns, so a wrong field (`frames.x` for a video model) would only fail after the whole
+    clip ran, as a warning. It is read from FiftyOne's video loop
+    (`fiftyone.core.models._apply_video_model`, FiftyOne 1.22) so it is checked first.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_apply_video_model" and frame.f_globals.get("__name__") == (
+            "fiftyone.core.models"
+        ):
+            return frame.f_locals.get("label_field")
+        frame = frame.f_back
+    return None
 
 
 class XMemLabelVideoModel(fom.SamplesMixin, fom.Model):
@@ -72,6 +94,12 @@ class XMemLabelVideoModel(fom.SamplesMixin, fom.Model):
             raise InputError("XMemLabelVideoModel needs the sample: use dataset.apply_model")
         field = self.prompt_field()
         dataset = sample.dataset
+        label_field = apply_model_label_field()
+        if label_field is not None and label_field.startswith("frames."):
+            raise InputError(
+                f"label_field={label_field!r}: give video models the frame field without its "
+                f"'frames.' prefix (label_field={frame_field_name(label_field)!r})"
+            )
         mask_targets = None
         if dataset is not None:
             mask_targets = dataset.mask_targets.get(f"frames.{field}") or (
@@ -80,4 +108,15 @@ class XMemLabelVideoModel(fom.SamplesMixin, fom.Model):
         job = plan_video(sample, field, mask_targets)
         if job is None:
             return None
-        return propagate_video(job, self.engine)
+        if dataset is not None and label_field is not None:
+            check_output_field(dataset, label_field, field)
+        labels = propagate_video(job, self.engine)
+        if dataset is not None and label_field is not None:
+            provenance = {
+                "operator": "XMemLabelVideoModel (apply_model)",
+                "prompt_field": f"frames.{field}",
+                "engine": self.engine.describe(),
+                "run": "apply_model",
+            }
+            declare_output(dataset, label_field, provenance)
+        return labels

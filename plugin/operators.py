@@ -1,23 +1,37 @@
-"""The plugin's two operators: "propagate masks" and "review frames".
+"""The plugin's operators: "propagate masks", "review frames" and "propagation status".
 
-Both work on the dataset, the current view or the selected samples (`ctx.target_view()`).
-Bad input raises `xmem_label.model.InputError` before anything is written; FiftyOne turns it
-into the operation's error message (`ExecutionResult.error_message`, shown by the App).
+They work on the dataset, the current view or the selected samples (`ctx.target_view()`).
+Parameters are checked in `resolve_input`, so the App shows a bad one next to its field and
+FiftyOne refuses it before running or queueing anything. What needs the videos (keyframes
+beyond the end, empty masks, unreadable files) is checked when the run starts, before it
+writes anything: an immediate run's error message, or, for a delegated run, the one-line
+reason recorded on the failed operation.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 from collections.abc import Generator
 
 import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from xmem_label.model import InputError
+from xmem_label.model import InputError, XMemLabelError
 
+from . import runs
+from .fields import (
+    check_keyframe_field,
+    check_output_field,
+    declare_output,
+    default_output_field,
+    is_output,
+    keyframe_candidates,
+    prompt_fields,
+)
 from .videos import (
-    PROMPT_TYPES,
     choose_engine,
     frame_field_name,
     iter_video_labels,
@@ -25,15 +39,10 @@ from .videos import (
     write_frame_labels,
 )
 
-DEFAULT_OUTPUT_FIELD = "xmem"
+logger = logging.getLogger(__name__)
+
 LONG_JOB_FRAMES = 2000  # more frames than this: delegated execution is offered first
 PROGRESS_INTERVAL_S = 1.0
-
-
-def _prompt_fields(collection) -> list[str]:
-    if collection is None or collection.media_type != "video":
-        return []
-    return sorted(collection.get_frame_field_schema(embedded_doc_type=PROMPT_TYPES))
 
 
 def _frame_count(collection) -> int:
@@ -41,6 +50,44 @@ def _frame_count(collection) -> int:
     if collection is None or collection.media_type != "video":
         return 0
     return int(collection.sum("metadata.total_frame_count") or 0)
+
+
+def _samples_per_run(params: dict) -> int:
+    try:
+        return int(params.get("samples_per_run") or 0)
+    except (TypeError, ValueError):
+        raise InputError("samples per run must be a whole number") from None
+
+
+def check_params(ctx) -> dict[str, str]:
+    """Parameter name -> what is wrong with it, for everything that can be checked without
+    opening a video (cheap enough for every change of the App form)."""
+    params = ctx.params
+    target = ctx.target_view()
+    prompt_field = frame_field_name(params.get("prompt_field"))
+    label_field = frame_field_name(params.get("label_field") or default_output_field(target))
+    checks = [
+        ("prompt_field", lambda: check_keyframe_field(target, prompt_field, True)),
+        (
+            "output_as_keyframes",
+            lambda: check_keyframe_field(
+                target, prompt_field, bool(params.get("output_as_keyframes"))
+            ),
+        ),
+        ("label_field", lambda: check_output_field(target, label_field, prompt_field)),
+        ("samples_per_run", lambda: _check_samples_per_run(params)),
+    ]
+    for name, check in checks:  # the first problem only: later checks build on earlier ones
+        try:
+            check()
+        except InputError as error:
+            return {name: str(error)}
+    return {}
+
+
+def _check_samples_per_run(params: dict) -> None:
+    if _samples_per_run(params) < 0:
+        raise InputError("samples per run must be 0 (one run) or more")
 
 
 class PropagateMasks(foo.Operator):
@@ -62,7 +109,7 @@ class PropagateMasks(foo.Operator):
     def resolve_input(self, ctx) -> types.Property:
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Propagate on")
-        fields = _prompt_fields(ctx.dataset)
+        fields = prompt_fields(ctx.dataset)
         if not fields:
             inputs.view(
                 "no_prompts",
@@ -71,17 +118,42 @@ class PropagateMasks(foo.Operator):
                 ),
             )
             return types.Property(inputs, view=types.View(label="Propagate masks"))
+        # In a worker the parameters were checked when the run was queued; what changed since
+        # is found by execute, which records a one-line reason on the failed operation.
+        problems = {} if ctx.delegated else check_params(ctx)
+
+        def invalid(name: str) -> dict:
+            return {"invalid": True, "error_message": problems[name]} if name in problems else {}
+
+        candidates = keyframe_candidates(ctx.dataset)
         choices = types.Dropdown(label="Keyframe field")
         for field in fields:
-            choices.add_choice(field, label=f"frames.{field}")
+            note = " (an xmem-label output)" if is_output(ctx.dataset, field) else ""
+            choices.add_choice(field, label=f"frames.{field}{note}")
         # A string, not an enum: a field that is not there gets the operator's own message.
-        inputs.str("prompt_field", required=True, default=fields[0], view=choices)
+        inputs.str(
+            "prompt_field",
+            required=True,
+            default=candidates[0] if candidates else None,
+            view=choices,
+            **invalid("prompt_field"),
+        )
+        prompt_field = frame_field_name(ctx.params.get("prompt_field"))
+        if prompt_field and is_output(ctx.dataset, prompt_field):
+            inputs.bool(
+                "output_as_keyframes",
+                default=False,
+                label=f"Use the output frames.{prompt_field} as keyframes",
+                description="Every frame it holds becomes a keyframe, kept as it is",
+                **invalid("output_as_keyframes"),
+            )
         inputs.str(
             "label_field",
             required=True,
-            default=DEFAULT_OUTPUT_FIELD,
+            default=default_output_field(ctx.dataset),
             label="Output frame field",
-            description="Replaced on the propagated samples",
+            description="New, or an earlier xmem-label output (replaced on these samples)",
+            **invalid("label_field"),
         )
         engines = types.RadioGroup(label="Engine")
         engines.add_choice("auto", label="auto (XMem if its weights are here, else flow)")
@@ -97,10 +169,22 @@ class PropagateMasks(foo.Operator):
             label="Delegate",
             description="Queue for `fiftyone delegated launch` (immediate runs stop at 600 s)",
         )
+        if ctx.params.get("delegate") or "samples_per_run" in problems:
+            inputs.int(
+                "samples_per_run",
+                default=0,
+                min=0,
+                label="Samples per run",
+                description="Split into one delegated run per this many samples, so several "
+                "workers share the view (0 = one run)",
+                **invalid("samples_per_run"),
+            )
         return types.Property(inputs, view=types.View(label="Propagate masks"))
 
     def resolve_delegation(self, ctx) -> bool | None:
-        return True if ctx.params.get("delegate") else None
+        if ctx.params.get("delegate") or (ctx.params.get("samples_per_run") or 0) > 0:
+            return True
+        return None
 
     def resolve_execution_options(self, ctx) -> foo.ExecutionOptions:
         return foo.ExecutionOptions(
@@ -109,19 +193,72 @@ class PropagateMasks(foo.Operator):
             default_choice_to_delegated=_frame_count(ctx.target_view()) > LONG_JOB_FRAMES,
         )
 
+    def resolve_run_name(self, ctx) -> str:
+        prompt_field = frame_field_name(ctx.params.get("prompt_field"))
+        label_field = frame_field_name(ctx.params.get("label_field"))
+        part = ctx.params.get("part")
+        name = f"Propagate masks: frames.{prompt_field} -> frames.{label_field}"
+        return f"{name} (part {part})" if part else name
+
     def execute(self, ctx):
-        """Delegated: run, report progress to the operation's record, return the summary.
+        """Delegated: run, report progress (the heartbeat) on the operation, return the
+        summary; a failure is recorded on the operation as a one-line reason.
         Immediate: a generator, so the App shows progress while it runs (the App calls
         generator operators through a streaming request); it ends with a notification.
         Input is checked here, before anything runs, so bad input fails at once."""
-        run = _PropagationRun(ctx)
-        updates = _throttled(run.steps())
         if ctx.delegated:
-            return _drain(updates, lambda fraction: ctx.set_progress(fraction, _percent(fraction)))
-        return self._stream(ctx, updates)
+            return self._run_delegated(ctx)
+        stale = runs.fail_stale_runs(ctx.dataset.name, self.uri)
+        run = _PropagationRun(ctx, self.uri)
+        return self._stream(ctx, _throttled(run.steps()), stale)
+
+    def _run_delegated(self, ctx) -> dict | None:
+        op_id = runs.operation_id(ctx)
+        try:
+            stale = runs.fail_stale_runs(ctx.dataset.name, self.uri)
+            run = _PropagationRun(ctx, self.uri)
+            per_run = _samples_per_run(ctx.params)
+            if 0 < per_run < len(run.jobs):
+                return {**run.empty_summary(), "runs": self._queue_parts(ctx, run, per_run)}
+            with runs.Heartbeat(ctx) as heartbeat:
+                steps = run.steps(may_write=lambda: runs.is_still_running(op_id))
+                summary = _drain(steps, heartbeat.update)
+            return {**summary, "stale_runs_failed": stale}
+        except XMemLabelError as error:
+            runs.fail(op_id, str(error))
+        except Exception as error:  # recorded, not raised: FiftyOne would store a traceback
+            logger.exception("propagation run %s failed", op_id)
+            runs.fail(op_id, f"{type(error).__name__}: {error}", traceback.format_exc())
+        return None
+
+    def _queue_parts(self, ctx, run: _PropagationRun, per_run: int) -> list[str]:
+        """Queue one delegated run per `per_run` samples with keyframes; returns their ids.
+        The output field is declared first, so every part finds it marked as xmem-label's."""
+        declare_output(ctx.dataset, run.label_field, run.provenance())
+        sample_ids = [job.sample_id for job in run.jobs]
+        batches = [sample_ids[i : i + per_run] for i in range(0, len(sample_ids), per_run)]
+        queued = []
+        for number, batch in enumerate(batches, start=1):
+            params = {
+                **ctx.params,
+                "delegate": True,
+                "samples_per_run": 0,
+                "view_target": "CURRENT_VIEW",
+                "part": f"{number}/{len(batches)}",
+            }
+            result = foo.execute_operator(
+                self.uri,
+                ctx=dict(
+                    view=ctx.dataset.select(batch, ordered=True),
+                    request_delegation=True,
+                    params=params,
+                ),
+            )
+            queued.append(str(result.result["id"]))
+        return queued
 
     @staticmethod
-    def _stream(ctx, updates):
+    def _stream(ctx, updates, stale: list[str]):
         while True:
             try:
                 fraction = next(updates)
@@ -131,11 +268,13 @@ class PropagateMasks(foo.Operator):
             yield ctx.ops.set_progress(label=_percent(fraction), progress=fraction)
         yield ctx.ops.set_progress(label="done", progress=1.0)
         yield ctx.ops.reload_dataset()
-        yield ctx.ops.notify(
+        message = (
             f"xmem-label: {summary['frames']} frames of {summary['samples']} videos written to "
-            f"{summary['label_field']}",
-            variant="success",
+            f"{summary['label_field']}"
         )
+        if stale:
+            message += f"; marked failed (their worker died): {', '.join(stale)}"
+        yield ctx.ops.notify(message, variant="success")
 
     def resolve_output(self, ctx) -> types.Property:
         outputs = types.Object()
@@ -144,6 +283,8 @@ class PropagateMasks(foo.Operator):
         outputs.int("skipped_samples", label="Videos without a keyframe (left alone)")
         outputs.str("label_field", label="Output field")
         outputs.str("engine", label="Engine")
+        outputs.list("runs", types.String(), label="Delegated runs queued (one per part)")
+        outputs.list("stale_runs_failed", types.String(), label="Dead runs marked failed")
         return types.Property(outputs)
 
 
@@ -152,30 +293,44 @@ class _PropagationRun:
     every video, yields the fraction done after every frame, writes every label in one bulk
     call at the end (a failed or killed run writes nothing) and returns the summary."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, operator_uri: str):
+        for message in check_params(ctx).values():
+            raise InputError(message)
+        target = ctx.target_view()
         self.prompt_field = frame_field_name(ctx.params.get("prompt_field"))
         self.label_field = frame_field_name(
-            ctx.params.get("label_field") or DEFAULT_OUTPUT_FIELD
+            ctx.params.get("label_field") or default_output_field(target)
         )
-        if self.label_field == self.prompt_field:
-            raise InputError("the output field must differ from the keyframe field")
-        if not self.label_field.isidentifier():
-            raise InputError(f"output field {self.label_field!r} is not a plain field name")
+        self.operator_uri = operator_uri
         self.dataset = ctx.dataset
-        self.jobs, self.skipped = plan_videos(ctx.target_view(), self.prompt_field)
-        existing = self.dataset.get_frame_field_schema().get(self.label_field)
-        if existing is not None and getattr(existing, "document_type", None) is not fo.Detections:
-            raise InputError(
-                f"frames.{self.label_field} already holds something other than Detections; "
-                "choose another output field"
-            )
+        self.jobs, self.skipped = plan_videos(target, self.prompt_field)
         self.engine = choose_engine(
             ctx.params.get("engine") or "auto",
             ctx.params.get("checkpoint") or None,
             ctx.params.get("device") or None,
         )
+        self.op_id = runs.operation_id(ctx)
 
-    def steps(self) -> Generator[float, None, dict]:
+    def provenance(self) -> dict:
+        return {
+            "operator": self.operator_uri,
+            "prompt_field": f"frames.{self.prompt_field}",
+            "engine": self.engine.describe(),
+            "run": str(self.op_id) if self.op_id else "immediate",
+        }
+
+    def empty_summary(self) -> dict:
+        return {
+            "samples": 0,
+            "frames": 0,
+            "skipped_samples": len(self.skipped),
+            "label_field": f"frames.{self.label_field}",
+            "engine": self.engine.describe()["engine"],
+        }
+
+    def steps(self, may_write=lambda: True) -> Generator[float, None, dict]:
+        """may_write() is asked once more before writing; False (the run was marked failed
+        meanwhile) stops the run with nothing written."""
         total = max(sum(job.num_frames for job in self.jobs), 1)
         finished = 0
         labels = {}
@@ -191,16 +346,19 @@ class _PropagationRun:
                 yield (finished + job.num_frames * engine_done[0]) / total
             labels[job.sample_id] = frames
             finished += job.num_frames
+        if not may_write():
+            raise InputError(
+                "this run was marked failed while it worked (no heartbeat); nothing written"
+            )
+        self.dataset.reload()  # another run may have made the field since the check
+        check_output_field(self.dataset, self.label_field, self.prompt_field)
+        declare_output(self.dataset, self.label_field, self.provenance())
         write_frame_labels(self.dataset, self.label_field, labels)
         return {
+            **self.empty_summary(),
             "samples": len(labels),
             "frames": sum(len(frames) for frames in labels.values()),
-            "skipped_samples": len(self.skipped),
-            "label_field": f"frames.{self.label_field}",
-            "engine": self.engine.describe()["engine"],
         }
-
-
 def _throttled(steps: Generator[float, None, dict]) -> Generator[float, None, dict]:
     """Pass on at most one progress update per PROGRESS_INTERVAL_S (delegated runs store each
     one in the database); returns what `steps` returns."""
@@ -244,11 +402,12 @@ class ReviewFrames(foo.Operator):
     def resolve_input(self, ctx) -> types.Property:
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Review")
-        fields = _prompt_fields(ctx.dataset)
+        fields = prompt_fields(ctx.dataset)
         choices = types.Dropdown(label="Propagated field")
         for field in fields:
             choices.add_choice(field, label=f"frames.{field}")
-        default = DEFAULT_OUTPUT_FIELD if DEFAULT_OUTPUT_FIELD in fields else None
+        outputs = [field for field in fields if is_output(ctx.dataset, field)]
+        default = outputs[0] if outputs else None
         inputs.str("label_field", required=True, default=default, view=choices)
         inputs.int("k", default=10, min=1, label="Frames per video")
         actions = types.RadioGroup(label="Then")
@@ -330,3 +489,38 @@ def least_confident_frames(collection, label_field: str, k: int) -> dict[str, li
         if ranked:
             chosen[sample_id] = [(frame_id, conf) for conf, frame_id in ranked[:k]]
     return chosen
+
+
+class PropagationStatus(foo.Operator):
+    """The dataset's delegated propagation runs and their state. A running one whose worker
+    stopped reporting is marked failed here (FiftyOne never does), with how to re-run it."""
+
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="propagation_status",
+            label="Propagation status",
+            description="List xmem-label's delegated runs; mark those whose worker died failed",
+        )
+
+    def resolve_input(self, ctx) -> types.Property:
+        inputs = types.Object()
+        inputs.float(
+            "stale_after_s",
+            default=runs.STALE_AFTER_S,
+            min=1,
+            label="Dead after (seconds without a heartbeat)",
+        )
+        return types.Property(inputs, view=types.View(label="Propagation status"))
+
+    def execute(self, ctx) -> dict:
+        stale_after_s = float(ctx.params.get("stale_after_s") or runs.STALE_AFTER_S)
+        uri = f"{self.plugin_name}/propagate_masks"
+        marked = runs.fail_stale_runs(ctx.dataset.name, uri, stale_after_s)
+        return {"runs": runs.describe_runs(ctx.dataset.name, uri), "marked_failed": marked}
+
+    def resolve_output(self, ctx) -> types.Property:
+        outputs = types.Object()
+        outputs.list("runs", types.String(), label="Runs (id, state, progress, name, reason)")
+        outputs.list("marked_failed", types.String(), label="Marked failed now (worker died)")
+        return types.Property(outputs)

@@ -145,7 +145,8 @@ def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> Vide
         indexes_by_frame = assign_object_indexes(detections)
         id_of = engine_ids({index for ids in indexes_by_frame.values() for index in ids})
         ids_by_frame = {
-            fn: [id_of[index] for index in indexes] for fn, indexes in indexes_by_frame.items()
+            fn: [(id_of[index], index) for index in indexes]
+            for fn, indexes in indexes_by_frame.items()
         }
         keyframes = {}
         for frame_number, label in sorted(labels.items()):

@@ -8,6 +8,7 @@ needs the database and stops when the test process exits.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,6 +54,10 @@ FIFTYONE_ENV = {
 os.environ.update(FIFTYONE_ENV)
 
 import fiftyone as fo  # noqa: E402  (reads the environment above)
+from fiftyone.operators.executor import (  # noqa: E402
+    ExecutionError,
+    execute_or_delegate_operator,
+)
 
 from xmem_label.model import Session, load_engine, read_label_mask  # noqa: E402
 from xmem_label.plugin.labels import detection_to_mask  # noqa: E402
@@ -160,3 +166,19 @@ def check_equals_engine(ds, field, engine_labels):
         assert 0 < det.confidence <= 1
 
 
+
+
+def run_operator(uri, ds, selected=None, view=None, **params):
+    """Execute like the App does (POST /operators/execute): an ExecutionResult whose
+    error_message is what the user sees. Parameters refused by the operator's form before
+    anything runs or is queued (FiftyOne raises them as a validation error; the App shows
+    the reason next to the field) come back the same way, as an error message."""
+    view = ds.view() if view is None else view
+    request = dict(dataset_name=ds.name, view=view._serialize(), params=params)
+    if selected:
+        request["selected"] = selected
+    try:
+        return asyncio.run(execute_or_delegate_operator(uri, request, exhaust=True))
+    except ExecutionError as refused:
+        return SimpleNamespace(result=None, error=str(refused), error_message=str(refused),
+                               executor=None, delegated=False)

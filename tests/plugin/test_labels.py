@@ -70,7 +70,7 @@ def test_segmentation_prompt_uses_ids_and_mask_targets():
     "label, message",
     [
         (fo.Segmentation(mask=np.zeros(FRAME_HW, np.uint8)), "empty"),
-        (fo.Segmentation(mask=np.zeros((10, 10), np.uint8)), "the video 60x40"),
+        (fo.Segmentation(mask=np.zeros((10, 10), np.uint8)), "the frame is 60x40"),
         (fo.Segmentation(mask=np.zeros((*FRAME_HW, 3), np.uint8)), "RGB"),
         (fo.Classification(label="x"), "expected Detections or Segmentation"),
     ],
@@ -83,7 +83,7 @@ def test_bad_prompts_are_input_errors(label, message):
 def test_empty_instance_mask_is_an_input_error():
     det = fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.2, 0.2], mask=np.zeros((8, 12), bool))
     with pytest.raises(InputError, match="mask of 'a' is empty"):
-        prompt_objects(fo.Detections(detections=[det]), [1], FRAME_HW, None, None, "f")
+        prompt_objects(fo.Detections(detections=[det]), [(1, 1)], FRAME_HW, None, None, "f")
 
 
 def test_box_prompt_finds_the_object_inside_the_box():

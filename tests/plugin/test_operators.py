@@ -9,24 +9,18 @@ import fiftyone as fo  # noqa: I001  (conftest has set the environment)
 import fiftyone.operators as foo
 import numpy as np
 import pytest
-from fiftyone.operators.executor import execute_or_delegate_operator
 
 from xmem_label.plugin.labels import relative_to_pixel_box
 from xmem_label.plugin.videos import iter_video_labels
 
-from .conftest import PLUGIN_NAME, check_equals_engine, full_frame
+from .conftest import PLUGIN_NAME, check_equals_engine, full_frame, run_operator
 
 PROPAGATE = f"{PLUGIN_NAME}/propagate_masks"
 REVIEW = f"{PLUGIN_NAME}/review_frames"
 
 
 def run(uri, ds, selected=None, **params):
-    """Execute like the App does (POST /operators/execute): an ExecutionResult whose
-    error_message is what the user sees."""
-    request = dict(dataset_name=ds.name, view=ds.view()._serialize(), params=params)
-    if selected:
-        request["selected"] = selected
-    return asyncio.run(execute_or_delegate_operator(uri, request, exhaust=True))
+    return run_operator(uri, ds, selected=selected, **params)
 
 
 def test_operator_is_registered(mongod):
