@@ -52,9 +52,12 @@ def last_sign_of_life(operation) -> datetime.datetime | None:
     return max((t for t in times if t is not None), default=None)
 
 
-def fail_stale_runs(dataset_name: str, operator_uri: str, stale_after_s: float = STALE_AFTER_S):
+def fail_stale_runs(
+    dataset_name: str, operator_uri: str, stale_after_s: float | None = None
+) -> list[str]:
     """Mark failed every running `operator_uri` operation on the dataset that has not
-    reported for `stale_after_s` seconds; returns their ids."""
+    reported for `stale_after_s` seconds (default STALE_AFTER_S); returns their ids."""
+    stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
     service = DelegatedOperationService()
     now = _utcnow()
     failed = []
