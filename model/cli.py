@@ -330,6 +330,8 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
     """
     engine_options = _engine_options(job)
     _check_outputs(job)
+    if job.engine == "xmem":  # only now: resolving a checkpoint name may download it
+        engine_options["weights"] = resolve_weights(job.weights, download=job.download_weights)
     frames = open_frames(job.source, skip_bad_frames=job.skip_bad_frames)
     try:
         masks = {index: read_label_mask(path) for index, path in sorted(job.keyframes.items())}
@@ -361,7 +363,7 @@ def _check_outputs(job: PropagationJob) -> None:
     write, and to replace its own earlier output without --force."""
     out = job.out
     inputs = [("SOURCE", job.source)]
-    inputs += [(f"--mask {index}=", path) for index, path in sorted(job.keyframes.items())]
+    inputs += [("keyframe mask", path) for _, path in sorted(job.keyframes.items())]
     if job.weights is not None and Path(job.weights).expanduser().exists():
         inputs.append(("--weights file", Path(job.weights).expanduser()))
     check_apart(out, job.overlay, inputs)
@@ -405,8 +407,7 @@ def _engine_options(job: PropagationJob) -> dict[str, Any]:
     options = {name: getattr(job, name) for name in ("device", "precision", "size")}
     options = {name: value for name, value in options.items() if value is not None}
     check_xmem_options(**options, **settings)
-    weights = resolve_weights(job.weights, download=job.download_weights)
-    return {"weights": weights, **options, **settings}
+    return {**options, **settings}
 
 
 def _engine_loader(name: str) -> Callable[..., Engine]:
@@ -738,22 +739,23 @@ def _run_weights_verify(args: argparse.Namespace) -> int:
 def _add_plugin_commands(subparsers: argparse._SubParsersAction) -> None:
     """Let installed parts (the Label Studio backend, ...) add their subcommands.
 
-    A part whose third-party dependencies are not installed still gets a command, which says
-    what to install instead of failing the whole program.
+    A part whose third-party dependencies are not installed, or whose entry point names a
+    function it lacks (a stale install), still gets a command, which says what is wrong instead
+    of failing the whole program.
     """
     for entry in sorted(entry_points(group=PLUGIN_COMMANDS), key=lambda e: e.name):
         try:
             add_command = entry.load()
-        except ImportError as error:
+        except (ImportError, AttributeError) as error:
             _add_unavailable_command(subparsers, entry.name, error)
             continue
         add_command(subparsers)
 
 
 def _add_unavailable_command(
-    subparsers: argparse._SubParsersAction, name: str, error: ImportError
+    subparsers: argparse._SubParsersAction, name: str, error: ImportError | AttributeError
 ) -> None:
-    missing = error.name or ""
+    missing = (error.name or "") if isinstance(error, ImportError) else ""
     if missing and not missing.startswith("xmem_label"):
         reason = (
             f"the {name} command needs the Python package {missing!r}, which is not installed; "

@@ -138,13 +138,13 @@ class ImageFolder(RandomAccessSource):
             data = path.read_bytes()
         except OSError as error:
             return None, f"cannot read image {path} (frame {index}): {error.strerror or error}"
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            return None, f"cannot decode image {path} (frame {index})"
         if path.suffix.lower() in JPEG_SUFFIXES:
             problem = _jpeg_problem(data)
             if problem is not None:
                 return None, f"cannot decode image {path} (frame {index}): {problem}"
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            return None, f"cannot decode image {path} (frame {index})"
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), None
 
 
