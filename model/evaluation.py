@@ -11,6 +11,7 @@ its objects of the mean over scored frames; J&F is the mean of J and F.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
@@ -23,6 +24,7 @@ import numpy as np
 from .engine import Engine, load_engine
 from .errors import InputError
 from .masks import read_label_mask, write_label_mask
+from .outputs import check_apart, check_replaceable, remove_stale_partials, staged_output
 from .session import Session
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -230,7 +232,12 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--data", required=True, help="folder of clips")
     parser.add_argument("--engine", default="flow", help="engine name (default: flow)")
-    parser.add_argument("--out", help="write predicted masks to this folder")
+    parser.add_argument(
+        "--out", type=Path, help="write predicted masks to this folder (written whole at the end)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier eval's --out (nothing else)"
+    )
     parser.add_argument("--sequences", help="comma-separated clip names (default: all)")
     parser.add_argument("--keyframe", type=int, default=0, help="keyframe index (default: 0)")
     parser.set_defaults(run=_run_eval)
@@ -238,15 +245,29 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    out = args.out
+    if out is not None:  # the same rules as propagate's --out: see outputs.py
+        check_apart(out, None, [("--data folder", Path(args.data))])
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()):
+            if not args.force:
+                raise InputError(f"--out {out} is not empty; choose another folder or add --force")
+            check_replaceable(out, ["eval"], "--force replaces only an earlier eval's output")
     engine = load_engine(args.engine)
     sequences = [name for name in (args.sequences or "").split(",") if name] or None
-    report = evaluate_dataset(
-        args.data,
-        engine,
-        out_dir=args.out,
-        sequences=sequences,
-        keyframe=args.keyframe,
-        progress=lambda clip: print(format_clip_row(clip), flush=True),
-    )
+    with contextlib.ExitStack() as stack:
+        staged = None
+        if out is not None:
+            remove_stale_partials(out)
+            staged = stack.enter_context(staged_output(out, None, "eval", replace=True))
+        report = evaluate_dataset(
+            args.data,
+            engine,
+            out_dir=staged.folder if staged is not None else None,
+            sequences=sequences,
+            keyframe=args.keyframe,
+            progress=lambda clip: print(format_clip_row(clip), flush=True),
+        )
     print(format_report(report))
     return 0

@@ -131,3 +131,52 @@ def test_labels_are_the_argmax_of_the_probabilities_with_ties_to_the_lower_chann
     probs = torch.rand(4, 30, 20, generator=torch.Generator().manual_seed(0))
     probs[:, :5] = 0.25  # four-way ties
     assert torch.equal(_argmax_channels(probs), probs.argmax(0).to(torch.uint8))
+
+
+class _NaNAfter:
+    """Wraps a tracker: from frame `start` on, its probabilities are NaN (a diverged network)."""
+
+    def __init__(self, tracker, start):
+        self.tracker, self.start, self.seen = tracker, start, 0
+
+    @property
+    def object_ids(self):
+        return self.tracker.object_ids
+
+    def step(self, frame, prompt=None, *, last=False):
+        probs = self.tracker.step(frame, prompt, last=last)
+        self.seen += 1
+        return probs * float("nan") if self.seen > self.start else probs
+
+
+def test_non_finite_probabilities_are_an_error_naming_the_frame(copy_engine, monkeypatch):
+    make_tracker = copy_engine.new_tracker
+    monkeypatch.setattr(copy_engine, "new_tracker", lambda n: _NaNAfter(make_tracker(n), 2))
+    session = Session(copy_engine, numbered_frames(5))
+    session.add_object_mask(0, 1, box_mask(0, 2, 0, 2))
+    results = session.propagate()
+    assert [next(results).index for _ in range(2)] == [0, 1]
+    with pytest.raises(InputError, match="frame 2: the engine produced NaN or infinite"):
+        next(results)
+
+
+def test_frames_of_another_size_are_an_error_naming_the_frame(copy_engine):
+    frames = numbered_frames(4)
+    frames[2] = np.zeros((6, 10, 3), np.uint8)
+    session = Session(copy_engine, frames)
+    session.add_object_mask(0, 1, box_mask(0, 2, 0, 2))
+    with pytest.raises(InputError, match="frame 2 is 10x6, but the clip's first frame is 10x8"):
+        session.run()
+
+
+def test_cancel_stops_the_backward_pass_and_removes_its_spill(copy_engine, tmp_path):
+    from xmem_label.model.session import PropagationCancelled
+
+    session = Session(copy_engine, numbered_frames(6))
+    session.add_object_mask(5, 1, box_mask(0, 2, 0, 2))
+    results = session.propagate(spill_dir=tmp_path, progress=lambda done, total: (
+        session.cancel() if done == 3 else None))  # fmt: skip
+    with pytest.raises(PropagationCancelled):
+        next(results)
+    assert len(copy_engine.passes[0]) == 3  # the backward pass stopped at its next step
+    assert list(tmp_path.iterdir()) == []

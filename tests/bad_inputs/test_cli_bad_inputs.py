@@ -309,6 +309,12 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
     "same keyframe twice": (
         lambda d: ["propagate", frames(d), "--mask", f"0={key(d)}", "--mask", f"00={key(d)}",
                    "--out", d / "out", "--engine", "flow"], "two --mask"),  # fmt: skip
+    "eval out inside the data": (
+        lambda d: ["eval", "--data", frames(d).parent.parent, "--out", d / "clip" / "scores"],
+        "lies inside the --data folder"),
+    "eval force on a person's folder": (
+        lambda d: ["eval", "--data", CHAIR.parent, "--sequences", "chair", "--force",
+                   "--out", foreign_folder(d)], "not written by xmem-label"),  # fmt: skip
     "weights download of a path": (
         lambda d: ["weights", "download", "/etc/passwd"], "unknown checkpoint"),
     "weights verify of a missing file": (
@@ -480,3 +486,17 @@ def test_output_left_by_sigkill_is_removed_by_the_next_run(tmp_path):
     assert f"removed {left[0]}, left by an interrupted run" in done.stderr
     assert not left[0].exists() and not any(p.exists() for p in staged_overlays)
     assert _inputs_only(tmp_path) == ["demo_key.png", "long", "out", "tmp"]
+
+
+def test_eval_out_is_written_whole_and_replaced_only_with_force(tmp_path, capsys):
+    out = tmp_path / "scores"
+    argv = ["eval", "--data", CHAIR.parent, "--sequences", "chair", "--out", out]
+    code, _, err = run(capsys, argv)
+    assert code == 0, err
+    assert len(list((out / "chair").glob("*.png"))) == 8 and (out / ".xmem-label.json").exists()
+    before = tree_state(tmp_path)
+    code, _, err = run(capsys, argv)
+    assert code == 2 and "add --force" in err and tree_state(tmp_path) == before
+    code, _, err = run(capsys, [*argv, "--force"])
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]
