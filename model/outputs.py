@@ -133,6 +133,13 @@ def remove_stale_partials(out: Path) -> None:
         )
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it made, outermost first."""
+    missing = [f for f in [folder, *folder.parents] if not f.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
 def _process_runs(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -164,10 +171,11 @@ class StagedOutput:
                 name = f".{overlay.stem}.partial-{token}{overlay.suffix}"
                 self.staged_overlay = overlay.with_name(name)
         self._old = out.with_name(f".{out.name}.old-{token}")
+        self._made_parents: list[Path] = []
 
     def create(self) -> None:
         """Make the staging folder, marked as this run's from the start."""
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._made_parents = _make_parents(self.out.parent)
         self.folder.mkdir()  # a plain mkdir, unlike mkdtemp, keeps the user's umask
         self._write_marker(
             state="partial",
@@ -176,7 +184,7 @@ class StagedOutput:
             staged_overlay=str(self.staged_overlay.resolve()) if self._outside_overlay else None,
         )
         if self.staged_overlay is not None:
-            self.staged_overlay.parent.mkdir(parents=True, exist_ok=True)
+            self._made_parents += _make_parents(self.staged_overlay.parent)
 
     def commit(self, replace: bool) -> None:
         """Record what was written, then move the overlay and the folder into place; an
@@ -208,9 +216,14 @@ class StagedOutput:
 
     def discard(self) -> None:
         """Delete everything this run staged (after an error or an interrupt)."""
+        if not self.folder.exists():
+            return  # committed
         shutil.rmtree(self.folder, ignore_errors=True)
         if self._outside_overlay:
             self.staged_overlay.unlink(missing_ok=True)
+        for folder in reversed(self._made_parents):  # the folders made for the output, if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     @staticmethod
     def _claim(folder: Path) -> None:

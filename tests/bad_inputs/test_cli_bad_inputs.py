@@ -261,6 +261,10 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
     "video damaged mid-stream": (
         lambda d: flow(d, source=damaged_video(d), mask=demo_key(d)),
         "frame 13 cannot be decoded"),
+    "video damaged mid-stream, out and overlay in new folders": (
+        lambda d: flow(d, "--overlay", d / "new" / "o.mp4", source=damaged_video(d),
+                       mask=demo_key(d), out=d / "made" / "for" / "out"),  # fmt: skip
+        "frame 13 cannot be decoded"),
     "truncated JPEG mid-clip": (
         lambda d: flow(d, source=frames_with(d, truncate_half)), "frame_000005.jpg"),
     "garbage image mid-clip": (
