@@ -89,7 +89,7 @@ def detection_to_mask(det: fo.Detection, frame_hw: tuple[int, int], frame: np.nd
     whole pixels, as FiftyOne's own `Detection.from_mask` makes boxes), or, for a box without a
     mask, the object found inside the box (`model.prompts.mask_from_box`, GrabCut)."""
     height, width = frame_hw
-    if det.bounding_box is None:
+    if not det.bounding_box or len(det.bounding_box) != 4:
         raise InputError(f"detection {det.label!r} has no bounding box")
     box = relative_to_pixel_box(det.bounding_box, frame_hw)
     if not det.has_mask:

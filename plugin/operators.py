@@ -182,9 +182,11 @@ class PropagateMasks(foo.Operator):
         return types.Property(inputs, view=types.View(label="Propagate masks"))
 
     def resolve_delegation(self, ctx) -> bool | None:
-        if ctx.params.get("delegate") or (ctx.params.get("samples_per_run") or 0) > 0:
-            return True
-        return None
+        try:
+            split = _samples_per_run(ctx.params) > 0
+        except InputError:  # refused by resolve_input's check before this is asked
+            split = False
+        return True if ctx.params.get("delegate") or split else None
 
     def resolve_execution_options(self, ctx) -> foo.ExecutionOptions:
         return foo.ExecutionOptions(
@@ -422,8 +424,6 @@ class ReviewFrames(foo.Operator):
         k = int(ctx.params.get("k") or 10)
         action = ctx.params.get("action") or "tag"
         name = (ctx.params.get("tag") or "review").strip()
-        if k < 1:
-            raise InputError("k must be at least 1")
         target = ctx.target_view()
         schema = target.get_frame_field_schema() if target.media_type == "video" else {}
         if getattr(schema.get(label_field), "document_type", None) is not fo.Detections:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from bson import ObjectId
 from fiftyone.operators.delegated import DelegatedOperationService
 
 from xmem_label.model import read_label_mask
@@ -70,8 +71,8 @@ class Workers:
 
 
 def wait_for(op_ids, states=("completed", "failed"), timeout=WORKER_TIMEOUT_S) -> dict:
-    """Poll until every operation in `op_ids` (ObjectIds) is in one of `states`; returns
-    id -> state."""
+    """Poll until every operation in `op_ids` is in one of `states`; returns id -> state."""
+    op_ids = [ObjectId(str(op_id)) for op_id in op_ids]
     service = DelegatedOperationService()
     deadline = time.monotonic() + timeout
     while True:
