@@ -16,7 +16,7 @@ from .errors import InputError, WeightsError, XMemLabelError
 from .frames import FrameSource, open_frames
 from .masks import read_label_mask, write_label_mask
 from .results import FrameResult, ObjectResult
-from .session import Session
+from .session import PropagationCancelled, Session
 
 __all__ = [
     "Engine",
@@ -24,6 +24,7 @@ __all__ = [
     "FrameSource",
     "InputError",
     "ObjectResult",
+    "PropagationCancelled",
     "Session",
     "Tracker",
     "WeightsError",
