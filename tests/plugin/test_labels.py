@@ -132,3 +132,35 @@ def test_result_to_detections_crops_to_box_and_keeps_drawn_masks_verbatim():
 def test_mask_drawn_at_another_resolution_fills_its_box():
     det = fo.Detection(label="a", bounding_box=[0.25, 0.25, 0.5, 0.5], mask=np.ones((3, 3), bool))
     np.testing.assert_array_equal(detection_to_mask(det, FRAME_HW, None), full_mask(10, 30, 15, 45))
+
+
+def test_a_0_255_png_segmentation_is_object_1_like_the_command_line(tmp_path):
+    """The same PNG the CLI reads as object 1 (model.masks.read_label_mask) is object 1 here."""
+    from PIL import Image
+
+    from xmem_label.model import read_label_mask
+
+    values = np.zeros(FRAME_HW, np.uint8)
+    values[5:20, 10:30] = 255
+    png = tmp_path / "mask.png"
+    Image.fromarray(values).save(png)
+    objects = prompt_objects(fo.Segmentation(mask_path=str(png)), None, FRAME_HW, None, None, "f")
+    assert [(o.object_id, o.label) for o in objects] == [(1, "1")]
+    np.testing.assert_array_equal(objects[0].mask, read_label_mask(png) == 1)
+    named = prompt_objects(fo.Segmentation(mask_path=str(png)), None, FRAME_HW, None,
+                           {255: "chair"}, "f")
+    assert named[0].label == "chair"
+
+
+def test_an_unlabeled_detection_is_named_by_its_index_not_the_engine_id():
+    det = fo.Detection.from_mask(full_mask(5, 20, 10, 33), index=3)
+    (obj,) = prompt_objects(fo.Detections(detections=[det]), [(1, 3)], FRAME_HW, None, None, "f")
+    assert (obj.object_id, obj.label) == (1, "3")
+
+
+def test_a_segmentation_two_pixels_off_is_resized_as_on_the_command_line():
+    ids = np.zeros((FRAME_HW[0] + 2, FRAME_HW[1] - 1), np.uint8)
+    ids[5:20, 10:30] = 4
+    with pytest.warns(UserWarning, match="resized"):
+        (obj,) = prompt_objects(fo.Segmentation(mask=ids), None, FRAME_HW, None, None, "f")
+    assert obj.object_id == 4 and obj.mask.shape == FRAME_HW

@@ -295,3 +295,57 @@ def test_unreadable_video_is_a_clear_error(dataset, tmp_path):
 def test_review_needs_a_propagated_field(dataset):
     result = run(REVIEW, dataset, label_field="truth_seg_missing", k=2)
     assert "is not a propagated Detections field" in result.error_message
+
+
+def form(ds, **params) -> dict:
+    """The "propagate masks" form the App would show for `params`: name -> property JSON."""
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    request = dict(dataset_name=ds.name, view=ds.view()._serialize(), params=params,
+                   target="inputs")
+    resolved = asyncio.run(resolve_type(OperatorRegistry(), PROPAGATE, request))
+    return resolved.to_json()["type"]["properties"]
+
+
+def test_outputs_are_marked_declared_and_not_the_default_keyframes(dataset):
+    """The App form's keyframe field defaults to a field that is not an output, even when an
+    output sorts first; taking an output as keyframes needs an explicit confirmation."""
+    assert run(PROPAGATE, dataset, prompt_field="gt", label_field="a_out").error is None
+    dataset.reload()
+    info = dataset.get_field("frames.a_out").info["xmem_label"]
+    assert info["prompt_field"] == "frames.gt" and info["engine"]["engine"] == "flow"
+    schema = dataset.get_frame_field_schema(flat=True)
+    assert isinstance(schema["a_out.min_confidence"], fo.FloatField)
+    assert isinstance(schema["a_out.detections.keyframe"], fo.BooleanField)
+    # declared, so the App's sidebar filters can use them
+    assert dataset.filter_labels("frames.a_out", fo.ViewField("keyframe") == True).count(  # noqa: E712
+        "frames.a_out.detections") == 1
+    assert dataset.bounds("frames.a_out.min_confidence")[1] == 1.0
+
+    inputs = form(dataset)
+    assert sorted(["a_out", "gt", "truth"]) == [
+        choice["value"] for choice in inputs["prompt_field"]["view"]["choices"]
+    ]
+    assert inputs["prompt_field"]["default"] == "gt"  # "a_out" sorts first but is an output
+    assert "output_as_keyframes" not in inputs
+
+    inputs = form(dataset, prompt_field="a_out", label_field="b_out")
+    assert inputs["output_as_keyframes"]["default"] is False
+    assert "confirm" in inputs["output_as_keyframes"]["error_message"]
+    refused = run(PROPAGATE, dataset, prompt_field="a_out", label_field="b_out")
+    assert "frames.a_out was written by xmem-label" in refused.error_message
+    confirmed = run(PROPAGATE, dataset, prompt_field="a_out", label_field="b_out",
+                    output_as_keyframes=True)
+    assert confirmed.error is None, confirmed.error
+    dataset.reload()
+    assert all(det.keyframe for det in dataset.values("frames.b_out.detections", unwind=True))
+
+
+def test_the_default_output_never_names_a_field_of_someone_else(dataset):
+    dataset.add_frame_field("xmem", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    assert form(dataset)["label_field"]["default"] == "xmem_2"
+    assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem_2").error is None
+    dataset.reload()
+    assert form(dataset)["label_field"]["default"] == "xmem_2"  # ours now: offered again
+    assert dataset.count("frames.xmem.detections") == 0
