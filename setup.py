@@ -85,6 +85,8 @@ setup(
         "xmem_label.commands": [
             "serve=xmem_label.backend.cli:add_serve_command",
             "import-videos=xmem_label.backend.cli:add_import_command",
+            "worker=xmem_label.backend.cli:add_worker_command",
+            "connect=xmem_label.backend.cli:add_connect_command",
         ],
     },
 )

@@ -1,13 +1,15 @@
 """The HTTP side of the backend: the routes Label Studio 1.23 calls on an ML backend.
 
-    GET  /health, /     {"status": "UP", ...}             (no engine load: answers at once)
-    POST /setup         {"model_version": ...}            (remembers hostname + token)
+    GET  /health, /     {"status": "UP", ...}             (open; touches no engine or journal)
+    POST /setup         {"model_version": ...}            (registers the project)
     POST /predict       {"results": [one per task]}       (batch and interactive)
-    POST /webhook       201 {"status": "queued"|"ignored"} (annotation created/updated)
-    GET  /metrics       job queue and last timings
+    POST /webhook       201 {"status": "queued", ...}     (annotation created/updated)
+    GET  /metrics       job counts and last timings (no URLs, no tokens)
     GET  /versions      {"versions": [...]}
 
-Bad input is answered with HTTP 4xx and {"error": "<reason>"}; nothing is stored then.
+Every route but /health requires HTTP basic auth when credentials are configured (Label
+Studio's model connection sends them; its webhook carries them as a custom `Authorization`
+header). Bad input is answered with HTTP 4xx and {"error": "<reason>"}; nothing is stored then.
 Serve with `xmem-label serve` or `gunicorn 'xmem_label.backend.app:create_app()'`.
 """
 
@@ -15,42 +17,44 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import tempfile
 
 from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from xmem_label.model import InputError, WeightsError
 
 from .jobs import QueueFull
-from .model import Runtime, XMemLabelModel, project_key
+from .model import NotPermitted, Runtime, XMemLabelModel, project_key
+from .settings import BackendSettings
 from .studio import StudioError
 
 log = logging.getLogger(__name__)
 
-# Label Studio's auto-created webhook sends no credentials (label_studio/ml/models.py), so
-# /webhook stays open unless asked; it only makes the backend re-read a task from the API.
-OPEN_ROUTES = {"/webhook"}
+OPEN_ROUTES = {"/health", "/"}
+RETRY_AFTER_SECONDS = 30
 
 
 def create_app(runtime: Runtime | None = None) -> Flask:
-    """The Flask app; `runtime` defaults to one configured from the environment."""
-    runtime = runtime or Runtime.from_environment()
-    # instance_path given: Flask cannot locate it for a module of the xmem_label namespace.
-    app = Flask(__name__, instance_path=os.environ.get("MODEL_DIR") or tempfile.gettempdir())
-    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
-    open_routes = set() if os.environ.get("XMEM_LABEL_WEBHOOK_AUTH") == "1" else OPEN_ROUTES
+    """The Flask app; `runtime` defaults to one configured from the environment and started
+    (engine loading, job threads)."""
+    runtime = runtime or Runtime(BackendSettings.from_environment()).start()
+    settings = runtime.settings
+    app = Flask(__name__, instance_path=str(settings.state_dir))
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
 
     @app.before_request
     def check_basic_auth():
-        if not user or not password or request.path in open_routes:
+        if settings.basic_auth is None or request.path in OPEN_ROUTES:
             return None
+        user, password = settings.basic_auth
         auth = request.authorization
         if (
             auth is None
-            or not hmac.compare_digest(auth.username or "", user)
-            or not hmac.compare_digest(auth.password or "", password)
+            or not hmac.compare_digest((auth.username or "").encode(), user.encode())
+            or not hmac.compare_digest((auth.password or "").encode(), password.encode())
         ):
+            log.warning("refused %s %s from %s: no valid credentials", request.method,
+                        request.path, request.remote_addr)
             reply = jsonify(error="basic auth required")
             reply.status_code = 401
             reply.headers["WWW-Authenticate"] = 'Basic realm="xmem-label"'
@@ -76,11 +80,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.post("/setup")
     def setup():
         data = body()
-        project = project_key(data.get("project"))
-        runtime.connections[project] = (data.get("hostname"), data.get("access_token"))
-        model = XMemLabelModel(runtime, project, data.get("schema") or "")
-        if not runtime.engines.loaded:
-            runtime.engines.warm_up()
+        # hostname and access_token in the body are ignored: where the backend connects and
+        # which token it uses are the operator's settings only.
+        model = XMemLabelModel(runtime, project_key(data.get("project")),
+                               _text(data.get("schema")))
+        model.setup()
         return jsonify(model_version=model.model_version)
 
     @app.post("/predict")
@@ -89,27 +93,32 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         tasks = data.get("tasks")
         if not isinstance(tasks, list):
             raise InputError("the request has no task list")
-        context = (data.get("params") or {}).get("context")
-        model = XMemLabelModel(runtime, data.get("project"), data.get("label_config") or "")
+        params = data.get("params") or {}
+        context = params.get("context") if isinstance(params, dict) else None
+        model = XMemLabelModel(runtime, data.get("project"), _text(data.get("label_config")))
         return jsonify(model.predict(tasks, context=context))
 
     @app.post("/webhook")
     def webhook():
         data = body()
         event = data.get("action")
-        project = data.get("project") or {}
         if event not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            return jsonify(status="ignored", event=event), 200
-        model = XMemLabelModel(runtime, project, project.get("label_config") or "")
+            return jsonify(status="ignored", event=str(event)[:64]), 200
+        project = data.get("project") or {}
+        if not isinstance(project, dict):
+            raise InputError("project must be a JSON object")
+        # The label config is read back from Label Studio when the job runs; the payload's is
+        # only used to refuse an unsupported project at once.
+        model = XMemLabelModel(runtime, project, _text(project.get("label_config")))
         return jsonify(model.fit(event, data)), 201
 
     @app.get("/metrics")
     def metrics():
         return jsonify(
-            jobs=runtime.jobs.stats(),
+            jobs=runtime.journal.counts(),
             last_timings=runtime.last_timings,
             engine=runtime.engines.name,
-            model_version=runtime.engines.model_version(),
+            engine_loaded=runtime.engines.loaded,
         )
 
     @app.get("/versions")
@@ -118,16 +127,30 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.errorhandler(InputError)
     def bad_input(exc):
-        log.info("refused: %s", exc)
+        log.info("refused %s: %s", request.path, exc)
         return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(NotPermitted)
+    def not_permitted(exc):
+        log.warning("refused %s from %s: %s", request.path, request.remote_addr, exc)
+        return jsonify(error=str(exc)), 403
 
     @app.errorhandler(QueueFull)
     @app.errorhandler(WeightsError)
     def unavailable(exc):
-        return jsonify(error=str(exc)), 503
+        return jsonify(error=str(exc)), 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
     @app.errorhandler(StudioError)
     def studio_failed(exc):
         return jsonify(error=str(exc)), 502
 
+    @app.errorhandler(HTTPException)
+    def http_error(exc):  # 404, 405, 413 ... as JSON with the reason, like every other answer
+        return jsonify(error=exc.description), exc.code
+
     return app
+
+
+def _text(value: object) -> str:
+    """A label config from a request: a string, or nothing."""
+    return value if isinstance(value, str) else ""

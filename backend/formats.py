@@ -30,6 +30,8 @@ from .rle import mask_to_rle, rle_to_mask
 # person gave (so it stays a keyframe after the person accepts the prediction unchanged).
 PREDICTED_ID = re.compile(r"^xl(\d+)([fk])\d+$")
 PERSON_ORIGINS = {"manual", "prediction-changed", None}  # "prediction" = accepted unchanged
+# A TextArea of this name in the label config receives a failed job's reason.
+STATUS_NAME = "xmem_status"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,11 @@ class SequenceConfig:
     frames_key: str
     labels: tuple[str, ...]
     prompt_names: tuple[str, ...]  # smart RectangleLabels / KeyPointLabels on the same image
+    status_name: str | None = None  # the read-only <TextArea name="xmem_status"> for failures
+
+    @property
+    def media_name(self) -> str:
+        return self.image_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,11 @@ class VideoConfig:
     video_key: str
     framerate: float
     labels: tuple[str, ...]
+    status_name: str | None = None
+
+    @property
+    def media_name(self) -> str:
+        return self.video_name
 
 
 ProjectConfig = SequenceConfig | VideoConfig
@@ -68,6 +80,8 @@ def parse_label_config(label_config: str) -> ProjectConfig:
         raise InputError(f"cannot parse the label config: {exc}") from None
     objects = {obj.name: obj for obj in interface.objects}
     controls = list(interface.controls)
+    status = STATUS_NAME if any(
+        c.tag == "TextArea" and c.name == STATUS_NAME for c in controls) else None
 
     for control in controls:
         target = objects.get(control.to_name[0]) if control.to_name else None
@@ -91,6 +105,7 @@ def parse_label_config(label_config: str) -> ProjectConfig:
                 frames_key=frames_key,
                 labels=tuple(control.labels),
                 prompt_names=prompts,
+                status_name=status,
             )
         if control.tag == "VideoRectangle" and target is not None and target.tag == "Video":
             labels = next(
@@ -104,6 +119,7 @@ def parse_label_config(label_config: str) -> ProjectConfig:
                 video_key=(target.value or "").lstrip("$"),
                 framerate=float(target.attr.get("framerate") or 24.0),
                 labels=labels,
+                status_name=status,
             )
     raise InputError(
         "the label config has no supported tag pair: use <Image valueList=\"$frames\"/> with "

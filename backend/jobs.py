@@ -1,121 +1,129 @@
-"""A bounded background queue, so propagation never holds an HTTP worker past Label Studio's
-timeouts (webhook 1 s, predict 100 s).
+"""Running the journal's jobs: threads that claim a job, run it while renewing its lease, and
+hand the outcome on. They run inside each `xmem-label serve` process (the embedded default,
+`--job-threads`) and in `xmem-label worker` processes; all share one journal (journal.py).
 
-A job computes a prediction. Whoever submitted it may wait for the result for a while (batch
-`/predict` answers inline when propagation is quick); if it stops waiting, it hands the job a
-`store` callback and the worker stores the result through Label Studio's API when done.
+What a job means is the caller's: `execute(record)` computes a result, `store(record, result)`
+stores it through Label Studio when no request waits for it, and `report(record, reason)`
+leaves a failed job's reason where the annotator sees it. Failures are sorted here:
+`XMemLabelError` (bad input, no weights) fails the job at once; anything else (Label Studio
+unreachable, a crash) is retried up to the journal's attempt limit.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import queue
+import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from xmem_label.model import XMemLabelError
+
+from .journal import JobRecord, Journal
+
 log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 0.2
 
 
 class QueueFull(Exception):
-    """Every slot of the queue is taken; the caller should retry later (HTTP 503)."""
+    """Too many jobs are waiting; the caller should retry later (HTTP 503 with Retry-After)."""
 
 
-class Job:
-    """One unit of background work and its outcome."""
+class JobRunner:
+    """`threads` threads taking jobs from `journal` until `stop()`."""
 
-    def __init__(self, name: str, work: Callable[[], Any]):
-        self.name = name
-        self.work = work
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._store: Callable[[Any], None] | None = None
+    def __init__(
+        self,
+        journal: Journal,
+        execute: Callable[[JobRecord], dict[str, Any]],
+        store: Callable[[JobRecord, dict[str, Any]], dict[str, Any] | None],
+        report: Callable[[JobRecord, str], None],
+        *,
+        threads: int,
+    ):
+        self.journal = journal
+        self.execute = execute
+        self.store = store
+        self.report = report
+        self.threads = threads
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
 
-    def wait(self, timeout: float | None) -> bool:
-        """Wait up to `timeout` seconds; True when the job has finished."""
-        return self._done.wait(timeout)
+    def start(self) -> None:
+        for number in range(self.threads):
+            name = f"{socket.gethostname()}:{os.getpid()}:{number}"
+            thread = threading.Thread(target=self._work, args=(name,), name=f"xmem-label-{name}",
+                                      daemon=True)
+            thread.start()
+            self._workers.append(thread)
 
-    def hand_over(self, store: Callable[[Any], None]) -> bool:
-        """Have the worker call `store(result)` when the job succeeds. False when the job has
-        already finished: the caller then has the outcome and must use it itself."""
-        with self._lock:
-            if self._done.is_set():
-                return False
-            self._store = store
-            return True
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for thread in self._workers:
+            thread.join(timeout)
 
-    def run(self) -> None:
-        try:
-            self.result = self.work()
-        except BaseException as exc:  # reported through .error and the log, never lost
-            self.error = exc
-        with self._lock:
-            self._done.set()
-            store = self._store
-        if self.error is not None:
-            if store is not None:
-                log.warning("%s failed: %s", self.name, self.error)
-            return
-        if store is not None:
-            store(self.result)
-
-
-class JobQueue:
-    """`workers` threads taking jobs from a queue of at most `capacity` waiting jobs."""
-
-    def __init__(self, workers: int = 1, capacity: int = 16):
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=capacity)
-        self.capacity = capacity
-        self.counts = collections.Counter()
-        self.recent_errors: collections.deque[str] = collections.deque(maxlen=20)
-        self.running = 0
-        self._lock = threading.Lock()
-        for number in range(workers):
-            name = f"xmem-label-job-{number}"
-            threading.Thread(target=self._work, name=name, daemon=True).start()
-
-    def submit(
-        self, name: str, work: Callable[[], Any], store: Callable[[Any], None] | None = None
-    ) -> Job:
-        """Queue `work`; with `store`, the worker hands it the result (see Job.hand_over)."""
-        job = Job(name, work)
-        if store is not None:
-            job.hand_over(store)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            self.counts["refused"] += 1
-            raise QueueFull(
-                f"the backend is busy ({self.capacity} propagations waiting); retry later"
-            ) from None
-        self.counts["submitted"] += 1
-        return job
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "waiting": self._queue.qsize(),
-            "running": self.running,
-            "capacity": self.capacity,
-            **self.counts,
-            "recent_errors": list(self.recent_errors),
-        }
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            with self._lock:
-                self.running += 1
+    def _work(self, worker: str) -> None:
+        while not self._stop.is_set():
             try:
-                job.run()
-            except Exception as exc:  # a failing store callback must not kill the worker
-                job.error = exc
-                log.exception("%s: storing the result failed", job.name)
-            finally:
-                with self._lock:
-                    self.running -= 1
-                self.counts["failed" if job.error else "finished"] += 1
-                if job.error is not None:
-                    self.recent_errors.append(f"{job.name}: {job.error}")
+                record = self.journal.claim(worker)
+                if record is None:
+                    self._report_abandoned()
+                    self._stop.wait(IDLE_POLL_SECONDS)
+                    continue
+                self._run(record, worker)
+            except Exception:  # the journal itself failed (disk full, ...): keep the thread
+                log.exception("job runner %s", worker)
+                self._stop.wait(1.0)
+
+    def _report_abandoned(self) -> None:
+        for record in self.journal.abandoned():
+            log.warning("job %s (%s) abandoned: %s", record.id, record.key, record.error)
+            if record.deliver == "store":  # else the waiting request has answered already
+                self._report(record, record.error or "the job was abandoned")
+
+    def _run(self, record: JobRecord, worker: str) -> None:
+        renewing = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(record.id, worker, renewing),
+                                   daemon=True)
+        renewer.start()
+        try:
+            result = self.execute(record)
+            if self.journal.complete(record.id, worker, result) == "store":
+                self.journal.mark_stored(record.id, worker, self.store(record, result))
+        except XMemLabelError as exc:
+            self._fail(record, worker, str(exc), retry=False)
+        except Exception as exc:
+            log.warning("job %s (%s) attempt %s failed: %s", record.id, record.key,
+                        record.attempts, exc)
+            self._fail(record, worker, one_line(exc), retry=True)
+        finally:
+            renewing.set()
+            renewer.join()
+
+    def _renew(self, job_id: int, worker: str, done: threading.Event) -> None:
+        while not done.wait(self.journal.lease_seconds / 3):
+            if not self.journal.renew(job_id, worker):
+                return
+
+    def _fail(self, record: JobRecord, worker: str, reason: str, *, retry: bool) -> None:
+        self.journal.fail(record.id, worker, reason, retry=retry)
+        final = self.journal.get(record.id)
+        if final.state == "failed":
+            log.warning("job %s (%s) failed: %s", record.id, record.key, reason)
+            if final.deliver == "store":
+                self._report(final, reason)
+
+    def _report(self, record: JobRecord, reason: str) -> None:
+        try:
+            self.report(record, reason)
+        except Exception as exc:  # Label Studio unreachable: the log is all that is left
+            log.error("job %s: could not report its failure to Label Studio: %s", record.id,
+                      one_line(exc))
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for a person: its message, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__

@@ -1,7 +1,12 @@
 """The backend's model, shaped like label-studio-ml 2.x's `LabelStudioMLBase`: a fresh instance
 per request for one project and label config, with `setup()`, `predict(tasks, context)` and
-`fit(event, data)`. What lives across requests (the engine, loaded once per process; the job
-queue; what each project's /setup said) is in `Runtime`.
+`fit(event, data)`. What lives across requests (settings, the Label Studio client, the engine
+loaded once per process, the job journal and its runner) is in `Runtime`.
+
+Every propagation is a job in the journal, recorded before the request is answered:
+`/predict` waits for its jobs up to `sync_seconds` and then leaves them to be stored through
+the API; a webhook's job is always stored that way. Request bodies are hints: a webhook names a
+task and an annotation, and the job reads both back from the configured Label Studio.
 """
 
 from __future__ import annotations
@@ -9,18 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from xmem_label.model import Engine, InputError, WeightsError, XMemLabelError, load_engine
+from xmem_label.model import Engine, InputError, XMemLabelError, load_engine
 
 from . import formats
-from .jobs import Job, JobQueue, QueueFull
-from .propagation import Outcome, SequenceRequest, VideoRequest, run_sequence, run_video
-from .studio import LabelStudio, StudioError
+from .jobs import JobRunner, QueueFull
+from .journal import JobRecord, Journal
+from .propagation import SequenceRequest, VideoRequest, run_sequence, run_video
+from .settings import BackendSettings
+from .studio import LabelStudio
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +34,14 @@ VERSION = "0.1.0"
 TRAINING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
 
 
+class NotPermitted(Exception):
+    """The request names something this backend does not serve (HTTP 403)."""
+
+
 class EngineHolder:
-    """The propagation engine of this process, loaded on first use (so /health and /setup
-    answer at once) and shared by every project."""
+    """The propagation engine of this process, loaded once at start in the background (so
+    /health answers at once) and shared by every project. Its model version is known only once
+    it is loaded, and never changes afterwards, restarts included."""
 
     def __init__(self, name: str, **options: Any):
         self.name = name
@@ -42,15 +53,21 @@ class EngineHolder:
     def get(self) -> Engine:
         with self._lock:
             if self._engine is None:
-                self._engine = load_engine(self.name, **self.options)
+                if self._error is not None:
+                    raise self._error
+                try:
+                    self._engine = load_engine(self.name, **self.options)
+                except XMemLabelError as exc:
+                    self._error = exc
+                    raise
             return self._engine
 
     def warm_up(self) -> None:
-        """Start loading in the background (weights read while the first /setup returns)."""
+        """Start loading in the background."""
         def load():
             try:
                 self.get()
-            except XMemLabelError as exc:  # reported again on the first predict
+            except XMemLabelError as exc:  # reported on every request that needs the engine
                 log.warning("engine %s did not load: %s", self.name, exc)
 
         threading.Thread(target=load, name="xmem-label-engine-load", daemon=True).start()
@@ -60,12 +77,9 @@ class EngineHolder:
         return self._engine is not None
 
     def model_version(self) -> str:
-        """`xmem-label-<version>-<engine>-<checkpoint>-<settings digest>` once loaded (the digest
-        covers engine.describe(): weights' sha256 and every setting); before that, a
-        provisional `...-<engine>-loading`."""
-        if self._engine is None:
-            return f"xmem-label-{VERSION}-{self.name}-loading"
-        description = self._engine.describe()
+        """`xmem-label-<version>-<engine>-<checkpoint>-<settings digest>` (the digest covers
+        engine.describe(): weights' sha256 and every setting). Waits for the engine to load."""
+        description = self.get().describe()
         weights = description.get("weights")
         checkpoint = Path(weights).stem if weights else "no-weights"
         digest = hashlib.sha256(
@@ -75,34 +89,77 @@ class EngineHolder:
 
 
 class Runtime:
-    """Process-wide state: engine, job queue, per-project connection details, counters."""
+    """Process-wide state: settings, Label Studio, engine, journal, job runner, counters."""
 
-    def __init__(
-        self,
-        engine: str = "xmem",
-        workers: int = 1,
-        queue_capacity: int = 16,
-        sync_seconds: float = 60.0,
-    ):
-        self.engines = EngineHolder(engine)
-        self.jobs = JobQueue(workers=workers, capacity=queue_capacity)
-        self.sync_seconds = sync_seconds
-        self.connections: dict[str, tuple[str | None, str | None]] = {}
+    def __init__(self, settings: BackendSettings, *, job_threads: int | None = None):
+        self.settings = settings
+        self.studio = LabelStudio(settings)
+        self.engines = EngineHolder(settings.engine)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(settings.journal_path, lease_seconds=settings.job_lease_seconds,
+                               max_attempts=settings.job_attempts)
         self.configs: dict[tuple[str, str], formats.ProjectConfig] = {}
+        # /predict requests that may wait for their jobs at once: the other HTTP threads stay
+        # free for /health and for requests that answer at once.
+        self.reply_slots = threading.BoundedSemaphore(max(1, settings.http_threads - 2))
         self.last_timings: dict[str, float] = {}
-
-    @classmethod
-    def from_environment(cls) -> Runtime:
-        return cls(
-            engine=os.environ.get("XMEM_LABEL_ENGINE", "xmem"),
-            workers=int(os.environ.get("XMEM_LABEL_JOB_THREADS", "1")),
-            queue_capacity=int(os.environ.get("XMEM_LABEL_QUEUE", "16")),
-            sync_seconds=float(os.environ.get("XMEM_LABEL_SYNC_SECONDS", "60")),
+        self.runner = JobRunner(
+            self.journal, self.execute, self.store, self.report,
+            threads=settings.job_threads if job_threads is None else job_threads,
         )
 
-    def studio(self, project_id: str | None) -> LabelStudio:
-        hostname, token = self.connections.get(str(project_id), (None, None))
-        return LabelStudio.from_environment(hostname, token)
+    def start(self) -> Runtime:
+        self.engines.warm_up()
+        self.runner.start()
+        return self
+
+    def config(self, project: str, label_config: str) -> formats.ProjectConfig:
+        """The parsed config, kept per (project, config hash): a project whose config changed
+        gets a fresh parse, and no project is answered with another's config."""
+        key = (project, hashlib.sha256((label_config or "").encode()).hexdigest())
+        if key not in self.configs:
+            self.configs[key] = formats.parse_label_config(label_config)
+        return self.configs[key]
+
+    # ----- jobs (called by the runner, in any process sharing the journal) ---------------------
+
+    def execute(self, record: JobRecord) -> dict[str, Any]:
+        payload = record.payload
+        if record.kind == "webhook":
+            project = self.studio.project(payload["project"])
+            task = self.studio.task(payload["project"], payload["task"])
+            if task is None:
+                raise InputError(f"task {payload['task']} is not in project {payload['project']}")
+            annotation = self.studio.annotation(payload["annotation"])
+            task["annotations"] = [annotation]
+            model = XMemLabelModel(self, record.project, project.get("label_config") or "")
+            outcome = model.propagation(task, None)()
+        else:
+            model = XMemLabelModel(self, record.project, payload["label_config"])
+            outcome = model.propagation(payload["task"], payload["context"])()
+        self.last_timings = outcome.timings.as_dict()
+        return {"prediction": outcome.prediction, "timings": self.last_timings}
+
+    def store(self, record: JobRecord, result: dict[str, Any]) -> dict[str, Any]:
+        prediction_id = self.studio.store_prediction(record.task_id, result["prediction"])
+        log.info("task %s: prediction %s stored (%s)", record.task_id, prediction_id,
+                 result["timings"])
+        return {"prediction_id": prediction_id}
+
+    def report(self, record: JobRecord, reason: str) -> None:
+        """A failed job's reason, stored on its task (see LabelStudio.store_failure)."""
+        if record.task_id is None:
+            return
+        label_config = record.payload.get("label_config")
+        if label_config is None:
+            label_config = self.studio.project(record.payload["project"]).get("label_config")
+        try:
+            config = self.config(record.project, label_config or "")
+        except InputError:
+            config = None
+        self.studio.store_failure(record.task_id, reason,
+                                  config.status_name if config else None,
+                                  config.media_name if config else None)
 
 
 def project_key(project: Any) -> str:
@@ -113,6 +170,16 @@ def project_key(project: Any) -> str:
     return str(project or "").split(".")[0]
 
 
+def _id(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{what} must be a non-negative integer id")
+    return value
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class XMemLabelModel:
     """One project's view of the backend (the LabelStudioMLBase 2.x class shape)."""
 
@@ -120,86 +187,100 @@ class XMemLabelModel:
         self.runtime = runtime
         self.project_id = project_key(project_id)
         self.label_config = label_config
-        # Keyed by project and config hash: a project whose config changed gets a fresh parse,
-        # and no project is ever answered with another's config.
-        key = (self.project_id, hashlib.sha256((label_config or "").encode()).hexdigest())
-        if key not in runtime.configs:
-            runtime.configs[key] = formats.parse_label_config(label_config)
-        self.config = runtime.configs[key]
-        self.setup()
+        self.config = runtime.config(self.project_id, label_config)
+        self.model_version = ""
 
     def setup(self) -> None:
+        """Remember that this project connected (its webhooks are accepted from now on)."""
+        self.runtime.journal.register_project(self.project_id)
         self.model_version = self.runtime.engines.model_version()
 
     # ----- predict ------------------------------------------------------------------------------
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> dict:
         """One prediction per task, same order; a task whose propagation outlasts the sync
-        window (or failed) gets [] and, when done, its prediction is stored through the API.
+        window gets [] and, when done, its prediction is stored through the API.
 
         Returns {"results": [...], "errors": [...]}. Raises InputError when no task can be
         predicted (every reason joined), so nothing is stored.
         """
         if not tasks:
             raise InputError("the request has no tasks")
-        if context and context.get("result") and isinstance(self.config, formats.VideoConfig):
-            raise InputError("video projects take keyframes from submitted annotations only")
+        if not all(isinstance(task, dict) for task in tasks):
+            raise InputError("every task must be a JSON object")
+        if context is not None and not isinstance(context, dict):
+            raise InputError("params.context must be a JSON object")
+        journal = self.runtime.journal
+        capacity = self.runtime.settings.max_queued_jobs
+        if journal.counts()["queued"] + len(tasks) > capacity:
+            raise QueueFull(f"the backend is busy ({capacity} propagations waiting); "
+                            "retry later")
+        version = self.runtime.engines.model_version()  # raises WeightsError: 503
         errors: list[dict] = []
-        jobs: list[tuple[dict, Job | None]] = []
-        busy = None
+        records: list[JobRecord | None] = []
         for task in tasks:
             try:
-                work = self._work_for(task, context)
-                job = self.runtime.jobs.submit(f"task {task.get('id')}", work)
-            except (XMemLabelError, QueueFull) as exc:
-                busy = exc if isinstance(exc, QueueFull) else busy
+                self.propagation(task, context)  # checks the input now; runs nothing
+                task_id = task.get("id")
+                key = "predict:" + _digest(self.project_id, self.label_config, version,
+                                           task.get("data"), task.get("annotations"), context)
+                payload = {"label_config": self.label_config, "task": task, "context": context}
+                record, _ = journal.submit(key, "predict", self.project_id,
+                                           task_id if isinstance(task_id, int) else None,
+                                           payload, "reply")
+            except XMemLabelError as exc:
                 errors.append({"task": task.get("id"), "reason": str(exc)})
-                jobs.append((task, None))
-                continue
-            jobs.append((task, job))
-        if all(job is None for _, job in jobs):
-            if busy is not None:
-                raise busy  # 503: retry later
+                record = None
+            records.append(record)
+        if all(record is None for record in records):
             raise InputError("; ".join(f"task {e['task']}: {e['reason']}" for e in errors))
 
-        deadline = time.monotonic() + self.runtime.sync_seconds
-        results, queued = [], 0
-        for task, job in jobs:
-            results.append([])
-            if job is None:
-                continue
-            finished = job.wait(max(0.0, deadline - time.monotonic()))
-            if not finished and job.hand_over(self._store_for(task.get("id"))):
-                queued += 1
-                errors.append({"task": task.get("id"), "reason": "still running: stored when done"})
-            elif isinstance(job.error, WeightsError):
-                raise job.error  # the server cannot predict at all: 503
-            elif isinstance(job.error, (XMemLabelError, StudioError)):
-                errors.append({"task": task.get("id"), "reason": str(job.error)})
-            elif job.error is not None:
-                raise job.error
-            else:
-                self._note(job.result)
-                results[-1] = job.result.prediction
+        may_wait = self.runtime.reply_slots.acquire(blocking=False)
+        try:
+            deadline = time.monotonic() + (self.runtime.settings.sync_seconds if may_wait else 0)
+            results, queued = [], 0
+            for task, record in zip(tasks, records, strict=True):
+                results.append([])
+                if record is None:
+                    continue
+                record = journal.wait(record.id, max(0.0, deadline - time.monotonic()))
+                if record.state in ("queued", "running") and journal.hand_over(record.id):
+                    queued += 1
+                    errors.append({"task": task.get("id"),
+                                   "reason": "still running: stored when done"})
+                    continue
+                record = journal.get(record.id)
+                if record.state == "failed":
+                    errors.append({"task": task.get("id"), "reason": record.error})
+                elif record.result and "prediction" in record.result:
+                    results[-1] = record.result["prediction"]
+                else:
+                    errors.append({"task": task.get("id"),
+                                   "reason": "stored through the API by an earlier request"})
+        finally:
+            if may_wait:
+                self.runtime.reply_slots.release()
         if not queued and all(result == [] for result in results):
             raise InputError("; ".join(f"task {e['task']}: {e['reason']}" for e in errors))
         return {"results": results, "errors": errors}
 
-    def _work_for(self, task: dict, context: dict | None):
+    def propagation(self, task: dict, context: dict | None):
         """Check a task's input now (so bad input is refused before anything runs) and return
-        the propagation to run in the background."""
+        the propagation to run."""
         config = self.config
         media = formats.task_media(task, config)
         task_id = task.get("id")
-        studio = self.runtime.studio(self.project_id)
+        runtime = self.runtime
         if isinstance(config, formats.SequenceConfig):
             prompts = formats.prompts_from_context(context, config) if context else []
             if prompts:
                 request = SequenceRequest(task_id, media, prompts=prompts)
             else:
                 request = SequenceRequest(task_id, media, keyframes=self._task_keyframes(task))
-            return lambda: run_sequence(request, config, self.runtime.engines.get(), studio,
-                                        self.runtime.engines.model_version())
+            return lambda: run_sequence(request, config, runtime.engines.get(), runtime.studio,
+                                        runtime.engines.model_version())
+        if context and context.get("result"):
+            raise InputError("video projects take keyframes from submitted annotations only")
         annotation = formats.latest_annotation(task)
         if annotation is None:
             raise InputError(f"no keyframe: task {task_id} has no submitted annotation")
@@ -207,8 +288,8 @@ class XMemLabelModel:
         if not any(r.get("from_name") == config.box_name for r in results):
             raise InputError(f"no keyframe: the annotation has no {config.box_name} box")
         request = VideoRequest(task_id, media, results)
-        return lambda: run_video(request, config, self.runtime.engines.get(), studio,
-                                 self.runtime.engines.model_version())
+        return lambda: run_video(request, config, runtime.engines.get(), runtime.studio,
+                                 runtime.engines.model_version())
 
     def _task_keyframes(self, task: dict) -> formats.BrushKeyframes:
         annotation = formats.latest_annotation(task)
@@ -217,42 +298,32 @@ class XMemLabelModel:
         frames = formats.task_media(task, self.config)
         return formats.brush_keyframes(annotation.get("result") or [], self.config, len(frames))
 
-    def _store_for(self, task_id: int):
-        studio = self.runtime.studio(self.project_id)
-
-        def store(outcome: Outcome) -> None:
-            studio.store_prediction(task_id, outcome.prediction)
-            self._note(outcome)
-            log.info("task %s: prediction stored (%s)", task_id, outcome.timings.as_dict())
-
-        return store
-
-    def _note(self, outcome: Outcome) -> None:
-        self.runtime.last_timings = outcome.timings.as_dict()
-
     # ----- fit (webhook) ------------------------------------------------------------------------
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
-        """On a submitted or updated annotation, re-propagate from it in the background and
-        store the prediction through the API. Other events are acknowledged and ignored.
-
-        The task and annotation are read back from Label Studio (the webhook carries no
-        credentials, so its payload only says which task to look at); the payload itself is
-        checked first so bad input is refused at once.
-        """
+        """On a submitted or updated annotation, queue a re-propagation whose prediction is
+        stored through the API. The payload only names the task and annotation: they must
+        belong together and to a project that connected to this backend, as Label Studio
+        itself says; anything else is refused."""
         if event not in TRAINING_EVENTS:
             return {"status": "ignored", "event": event}
-        task, annotation = data.get("task") or {}, data.get("annotation") or {}
-        task_id, annotation_id = task.get("id"), annotation.get("id")
-        if task_id is None or annotation_id is None:
-            raise InputError(f"{event} without task or annotation id")
-        self._work_for({**task, "annotations": [annotation]}, None)  # validates, runs nothing
-        studio = self.runtime.studio(self.project_id)
+        project_id = _id((data.get("project") or {}).get("id"), "project.id")
+        task_id = _id((data.get("task") or {}).get("id"), "task.id")
+        annotation_id = _id((data.get("annotation") or {}).get("id"), "annotation.id")
+        journal = self.runtime.journal
+        if not journal.is_project_registered(str(project_id)):
+            raise NotPermitted(f"project {project_id} is not connected to this backend")
+        annotation = self.runtime.studio.annotation(annotation_id)
+        if annotation is None or annotation.get("task") != task_id or (
+            annotation.get("project") not in (None, project_id)
+        ):
+            raise NotPermitted(f"annotation {annotation_id} is not an annotation of task "
+                               f"{task_id} in project {project_id}")
+        key = (f"webhook:{project_id}:{task_id}:{annotation_id}:"
+               f"{annotation.get('updated_at') or annotation.get('created_at')}")
+        payload = {"project": project_id, "task": task_id, "annotation": annotation_id}
+        record, created = journal.submit(key, "webhook", str(project_id), task_id, payload,
+                                         "store")
+        return {"status": "queued" if created else "already queued", "task": task_id,
+                "job": record.id}
 
-        def work() -> Outcome:
-            fresh = studio.task(task_id)
-            fresh["annotations"] = [studio.call("GET", f"/api/annotations/{annotation_id}").json()]
-            return self._work_for(fresh, None)()
-
-        self.runtime.jobs.submit(f"task {task_id} ({event})", work, store=self._store_for(task_id))
-        return {"status": "queued", "task": task_id}

@@ -8,7 +8,6 @@ decoding runs in the engine's prefetch thread, so its time overlaps (is part of)
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,13 +16,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from xmem_label.model import Engine, InputError, Session
 from xmem_label.model.frames import RandomAccessSource
 from xmem_label.model.prompts import mask_from_box, mask_from_points
 
-from . import formats
+from . import formats, media
 from .studio import LabelStudio
 
 DOWNLOAD_THREADS = 4
@@ -98,9 +96,9 @@ def run_sequence(
     """Brush masks on every frame of an image-sequence task."""
     timings = Timings()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="xmem-label-media-", dir=work_dir()) as folder:
+    with tempfile.TemporaryDirectory(prefix="xmem-label-media-", dir=work_dir(studio)) as folder:
         paths = _download_all(studio, request.frame_urls, request.task_id, Path(folder), timings)
-        width, height = _common_size(paths)
+        width, height = _common_size(paths, request.task_id, studio)
         frames = ImageFiles(paths, timings)
         keyframes = request.keyframes or _keyframes_from_prompts(request.prompts, frames, config)
         if keyframes.size != (width, height):
@@ -193,12 +191,14 @@ def run_video(
     """One box track per object over a whole video, from the person's keyframe boxes."""
     timings = Timings()
     job_started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="xmem-label-media-", dir=work_dir()) as folder:
+    with tempfile.TemporaryDirectory(prefix="xmem-label-media-", dir=work_dir(studio)) as folder:
         started = time.perf_counter()
-        path = studio.download(request.video_url, request.task_id, Path(folder))
+        what = f"the video of task {request.task_id}"
+        path = studio.download(request.video_url, request.task_id, Path(folder) / "video", what)
         timings.download = time.perf_counter() - started
         with Session(engine, path) as session:
             height, width = session.frame_hw
+            media.check_frame_size(width, height, what, studio.settings)
             num_frames = len(session.frames)
             tracks = formats.video_tracks(request.annotation_results, config, (width, height))
             labels = {}
@@ -244,35 +244,32 @@ def _add_track(session: Session, object_id: int, track: formats.Track, num_frame
             session.set_absent(after, object_id)
 
 
-def work_dir() -> str | None:
-    """MODEL_DIR (label-studio-ml's variable for the backend's own files) holds the media a
-    job downloads, deleted when the job ends; the system temp folder when it is unset."""
-    folder = os.environ.get("MODEL_DIR")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    return folder or None
+def work_dir(studio: LabelStudio) -> Path:
+    """The state folder (MODEL_DIR) holds the media a job downloads, deleted when it ends."""
+    folder = studio.settings.state_dir / "media"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _download_all(studio, urls, task_id, folder: Path, timings: Timings) -> list[Path]:
     started = time.perf_counter()
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
         paths = list(pool.map(
-            lambda item: studio.download(item[1], task_id, folder / f"{item[0]:06d}"),
+            lambda item: studio.download(item[1], task_id, folder / f"{item[0]:06d}",
+                                         f"frame {item[0]} of task {task_id}"),
             enumerate(urls),
         ))
     timings.download = time.perf_counter() - started
     return paths
 
 
-def _common_size(paths: list[Path]) -> tuple[int, int]:
-    """(width, height) shared by every frame, read from the file headers."""
-    sizes = set()
-    for index, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                sizes.add(image.size)
-        except Exception:  # PIL raises many types for files that are not images
-            raise InputError(f"frame {index} is not an image") from None
+def _common_size(paths: list[Path], task_id, studio: LabelStudio) -> tuple[int, int]:
+    """(width, height) shared by every frame, read from the file headers (so a frame above the
+    pixel limit is refused before anything is decoded)."""
+    sizes = {
+        media.image_size(path, f"frame {index} of task {task_id}", studio.settings)
+        for index, path in enumerate(paths)
+    }
     if len(sizes) > 1:
         raise InputError(f"the frames of a task differ in size: {sorted(sizes)}")
     return sizes.pop()

@@ -1,69 +1,73 @@
-"""Talking back to Label Studio: read tasks, download media, store predictions.
+"""Talking back to the configured Label Studio: read tasks, fetch media, store predictions.
 
-Where Label Studio is and which token to use comes from the environment (`LABEL_STUDIO_URL`,
-`LABEL_STUDIO_API_KEY`) or, when those are unset, from what Label Studio sent to `/setup` for
-the project (`hostname`, `access_token`). Both kinds of token work: a legacy token is sent as
-`Token <t>`; a personal access token (a JWT) is exchanged at `/api/token/refresh/` for a
-short-lived access token sent as `Bearer <t>`.
+Its address and token come from the operator's configuration only (LABEL_STUDIO_URL,
+LABEL_STUDIO_API_KEY; see settings.py), never from a request, so the token goes to that host
+alone. Both kinds of token work: a legacy token is sent as `Token <t>`; a personal access token
+(a JWT) is exchanged at `/api/token/refresh/` for a short-lived access token sent as
+`Bearer <t>`. Every call has connect and read timeouts and follows no redirect.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import requests
-from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
 
-from xmem_label.model import InputError
+from . import media
+from .settings import BackendSettings
 
 ACCESS_TOKEN_SECONDS = 240  # Label Studio's access tokens live 5 minutes
-HTTP_TIMEOUT = 30
+FAILED_VERSION = "xmem-label-failed"
 
 
 class StudioError(Exception):
-    """Label Studio could not be reached or refused a call."""
+    """Label Studio could not be reached or refused a call (`status`: its HTTP status)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class LabelStudio:
-    """A Label Studio server, as the backend needs it."""
+    """The configured Label Studio server, as the backend needs it."""
 
-    def __init__(self, url: str, token: str):
-        if not url or not token:
-            raise StudioError(
-                "Label Studio's address or token is unknown: set LABEL_STUDIO_URL and "
-                "LABEL_STUDIO_API_KEY, or connect the backend from a project (sends /setup)"
-            )
-        self.url = url.rstrip("/")
-        self.token = token
-        self._is_personal_token = token.count(".") == 2
+    def __init__(self, settings: BackendSettings):
+        self.settings = settings
+        self.url = settings.label_studio_url
+        self.token = settings.api_key
+        self._is_personal_token = self.token.count(".") == 2
         self._access: tuple[str, float] | None = None
         self._lock = threading.Lock()
 
-    @classmethod
-    def from_environment(cls, hostname: str | None = None, token: str | None = None):
-        """The server named by LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, else by /setup."""
-        return cls(
-            os.environ.get("LABEL_STUDIO_URL") or hostname or "",
-            os.environ.get("LABEL_STUDIO_API_KEY") or token or "",
-        )
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return self.settings.connect_timeout, self.settings.read_timeout
+
+    def _require_configuration(self) -> None:
+        if not self.url or not self.token:
+            raise StudioError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for the "
+                              "backend to read tasks and store predictions")
 
     # ----- auth -------------------------------------------------------------------------------
 
     def bearer(self) -> str:
         """A token valid now: the legacy token, or a fresh access token for a PAT."""
+        self._require_configuration()
         if not self._is_personal_token:
             return self.token
         with self._lock:
             if self._access is None or self._access[1] < time.monotonic():
-                reply = requests.post(
-                    f"{self.url}/api/token/refresh/", json={"refresh": self.token},
-                    timeout=HTTP_TIMEOUT,
-                )
+                try:
+                    reply = requests.post(f"{self.url}/api/token/refresh/",
+                                          json={"refresh": self.token}, timeout=self.timeout,
+                                          allow_redirects=False)
+                except requests.RequestException:
+                    raise StudioError("Label Studio did not answer the token refresh") from None
                 if reply.status_code != 200:
-                    raise StudioError(f"Label Studio refused the access token: {reply.text[:200]}")
+                    raise StudioError(f"Label Studio refused the access token "
+                                      f"(HTTP {reply.status_code})")
                 self._access = (reply.json()["access"], time.monotonic() + ACCESS_TOKEN_SECONDS)
             return self._access[0]
 
@@ -74,48 +78,70 @@ class LabelStudio:
     # ----- REST ---------------------------------------------------------------------------------
 
     def call(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One API call; StudioError when Label Studio does not answer or refuses it."""
+        headers = self.headers()
         try:
-            reply = requests.request(
-                method, f"{self.url}{path}", headers=self.headers(), timeout=HTTP_TIMEOUT, **kwargs
-            )
-        except requests.RequestException as exc:
-            raise StudioError(f"Label Studio at {self.url} is unreachable: {exc}") from None
-        if reply.status_code >= 400:
-            raise StudioError(
-                f"Label Studio answered {method} {path} with {reply.status_code}: "
-                f"{reply.text[:200]}"
-            )
+            reply = requests.request(method, f"{self.url}{path}", headers=headers,
+                                     timeout=self.timeout, allow_redirects=False, **kwargs)
+        except requests.RequestException:
+            raise StudioError(f"Label Studio did not answer {method} {path.split('?')[0]}"
+                              ) from None
+        if reply.status_code >= 300:
+            raise StudioError(f"Label Studio answered {method} {path.split('?')[0]} with "
+                              f"{reply.status_code}: {reply.text[:200]}", reply.status_code)
         return reply
-
-    def task(self, task_id: int) -> dict:
-        return self.call("GET", f"/api/tasks/{task_id}").json()
 
     def project(self, project_id: int) -> dict:
         return self.call("GET", f"/api/projects/{project_id}").json()
 
+    def annotation(self, annotation_id: int) -> dict | None:
+        """The annotation, or None when Label Studio has no such annotation."""
+        try:
+            return self.call("GET", f"/api/annotations/{annotation_id}").json()
+        except StudioError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def task(self, project_id: int, task_id: int) -> dict | None:
+        """A task with its data and annotations, read through the project export: unlike
+        `GET /api/tasks/<id>`, it never makes Label Studio call this backend's /predict (which,
+        with "use predictions to prelabel" on, would wait behind the job asking)."""
+        tasks = self.call(
+            "GET", f"/api/projects/{project_id}/export",
+            params={"exportType": "JSON", "download_all_tasks": "true", "ids[]": [task_id],
+                    "download_resources": "false", "interpolate_key_frames": "false"},
+        ).json()
+        return next((task for task in tasks if task.get("id") == task_id), None)
+
     def store_prediction(self, task_id: int, prediction: dict) -> int:
         """Store `prediction` ({result, score, model_version}) on a task, replacing earlier
-        predictions of the same model version there. Returns the new prediction's id."""
+        predictions of the same model version and earlier failure notes there. Safe to repeat
+        after a crash at any point: one prediction of the version remains. Returns its id."""
         earlier = self.call("GET", "/api/predictions", params={"task": task_id}).json()
         created = self.call("POST", "/api/predictions", json={"task": task_id, **prediction})
         for old in earlier:
-            if old.get("model_version") == prediction.get("model_version"):
+            if old.get("model_version") in (prediction.get("model_version"), FAILED_VERSION):
                 self.call("DELETE", f"/api/predictions/{old['id']}")
         return created.json()["id"]
 
+    def store_failure(self, task_id: int, reason: str, status_field: str | None,
+                      to_name: str | None) -> None:
+        """Leave a failed job's one-line reason on the task, where the annotator sees it: a
+        prediction of version `xmem-label-failed` with a score of 0, holding the reason in the
+        config's read-only status TextArea when it has one."""
+        result = []
+        if status_field and to_name:
+            result.append({"from_name": status_field, "to_name": to_name, "type": "textarea",
+                           "value": {"text": [f"xmem-label failed: {reason}"[:1000]]}})
+        self.store_prediction(task_id, {"result": result, "score": 0.0,
+                                        "model_version": FAILED_VERSION})
+
     # ----- media --------------------------------------------------------------------------------
 
-    def download(self, url: str, task_id: int | None, folder: Path) -> Path:
-        """A local copy of a task's media file (Label Studio storage URLs or plain http)."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def download(self, url: object, task_id: object, destination: Path, what: str) -> Path:
+        """A local copy of a task's media file, fetched under media.py's rules."""
         try:
-            path = get_local_path(
-                url,
-                cache_dir=str(folder),
-                hostname=self.url,
-                access_token=self.bearer(),
-                task_id=task_id,
-            )
-        except Exception as exc:  # requests, FileNotFoundError, ValueError, ... from the SDK
-            raise InputError(f"cannot download {url}: {exc}") from None
-        return Path(path)
+            return media.fetch(url, task_id, destination, what, self.settings, self.headers)
+        except media.MediaUnavailable as exc:
+            raise StudioError(str(exc)) from None

@@ -1,10 +1,12 @@
 """A real Label Studio 1.23.2 server and a real backend process, started once per test session.
 
-Label Studio comes from its own venv (`$LABEL_STUDIO_BIN`, else .venv-ls or /work/venv-ls next to
-the repository); it runs on 127.0.0.1 with a fresh SQLite data dir, a legacy API token, local
+Label Studio comes from its own venv (`$LABEL_STUDIO_BIN`, else .venv-ls in the repository); it
+runs on 127.0.0.1 with a fresh SQLite data dir, a legacy API token, local
 files served from a temporary document root, and the two settings that let it talk to a backend
 on 127.0.0.1 (ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED). The backend is `xmem-label serve
---engine flow` as a user starts it, and reads media over HTTP from Label Studio.
+--engine flow` as a user starts it, with basic-auth credentials, connected to each project by
+`xmem-label connect` (which also gives the webhook the credentials), and reads media over HTTP
+from Label Studio.
 While developing, XMEM_LABEL_TEST_LS="<url> <document root>" reuses a server started the same
 way (token TOKEN) instead of booting one (about a minute).
 """
@@ -28,8 +30,8 @@ TOKEN = "xmemlabel0123456789abcdef0123456789abcd"
 LS_CANDIDATES = [
     os.environ.get("LABEL_STUDIO_BIN", ""),
     str(ROOT / ".venv-ls/bin/label-studio"),
-    "/work/venv-ls/bin/label-studio",
 ]
+BACKEND_AUTH = ("label-studio", "backend-secret-7f3a")
 
 
 def free_port() -> int:
@@ -103,8 +105,15 @@ class LabelStudioServer:
         return self.api("GET", "/api/predictions", params={"task": task_id})
 
     def connect(self, project_id: int, backend_url: str) -> int:
-        ml = self.api("POST", "/api/ml", json={"url": backend_url, "project": project_id,
-                                               "title": "xmem-label", "is_interactive": True})
+        """`xmem-label connect`, as the README tells an admin; returns the ML backend's id."""
+        subprocess.run(
+            [xmem_label_command(), "connect", "--project", str(project_id), "--backend-url",
+             backend_url, "--url", self.url, "--token", TOKEN],
+            env=dict(os.environ, BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1]),
+            check=True, timeout=120,
+        )
+        (ml,) = [m for m in self.api("GET", "/api/ml", params={"project": project_id})
+                 if m["url"] == backend_url]
         return ml["id"]
 
     def retrieve_predictions(self, project_id: int, task_ids: list[int]) -> dict:
@@ -156,13 +165,19 @@ def label_studio(tmp_path_factory) -> LabelStudioServer:
         stop(process)
 
 
-def run_backend(label_studio, tmp_path_factory, *options: str):
-    """`xmem-label serve --engine flow <options>` on a free port; yields its address."""
+def xmem_label_command() -> str:
     executable = shutil.which("xmem-label", path=str(Path(sys.executable).parent))
     assert executable, "the xmem-label console script is not installed"
+    return executable
+
+
+def run_backend(label_studio, tmp_path_factory, *options: str):
+    """`xmem-label serve --engine flow <options>` on a free port; yields its address."""
+    executable = xmem_label_command()
     port = free_port()
     env = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=TOKEN,
-               OMP_NUM_THREADS="1", MODEL_DIR=str(tmp_path_factory.mktemp("model-dir")))
+               OMP_NUM_THREADS="1", MODEL_DIR=str(tmp_path_factory.mktemp("model-dir")),
+               BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1])
     env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # media go over HTTP, as on another machine
     log = tmp_path_factory.mktemp("backend") / "backend.log"
     with open(log, "w") as out:

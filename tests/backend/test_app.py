@@ -1,21 +1,21 @@
-"""The backend's HTTP app without a Label Studio server: frames are read from disk the way the
-SDK does when LOCAL_FILES_DOCUMENT_ROOT is set, and storing through the API is recorded."""
+"""The backend's HTTP app without a Label Studio server: frames are read from disk through
+LOCAL_FILES_DOCUMENT_ROOT, and storing through the API is recorded."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from label_studio_sdk._extensions.label_studio_tools.core.utils import io as sdk_io
 
 from xmem_label.backend import studio
 from xmem_label.backend.app import create_app
-from xmem_label.backend.jobs import JobQueue, QueueFull
 from xmem_label.backend.model import Runtime
 from xmem_label.backend.rle import mask_to_rle, rle_to_mask
+from xmem_label.backend.settings import BackendSettings
 from xmem_label.model import read_label_mask
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vos"
@@ -36,33 +36,51 @@ def keyframe_task(task_id: int, brush: str, label: str) -> dict:
             "annotations": [{"id": task_id, "result": [region]}]}
 
 
+def make_settings(tmp_path: Path, **overrides) -> BackendSettings:
+    """Frames from disk (LOCAL_FILES_DOCUMENT_ROOT), the flow engine, a journal in tmp_path."""
+    settings = BackendSettings.from_environment({
+        "LOCAL_FILES_DOCUMENT_ROOT": str(DATA), "MODEL_DIR": str(tmp_path),
+        "XMEM_LABEL_ENGINE": "flow", "LABEL_STUDIO_URL": "http://ls.invalid:8080",
+        "LABEL_STUDIO_API_KEY": "t0123456",
+    })
+    return dataclasses.replace(settings, **overrides)
+
+
 @pytest.fixture
-def runtime(monkeypatch):
-    # What LOCAL_FILES_DOCUMENT_ROOT does in the SDK (read once, when it is imported).
-    monkeypatch.setattr(sdk_io, "LOCAL_FILES_DOCUMENT_ROOT", str(DATA))
-    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
-    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
-    return Runtime(engine="flow", sync_seconds=60)
+def runtime(tmp_path):
+    runtime = Runtime(make_settings(tmp_path)).start()
+    yield runtime
+    runtime.runner.stop()
 
 
 @pytest.fixture
 def client(runtime):
-    app = create_app(runtime)
-    client = app.test_client()
+    client = create_app(runtime).test_client()
     for project in ("1.0", "2.0"):
-        client.post("/setup", json={"project": project, "schema": config("mask", "Chair"),
-                                    "hostname": "http://ls.invalid", "access_token": "t0123456"})
+        client.post("/setup", json={"project": project, "schema": config("mask", "Chair")})
     return client
 
 
-def test_health_and_setup_answer_at_once_without_loading_the_engine(monkeypatch):
-    monkeypatch.setattr("xmem_label.backend.model.load_engine", lambda *a, **k: time.sleep(3))
-    client = create_app(Runtime(engine="flow")).test_client()
+def test_health_answers_at_once_and_setup_gives_the_loaded_engines_version(
+        monkeypatch, tmp_path):
+    from xmem_label.model import load_engine
+
+    def slow_load(*args, **kwargs):
+        time.sleep(2)
+        return load_engine(*args, **kwargs)
+
+    monkeypatch.setattr("xmem_label.backend.model.load_engine", slow_load)
+    runtime = Runtime(make_settings(tmp_path)).start()
+    client = create_app(runtime).test_client()
     started = time.monotonic()
     assert client.get("/health").json["status"] == "UP"
-    reply = client.post("/setup", json={"project": "7.1", "schema": config("mask", "Chair")})
-    assert reply.status_code == 200 and reply.json["model_version"].endswith("flow-loading")
     assert time.monotonic() - started < 1.0
+    reply = client.post("/setup", json={"project": "7.1", "schema": config("mask", "Chair")})
+    version = reply.json["model_version"]
+    assert reply.status_code == 200 and version.startswith("xmem-label-0.1.0-flow-no-weights-")
+    restarted = create_app(Runtime(make_settings(tmp_path)).start()).test_client()
+    assert restarted.get("/versions").json["versions"] == [version]  # stable across restarts
+    runtime.runner.stop()
 
 
 def test_projects_are_answered_with_their_own_config(client):
@@ -83,7 +101,7 @@ def test_projects_are_answered_with_their_own_config(client):
     assert all(mask.any() for mask in masks)
 
 
-def test_slow_propagation_is_stored_through_the_api_when_done(runtime, monkeypatch):
+def test_slow_propagation_is_stored_through_the_api_when_done(tmp_path, monkeypatch):
     stored = []
     done = threading.Event()
 
@@ -93,10 +111,11 @@ def test_slow_propagation_is_stored_through_the_api_when_done(runtime, monkeypat
         return 1
 
     monkeypatch.setattr(studio.LabelStudio, "store_prediction", store_prediction)
-    runtime.sync_seconds = 0.0  # answer at once, whatever the propagation takes
+    # answer at once, whatever the propagation takes
+    runtime = Runtime(make_settings(tmp_path, sync_seconds=0.0)).start()
     client = create_app(runtime).test_client()
     client.post("/setup", json={"project": "3.0", "schema": config("mask", "Chair"),
-                                "hostname": "http://ls.example", "access_token": "t0123456"})
+                                "hostname": "http://attacker.example", "access_token": "x"})
     reply = client.post("/predict", json={
         "tasks": [keyframe_task(9, "mask", "Chair")], "project": "3.0",
         "label_config": config("mask", "Chair"), "params": {"context": None}})
@@ -104,28 +123,40 @@ def test_slow_propagation_is_stored_through_the_api_when_done(runtime, monkeypat
     assert "stored when done" in reply.json["errors"][0]["reason"]
     assert done.wait(120)
     (url, task_id, prediction), = stored
-    assert (url, task_id) == ("http://ls.example", 9)
+    assert (url, task_id) == ("http://ls.invalid:8080", 9)  # the configured one, not /setup's
     assert len(prediction["result"]) == 8 and prediction["model_version"].startswith("xmem-label")
+    runtime.runner.stop()
 
 
-def test_webhook_events(client):
+def test_webhook_events(client, monkeypatch):
     ignored = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})
     assert ignored.status_code == 200 and ignored.json["status"] == "ignored"
-    task = keyframe_task(4, "mask", "Chair")
-    empty = client.post("/webhook", json={
-        "action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": config("mask", "C")},
-        "task": {**task, "annotations": None}, "annotation": {"id": 3, "result": []}})
-    assert empty.status_code == 400 and "no keyframe" in empty.json["error"]
+    event = {"action": "ANNOTATION_CREATED",
+             "project": {"id": 9, "label_config": config("mask", "C")},
+             "task": {"id": 4}, "annotation": {"id": 3}}
+    refused = client.post("/webhook", json=event)
+    assert refused.status_code == 403 and "not connected" in refused.json["error"]
+    forged = dict(event, project={"id": 1, "label_config": config("mask", "C")},
+                  task={"id": "4; DROP"})
+    assert client.post("/webhook", json=forged).status_code == 400
+    # Label Studio says annotation 3 belongs to task 5, not 4: refused, nothing queued.
+    monkeypatch.setattr(studio.LabelStudio, "annotation",
+                        lambda self, i: {"id": i, "task": 5, "project": 1})
+    event["project"]["id"] = 1
+    reply = client.post("/webhook", json=event)
+    assert reply.status_code == 403 and "not an annotation of task 4" in reply.json["error"]
+    assert sum(client.get("/metrics").json["jobs"].values()) == 0
 
 
-def test_basic_auth_guards_everything_but_the_webhook(monkeypatch, runtime):
-    monkeypatch.setenv("BASIC_AUTH_USER", "ls")
-    monkeypatch.setenv("BASIC_AUTH_PASS", "secret")
+def test_basic_auth_guards_everything_but_health(tmp_path):
+    runtime = Runtime(make_settings(tmp_path, basic_auth=("ls", "secret")), job_threads=0)
     client = create_app(runtime).test_client()
-    assert client.get("/health").status_code == 401
-    assert client.get("/health", auth=("ls", "wrong")).status_code == 401
-    assert client.get("/health", auth=("ls", "secret")).status_code == 200
-    assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}).status_code == 200
+    assert client.get("/health").status_code == 200
+    for method, path in (("post", "/setup"), ("post", "/predict"), ("post", "/webhook"),
+                         ("get", "/metrics"), ("get", "/versions")):
+        assert getattr(client, method)(path, json={}).status_code == 401, path
+        assert getattr(client, method)(path, json={}, auth=("ls", "wrong")).status_code == 401
+    assert client.get("/metrics", auth=("ls", "secret")).status_code == 200
 
 
 def test_bad_requests_get_reasons(client):
@@ -140,21 +171,26 @@ def test_bad_requests_get_reasons(client):
     assert reply.status_code == 400 and "malformed brush RLE" in reply.json["error"]
 
 
-def test_job_queue_is_bounded_and_hands_results_over():
-    queue = JobQueue(workers=1, capacity=1)
-    release = threading.Event()
-    running = queue.submit("blocker", release.wait)
-    time.sleep(0.2)  # the worker has taken it; one slot is free
-    waiting = queue.submit("waiting", lambda: 42)
-    with pytest.raises(QueueFull):
-        queue.submit("refused", lambda: 0)
-    received = []
-    assert waiting.hand_over(received.append)
-    release.set()
-    assert running.wait(5) and waiting.wait(5)
-    time.sleep(0.1)
-    assert received == [42] and not waiting.hand_over(received.append)
-    assert queue.stats()["refused"] == 1
+def test_full_queue_answers_503_with_retry_after(tmp_path):
+    # no job thread and no waiting: jobs stay queued
+    runtime = Runtime(make_settings(tmp_path, max_queued_jobs=1, sync_seconds=0.0),
+                      job_threads=0)
+    client = create_app(runtime).test_client()
+    client.post("/setup", json={"project": "1.0", "schema": config("mask", "Chair")})
+    body = {"project": "1.0", "label_config": config("mask", "Chair"),
+            "tasks": [keyframe_task(4, "mask", "Chair")]}
+    assert client.post("/predict", json=body).status_code == 200
+    body["tasks"] = [keyframe_task(5, "mask", "Chair")]
+    reply = client.post("/predict", json=body)
+    assert reply.status_code == 503 and reply.headers["Retry-After"] == "30"
+    assert "busy" in reply.json["error"]
+
+
+def test_oversized_body_is_refused(tmp_path):
+    runtime = Runtime(make_settings(tmp_path, max_request_bytes=1000), job_threads=0)
+    reply = create_app(runtime).test_client().post("/predict", data=b"{" + b" " * 2000 + b"}",
+                                                    content_type="application/json")
+    assert reply.status_code == 413 and reply.json["error"]
 
 
 def test_keyframe_is_returned_exactly_as_drawn(client):
@@ -170,11 +206,11 @@ def test_keyframe_is_returned_exactly_as_drawn(client):
 
 
 def test_missing_weights_answer_503_with_the_reason(monkeypatch, tmp_path):
-    monkeypatch.setattr(sdk_io, "LOCAL_FILES_DOCUMENT_ROOT", str(DATA))
     monkeypatch.setenv("XMEM_LABEL_WEIGHTS", str(tmp_path / "missing.pth"))
-    client = create_app(Runtime(engine="xmem")).test_client()
-    client.post("/setup", json={"project": "1.0", "schema": config("mask", "Chair"),
-                                "hostname": "http://ls.invalid", "access_token": "t0123456"})
+    runtime = Runtime(make_settings(tmp_path, engine="xmem"), job_threads=0)
+    client = create_app(runtime).test_client()
+    setup = client.post("/setup", json={"project": "1.0", "schema": config("mask", "Chair")})
+    assert setup.status_code == 503 and "missing.pth" in setup.json["error"]
     reply = client.post("/predict", json={
         "tasks": [keyframe_task(5, "mask", "Chair")], "project": "1.0",
         "label_config": config("mask", "Chair")})

@@ -23,7 +23,7 @@ from xmem_label.backend.rle import mask_to_rle, rle_to_mask
 from xmem_label.model import Session, load_engine, read_label_mask
 from xmem_label.model.prompts import mask_from_box, mask_from_points
 
-from .conftest import TOKEN
+from .conftest import BACKEND_AUTH, TOKEN
 
 CLIP = Path(__file__).resolve().parents[1] / "data" / "vos" / "chair"
 FRAMES = sorted((CLIP / "frames").glob("*.jpg"))
@@ -37,6 +37,7 @@ SEQUENCE_CONFIG = """<View>
     <Label value="Chair"/>
   </RectangleLabels>
   <KeyPointLabels name="point" toName="image" smart="true"><Label value="Chair"/></KeyPointLabels>
+  <TextArea name="xmem_status" toName="image" rows="1" readonly="true"/>
 </View>"""
 VIDEO_CONFIG = """<View>
   <Labels name="videoLabels" toName="video"><Label value="Chair"/></Labels>
@@ -291,7 +292,7 @@ def test_bad_input_is_refused_with_a_reason_and_nothing_is_stored(label_studio, 
         "the keyframe masks are 240x180 but the frames are 240x160":
             add_task(label_studio, sequence_project, urls, [wrong_size]),
         "malformed brush RLE": add_task(label_studio, sequence_project, urls, [malformed]),
-        "cannot download": add_task(label_studio, sequence_project,
+        "Label Studio answered HTTP 404": add_task(label_studio, sequence_project,
                                     [*urls[:3], urls[3].replace("frame_", "missing_")],
                                     [brush(0, "Chair", chair(0))]),
         "has no frames": add_task(label_studio, sequence_project, [],
@@ -299,22 +300,31 @@ def test_bad_input_is_refused_with_a_reason_and_nothing_is_stored(label_studio, 
     }
     for reason, task_id in cases.items():
         task = label_studio.api("GET", f"/api/tasks/{task_id}")
-        reply = requests.post(f"{backend}/predict", timeout=120, json={
+        reply = requests.post(f"{backend}/predict", timeout=120, auth=BACKEND_AUTH, json={
             "tasks": [task], "project": f"{sequence_project['id']}.0",
             "label_config": SEQUENCE_CONFIG, "params": {"context": None}})
         assert reply.status_code == 400, (reason, reply.text)
         assert reason in reply.json()["error"], (reason, reply.json())
 
+    # Each task's webhook job failed too: the task holds one failure note with the reason in
+    # the config's read-only status field, and no masks.
     label_studio.retrieve_predictions(sequence_project["id"], list(cases.values()))
-    for task_id in cases.values():
-        assert label_studio.predictions(task_id) == []
+    assert label_studio.predictions(cases.pop("no keyframe")) == []  # no annotation, no job
+    for reason, task_id in cases.items():
+        note = wait_for_prediction(label_studio, task_id)
+        time.sleep(0.5)  # a second note or prediction would be stored by now
+        assert label_studio.predictions(task_id) == [note]
+        assert note["model_version"] == "xmem-label-failed" and note["score"] == 0
+        (status,) = note["result"]
+        assert status["from_name"] == "xmem_status" and status["type"] == "textarea"
+        assert reason in status["value"]["text"][0], (reason, status)
 
-    unsupported = requests.post(f"{backend}/setup", timeout=10, json={
+    unsupported = requests.post(f"{backend}/setup", timeout=10, auth=BACKEND_AUTH, json={
         "project": "999.0", "schema": "<View><Image name='i' value='$image'/>"
         "<Choices name='c' toName='i'><Choice value='a'/></Choices></View>"})
     assert unsupported.status_code == 400
     assert "no supported tag pair" in unsupported.json()["error"]
-    not_json = requests.post(f"{backend}/predict", data="tasks", timeout=10)
+    not_json = requests.post(f"{backend}/predict", data="tasks", timeout=10, auth=BACKEND_AUTH)
     assert not_json.status_code == 400 and "JSON object" in not_json.json()["error"]
 
 

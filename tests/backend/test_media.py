@@ -1,0 +1,171 @@
+"""Media fetching treats task URLs as hostile: only the configured Label Studio is contacted,
+with limits on time, size and pixels. A real HTTP server on 127.0.0.1 plays Label Studio, and a
+second one an address a task might try to reach."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from xmem_label.backend import media
+from xmem_label.backend.settings import BackendSettings
+from xmem_label.model import InputError
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "vos"
+
+
+def png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (width, height)).save(out, "PNG")
+    return out.getvalue()
+
+
+class Server:
+    """A threaded HTTP server on 127.0.0.1 whose routes are (status, headers, body or a
+    generator of chunks); it records every path asked and the Authorization header."""
+
+    def __init__(self, routes: dict):
+        self.routes = routes
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append((self.path, self.headers.get("Authorization")))
+                status, headers, body = outer.routes.get(self.path.split("?")[0],
+                                                         (404, {}, b"no"))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.end_headers()
+                try:
+                    for chunk in body:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def trickle():
+    for _ in range(100):
+        yield b"x"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def elsewhere():
+    server = Server({"/secret": (200, {}, b"internal")})
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def studio(elsewhere):
+    server = Server({
+        "/data/upload/1/frame.png": (200, {}, png(64, 48)),
+        "/data/upload/1/huge.png": (200, {}, png(5000, 4000)),
+        "/data/upload/1/big.bin": (200, {}, b"x" * 5000),
+        "/data/upload/1/slow.png": (200, {}, trickle()),
+        "/data/upload/1/moved.png": (302, {"Location": f"{elsewhere.url}/secret"}, b""),
+        "/tasks/7/resolve/": (303, {"Location": "http://169.254.169.254/latest/meta-data"}, b""),
+    })
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def settings(studio, tmp_path):
+    base = BackendSettings.from_environment({
+        "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": "token123",
+        "MODEL_DIR": str(tmp_path), "LOCAL_FILES_DOCUMENT_ROOT": str(DATA),
+    })
+    return dataclasses.replace(base, max_download_bytes=4000, download_timeout=1.0,
+                               max_frame_pixels=4096 * 4096)
+
+
+def fetch(url, settings, tmp_path, task_id=7):
+    return media.fetch(url, task_id, tmp_path / "out", "frame 0 of task 7", settings,
+                       lambda: {"Authorization": "Token token123"})
+
+
+def test_a_label_studio_path_is_fetched_with_the_token(settings, studio, tmp_path):
+    path = fetch("/data/upload/1/frame.png", settings, tmp_path)
+    assert media.image_size(path, "frame 0", settings) == (64, 48)
+    assert studio.requests == [("/data/upload/1/frame.png", "Token token123")]
+    assert fetch(f"{studio.url}/data/upload/1/frame.png", settings, tmp_path).exists()
+
+
+@pytest.mark.parametrize("url", [
+    "{elsewhere}/secret",                      # another port on loopback
+    "http://169.254.169.254/latest/meta-data",  # link-local metadata service
+    "http://localhost:{port}/data/upload/1/frame.png",  # same port, another host name
+    "file:///etc/passwd",
+    "//evil.example/x.png",
+    "ftp://127.0.0.1/x",
+    "",
+    12,
+])
+def test_urls_off_label_studio_are_refused_without_connecting(url, settings, studio, elsewhere,
+                                                             tmp_path):
+    if isinstance(url, str):
+        url = url.format(elsewhere=elsewhere.url, port=studio.url.rsplit(":", 1)[1])
+    with pytest.raises(InputError) as error:
+        fetch(url, settings, tmp_path)
+    assert elsewhere.requests == [] and studio.requests == []
+    assert "127.0.0.1" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_redirects_away_from_label_studio_are_not_followed(settings, elsewhere, tmp_path):
+    with pytest.raises(InputError, match="redirected"):
+        fetch("/data/upload/1/moved.png", settings, tmp_path)
+    assert elsewhere.requests == []
+
+
+def test_a_storage_redirect_to_a_private_address_is_refused(settings, tmp_path):
+    with pytest.raises(InputError, match="private address"):
+        fetch("s3://bucket/frame.png", settings, tmp_path)
+
+
+def test_size_time_and_pixel_limits(settings, tmp_path):
+    with pytest.raises(InputError, match="5000 bytes, more than the backend's limit"):
+        fetch("/data/upload/1/big.bin", settings, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(media.MediaUnavailable, match="not received within 1 s"):
+        fetch("/data/upload/1/slow.png", settings, tmp_path)
+    assert time.monotonic() - started < 3 and not (tmp_path / "out").exists()
+    roomy = dataclasses.replace(settings, max_download_bytes=1 << 20)
+    huge = fetch("/data/upload/1/huge.png", roomy, tmp_path)
+    with pytest.raises(InputError, match="5000x4000 pixels, more than the backend's limit"):
+        media.image_size(huge, "frame 0", dataclasses.replace(settings, max_frame_pixels=10**7))
+
+
+def test_local_files_stay_under_the_document_root(settings, tmp_path):
+    frame = fetch("/data/local-files/?d=chair/frames/frame_000000.jpg", settings, tmp_path)
+    assert frame == DATA / "chair" / "frames" / "frame_000000.jpg"
+    for escape in ("../../../../etc/passwd", "/etc/passwd", "chair/../../test_cli.py"):
+        with pytest.raises(InputError, match="LOCAL_FILES_DOCUMENT_ROOT"):
+            fetch(f"/data/local-files/?d={escape}", settings, tmp_path)
