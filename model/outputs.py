@@ -2,10 +2,11 @@
 
 A run writes into a hidden staging folder beside `--out` (`.<out>.partial-<pid>-<token>`) that
 holds an ownership marker, `.xmem-label.json`, from its first moment, and renames it to `--out`
-only when every file is written. The finished marker lists every file the run wrote, so a later
-`--force` (or `demo`) replaces a folder only when all of it is this tool's own output, and the
-next run into the same `--out` recognises the staging folder of a killed run by its marker and
-its dead process, and removes it. Nothing else is ever deleted or overwritten.
+only when every file is written. The finished marker lists every file the run wrote (with its
+size and modification time), so a later `--force` (or `demo`) replaces a folder only when all of
+it is this tool's own output, unchanged, and the next run into the same `--out` recognises the
+staging folder of a killed run by its marker and its dead process, and removes it. Nothing else
+is ever deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def check_replaceable(out: Path, commands: Iterable[str], hint: str) -> None:
             f"--out {out} holds the output of `{TOOL} {marker.get('command')}`, which "
             f"`{TOOL} {commands[0]}` does not replace; {hint}"
         )
-    listed = {MARKER, *marker.get("files", [])}
+    written = marker.get("files") or {}
+    listed = {MARKER, *written}
     folders = {str(parent) for name in listed for parent in Path(name).parents}
     for path in sorted(out.rglob("*")):
         name = str(path.relative_to(out))
@@ -91,6 +93,10 @@ def check_replaceable(out: Path, commands: Iterable[str], hint: str) -> None:
         if not own:
             raise InputError(
                 f"--out {out} is not empty: it holds {name}, which {TOOL} did not write; {hint}"
+            )
+        if name in written and _fingerprint(path) != written[name]:
+            raise InputError(
+                f"--out {out}: {name} was changed after {TOOL} wrote it (a correction?); {hint}"
             )
 
 
@@ -131,6 +137,13 @@ def remove_stale_partials(out: Path) -> None:
             f"removed {folder}, left by an interrupted run (process {marker.get('pid')})",
             stacklevel=2,
         )
+
+
+def _fingerprint(path: Path) -> list[int]:
+    """Size and modification time: enough to see that a person changed a file (no hashing of
+    gigabytes of probabilities)."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -189,11 +202,11 @@ class StagedOutput:
     def commit(self, replace: bool) -> None:
         """Record what was written, then move the overlay and the folder into place; an
         earlier output at `out` (checked replaceable by the caller) is set aside and deleted."""
-        files = sorted(
-            str(path.relative_to(self.folder))
-            for path in self.folder.rglob("*")
-            if path.is_file() and path.name != MARKER
-        )
+        files = {
+            str(path.relative_to(self.folder)): _fingerprint(path)
+            for path in sorted(self.folder.rglob("*"))
+            if path.is_file() and path != self.folder / MARKER
+        }
         overlay_record = None
         if self._outside_overlay:
             overlay_record = {

@@ -173,6 +173,15 @@ def tool_output(d: Path, extra: str | None = None) -> Path:
     return out
 
 
+def corrected(out: Path) -> Path:
+    """A person's correction of one mask in an output: object 1 grown by a row."""
+    path = sorted(out.glob("*.png"))[3]
+    labels = read_label_mask(path).copy()
+    labels[:-1][labels[1:] == 1] = 1
+    Image.fromarray(labels, mode="L").save(path)
+    return out
+
+
 def foreign_folder(d: Path) -> Path:
     out = d / "mine"
     out.mkdir()
@@ -248,6 +257,8 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
     "force on a person's existing overlay": (
         lambda d: flow(d, "--force", "--overlay", small_file(d / "talk.mp4", b"my video")),
         "not the overlay"),
+    "force on own output with a corrected mask": (
+        lambda d: flow(d, "--force", out=corrected(tool_output(d))), "was changed"),
     "no force on own output": (lambda d: flow(d, out=tool_output(d)), "add --force"),
     "demo into a folder with a summary.json": (
         lambda d: ["demo", "--engine", "flow", "--out", foreign_folder(d)],
