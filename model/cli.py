@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt as interrupt:
             signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
             name = signal.Signals(signum).name
-            print(f"{PROG}: interrupted ({name}); nothing was written", file=sys.stderr)
+            print(f"{PROG}: interrupted ({name}); no partial output left", file=sys.stderr)
             return 128 + signum
 
 

@@ -231,7 +231,8 @@ class VideoFile(FrameSource):
 
     The container's frame count is the clip's length: a frame that cannot be decoded before it
     (a file damaged or cut short mid-stream) is an error naming the frame, or, with
-    `skip_bad_frames`, replaced by the last frame decoded before it, with a warning.
+    `skip_bad_frames`, replaced by the last frame decoded before it, with a warning. Frames
+    beyond it (a header that undercounts) are named in a warning.
     """
 
     def __init__(self, path: str | Path, *, skip_bad_frames: bool = False):
@@ -245,6 +246,7 @@ class VideoFile(FrameSource):
             raise InputError(f"OpenCV cannot decode video {self.path}")
         self._count = count if count > 0 else None
         self._last_good_frame: np.ndarray | None = None  # for skip_bad_frames
+        self._warned_longer = False
 
     def _open(self) -> cv2.VideoCapture:
         capture = cv2.VideoCapture(str(self.path))
@@ -277,6 +279,14 @@ class VideoFile(FrameSource):
                     previous = self._replacement(index, previous)
                 yield index, previous
                 index += 1
+            if stop == self._count and not self._warned_longer and capture.read()[0]:
+                self._warned_longer = True  # the header undercounts (MPEG-PS estimates it)
+                warnings.warn(
+                    f"video {self.path} holds more frames than the {self._count} its header "
+                    f"lists: frames from {self._count} on are not propagated; re-encode it "
+                    "(e.g. ffmpeg -i in.mpg out.mp4) to keep them",
+                    stacklevel=2,
+                )
         finally:
             capture.release()
 

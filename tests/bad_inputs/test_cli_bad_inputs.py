@@ -515,3 +515,24 @@ def test_eval_out_is_written_whole_and_replaced_only_with_force(tmp_path, capsys
     code, _, err = run(capsys, [*argv, "--force"])
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]
+
+
+def test_video_longer_than_its_header_says_is_named_in_a_warning(tmp_path, capsys):
+    """MPEG program streams carry no frame count; OpenCV's estimate can fall one short."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is needed to write MPEG-2")
+    path = tmp_path / "clip.mpg"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-framerate", "25", "-i",
+         DEMO_FRAMES / "%05d.jpg", "-c:v", "mpeg2video", path],
+        check=True,
+    )  # fmt: skip
+    capture = cv2.VideoCapture(str(path))
+    listed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    capture.release()
+    if listed >= 30:
+        pytest.skip("this ffmpeg build writes a stream whose length OpenCV estimates right")
+    code, _, err = run(capsys, flow(tmp_path, source=path, mask=demo_key(tmp_path)))
+    assert code == 0, err
+    assert f"{path} holds more frames than the {listed} its header lists" in err
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["frame_count"] == listed
