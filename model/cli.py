@@ -512,11 +512,16 @@ def _write_results(
                     _, frame = next(frames_for_overlay)
                     overlay.add(frame, result.labels)
                 per_frame.append(_frame_summary(result))
+        except BaseException:
+            if overlay is not None:
+                overlay.discard()  # unfinished: no check that could hide the first error
+            raise
         finally:
             ahead.close()
-            if overlay is not None:
+            if frames_for_overlay is not None:
                 frames_for_overlay.close()
-                overlay.close()
+    if overlay is not None:
+        overlay.close()
     return per_frame
 
 

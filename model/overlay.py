@@ -84,6 +84,14 @@ class OverlayWriter:
             )
             self._gif_frames = []
 
+    def discard(self) -> None:
+        """Stop writing after an error: release the file without finishing or checking it (the
+        caller deletes it)."""
+        if self._video is not None:
+            self._video.release()
+            self._video = None
+        self._gif_frames = []
+
     def _check_video(self) -> None:
         capture = cv2.VideoCapture(str(self.path))
         try:
