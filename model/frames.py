@@ -44,9 +44,7 @@ class FrameSource:
     def skipped_frames(self) -> dict[int, str]:
         """Frames that could not be decoded and were replaced (index -> what was wrong), when
         `skip_bad_frames` is on; summaries list them so the replaced frames get reviewed."""
-        if "_skipped" not in self.__dict__:
-            self._skipped: dict[int, str] = {}
-        return self._skipped
+        return self.__dict__.setdefault("_skipped", {})  # subclasses need not call a base init
 
     def _skip(self, index: int, problem: str, replacement: str) -> None:
         """Record (once) and warn that frame `index` was replaced by `replacement`."""
@@ -306,7 +304,7 @@ class VideoFile(FrameSource):
                 raise InputError(f"OpenCV cannot decode video {self.path}")
             previous = self._last_good_frame
         self._skip(index, problem, "the last decodable frame")
-        return previous
+        return previous.copy()  # each frame its own array, as decoded ones are
 
     def _decode_good_prefix(self) -> Iterator[np.ndarray]:
         """The frames from the first one up to the first that cannot be decoded."""
