@@ -171,16 +171,15 @@ class PropagateMasks(foo.Operator):
             label="Delegate",
             description="Queue for `fiftyone delegated launch` (immediate runs stop at 600 s)",
         )
-        if ctx.params.get("delegate") or "samples_per_run" in problems:
-            inputs.int(
-                "samples_per_run",
-                default=0,
-                min=0,
-                label="Samples per run",
-                description="Split into one delegated run per this many samples, so several "
-                "workers share the view (0 = one run)",
-                **invalid("samples_per_run"),
-            )
+        inputs.int(
+            "samples_per_run",
+            default=0,
+            min=0,
+            label="Samples per run (delegated)",
+            description="Above 0: delegate, split into one run per this many samples, so "
+            "several workers share the view (0 = one run)",
+            **invalid("samples_per_run"),
+        )
         return types.Property(inputs, view=types.View(label="Propagate masks"))
 
     def resolve_delegation(self, ctx) -> bool | None:
