@@ -87,6 +87,12 @@ def check_params(ctx) -> dict[str, str]:
     return {}
 
 
+def _requested_by_the_app(ctx) -> bool:
+    """Whether the App (or anything else posting to the App server's operator endpoints, which
+    require the operator's URI in the request) asked, rather than `foo.execute_operator`."""
+    return "operator_uri" in ctx.request_params
+
+
 def _check_samples_per_run(params: dict) -> None:
     if _samples_per_run(params) < 0:
         raise InputError("samples per run must be 0 (one run) or more")
@@ -206,14 +212,17 @@ class PropagateMasks(foo.Operator):
     def execute(self, ctx):
         """Delegated: run, report progress (the heartbeat) on the operation, return the
         summary; a failure is recorded on the operation as a one-line reason.
-        Immediate: a generator, so the App shows progress while it runs (the App calls
-        generator operators through a streaming request); it ends with a notification.
+        Immediate, from the App: a generator, so the App shows progress while it runs (it
+        calls generator operators through a streaming request); it ends with a notification.
+        Immediate, from Python: the summary (FiftyOne drops what a generator returns).
         Input is checked here, before anything runs, so bad input fails at once."""
         if ctx.delegated:
             return self._run_delegated(ctx)
         stale = runs.fail_stale_runs(ctx.dataset.name, self.uri)
         run = _PropagationRun(ctx, self.uri)
-        return self._stream(ctx, _throttled(run.steps()), stale)
+        if _requested_by_the_app(ctx):
+            return self._stream(ctx, _throttled(run.steps()), stale)
+        return {**_drain(run.steps(), lambda fraction: None), "stale_runs_failed": stale}
 
     def _run_delegated(self, ctx) -> dict | None:
         op_id = runs.operation_id(ctx)

@@ -181,7 +181,7 @@ def run_operator(uri, ds, selected=None, view=None, **params):
     anything runs or is queued (FiftyOne raises them as a validation error; the App shows
     the reason next to the field) come back the same way, as an error message."""
     view = ds.view() if view is None else view
-    request = dict(dataset_name=ds.name, view=view._serialize(), params=params)
+    request = dict(operator_uri=uri, dataset_name=ds.name, view=view._serialize(), params=params)
     if selected:
         request["selected"] = selected
     try:

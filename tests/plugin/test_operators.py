@@ -57,6 +57,21 @@ def test_immediate_run_writes_the_engines_masks_and_evaluates_like_the_engine(
     np.testing.assert_allclose(fiftyone_ious, engine_ious, atol=1e-6)
 
 
+def test_an_immediate_run_from_python_returns_its_summary(dataset, engine_labels):
+    """The App gets a generator (progress as it runs); Python callers get the summary."""
+    result = foo.execute_operator(
+        PROPAGATE,
+        ctx=dict(dataset=dataset,
+                 params=dict(prompt_field="gt", label_field="xmem", engine="flow")),
+    )
+    assert result.result == {
+        "samples": 1, "frames": 8, "skipped_samples": 0, "label_field": "frames.xmem",
+        "engine": "flow", "stale_runs_failed": [],
+    }
+    dataset.reload()
+    check_equals_engine(dataset, "xmem", engine_labels)
+
+
 def test_rerun_replaces_and_a_failed_run_keeps_earlier_labels(dataset, engine_labels):
     for _ in range(2):
         assert run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem").error is None
