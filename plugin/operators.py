@@ -41,6 +41,7 @@ from .videos import (
 
 logger = logging.getLogger(__name__)
 
+REVIEW_VIEW_DESCRIPTION = "xmem-label review frames:"  # marks the saved views it may replace
 LONG_JOB_FRAMES = 2000  # more frames than this: delegated execution is offered first
 PROGRESS_INTERVAL_S = 1.0
 
@@ -440,10 +441,23 @@ class ReviewFrames(foo.Operator):
         schema = target.get_frame_field_schema() if target.media_type == "video" else {}
         if getattr(schema.get(label_field), "document_type", None) is not fo.Detections:
             raise InputError(f"frames.{label_field} is not a propagated Detections field")
+        if action == "view" and name in ctx.dataset.list_saved_views():
+            description = ctx.dataset.get_saved_view_info(name).get("description") or ""
+            if not description.startswith(REVIEW_VIEW_DESCRIPTION):
+                raise InputError(
+                    f"a saved view {name!r} exists and was not made by review frames; "
+                    "choose another name"
+                )
         chosen = least_confident_frames(target, label_field, k)
         frame_ids = [frame_id for frames in chosen.values() for frame_id, _ in frames]
         if action == "view":
-            ctx.dataset.save_view(name, ctx.dataset.select_frames(frame_ids), overwrite=True)
+            ctx.dataset.save_view(
+                name,
+                ctx.dataset.select_frames(frame_ids),
+                description=f"{REVIEW_VIEW_DESCRIPTION} the {k} least confident frames of "
+                f"each video in frames.{label_field}",
+                overwrite=True,  # only a view this operator saved, checked above
+            )
         else:
             target.untag_labels(name, label_fields=[f"frames.{label_field}"])
             target.select_frames(frame_ids).tag_labels(name, label_fields=[f"frames.{label_field}"])

@@ -173,6 +173,11 @@ CASES = {
         None, REVIEW, dict(label_field="nothing_here", k=2),
         "frames.nothing_here is not a propagated Detections field",
     ),
+    "review view over a person's saved view": (
+        lambda ds, tmp: (add_propagated_output(ds, tmp), ds.save_view("mine", ds.limit(1))),
+        REVIEW, dict(label_field="xmem", k=2, action="view", tag="mine"),
+        "a saved view 'mine' exists and was not made by review frames",
+    ),
     "review with k below 1": (
         add_propagated_output, REVIEW, dict(label_field="xmem", k=-1), "Path: k",
     ),

@@ -164,6 +164,9 @@ def test_review_tags_the_least_confident_frames_of_each_video(dataset):
     saved = run(REVIEW, dataset, label_field="xmem", k=2, action="view", tag="to-review")
     assert saved.error is None, saved.error
     assert dataset.load_saved_view("to-review").count("frames") == 4
+    again = run(REVIEW, dataset, label_field="xmem", k=1, action="view", tag="to-review")
+    assert again.error is None, again.error  # its own saved view: replaced
+    assert dataset.load_saved_view("to-review").count("frames") == 2
 
 
 @pytest.mark.parametrize(
