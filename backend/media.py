@@ -77,7 +77,7 @@ def check_frame_size(width: int, height: int, what: str, settings: BackendSettin
     """Refuse frames above the pixel limit (memory grows with pixels times frames)."""
     if width * height > settings.max_frame_pixels:
         raise InputError(
-            f"{what} is {width}x{height} pixels, more than the backend's limit of "
+            f"{what} is {width}x{height}: it has more pixels than the backend's limit of "
             f"{settings.max_frame_pixels} (XMEM_LABEL_MAX_FRAME_PIXELS)"
         )
 
@@ -87,6 +87,9 @@ def image_size(path: Path, what: str, settings: BackendSettings) -> tuple[int, i
     try:
         with Image.open(path) as image:
             width, height = image.size
+    except Image.DecompressionBombError:  # PIL's own, far higher, limit
+        raise InputError(f"{what} has more pixels than the backend's limit of "
+                         f"{settings.max_frame_pixels} (XMEM_LABEL_MAX_FRAME_PIXELS)") from None
     except Exception:  # PIL raises many types for files that are not images
         raise InputError(f"{what} is not an image") from None
     check_frame_size(width, height, what, settings)

@@ -131,6 +131,9 @@ class Runtime:
             if task is None:
                 raise InputError(f"task {payload['task']} is not in project {payload['project']}")
             annotation = self.studio.annotation(payload["annotation"])
+            if annotation is None or annotation.get("task") != payload["task"]:
+                raise InputError(f"annotation {payload['annotation']} of task {payload['task']} "
+                                 "no longer exists")
             task["annotations"] = [annotation]
             model = XMemLabelModel(self, record.project, project.get("label_config") or "")
             outcome = model.propagation(task, None)()
@@ -222,7 +225,7 @@ class XMemLabelModel:
             try:
                 self.propagation(task, context)  # checks the input now; runs nothing
                 task_id = task.get("id")
-                key = "predict:" + _digest(self.project_id, self.label_config, version,
+                key = "predict:" + _digest(self.project_id, task_id, self.label_config, version,
                                            task.get("data"), task.get("annotations"), context)
                 payload = {"label_config": self.label_config, "task": task, "context": context}
                 record, _ = journal.submit(key, "predict", self.project_id,
@@ -238,14 +241,14 @@ class XMemLabelModel:
         may_wait = self.runtime.reply_slots.acquire(blocking=False)
         try:
             deadline = time.monotonic() + (self.runtime.settings.sync_seconds if may_wait else 0)
-            results, queued = [], 0
+            results, answered_elsewhere = [], 0
             for task, record in zip(tasks, records, strict=True):
                 results.append([])
                 if record is None:
                     continue
                 record = journal.wait(record.id, max(0.0, deadline - time.monotonic()))
                 if record.state in ("queued", "running") and journal.hand_over(record.id):
-                    queued += 1
+                    answered_elsewhere += 1
                     errors.append({"task": task.get("id"),
                                    "reason": "still running: stored when done"})
                     continue
@@ -254,13 +257,14 @@ class XMemLabelModel:
                     errors.append({"task": task.get("id"), "reason": record.error})
                 elif record.result and "prediction" in record.result:
                     results[-1] = record.result["prediction"]
-                else:
+                else:  # the same request came before and its result went through the API
+                    answered_elsewhere += 1
                     errors.append({"task": task.get("id"),
-                                   "reason": "stored through the API by an earlier request"})
+                                   "reason": "already stored through the API"})
         finally:
             if may_wait:
                 self.runtime.reply_slots.release()
-        if not queued and all(result == [] for result in results):
+        if not answered_elsewhere and all(result == [] for result in results):
             raise InputError("; ".join(f"task {e['task']}: {e['reason']}" for e in errors))
         return {"results": results, "errors": errors}
 
@@ -313,10 +317,10 @@ class XMemLabelModel:
         journal = self.runtime.journal
         if not journal.is_project_registered(str(project_id)):
             raise NotPermitted(f"project {project_id} is not connected to this backend")
-        annotation = self.runtime.studio.annotation(annotation_id)
-        if annotation is None or annotation.get("task") != task_id or (
-            annotation.get("project") not in (None, project_id)
-        ):
+        studio = self.runtime.studio
+        annotation = studio.annotation(annotation_id)
+        if (annotation is None or annotation.get("task") != task_id
+                or studio.task(project_id, task_id) is None):
             raise NotPermitted(f"annotation {annotation_id} is not an annotation of task "
                                f"{task_id} in project {project_id}")
         key = (f"webhook:{project_id}:{task_id}:{annotation_id}:"

@@ -171,25 +171,28 @@ def xmem_label_command() -> str:
     return executable
 
 
-def run_backend(label_studio, tmp_path_factory, *options: str):
-    """`xmem-label serve --engine flow <options>` on a free port; yields its address."""
+def run_backend(label_studio, tmp_path_factory, *options: str, env: dict | None = None,
+                port: int | None = None, keep_process: bool = False):
+    """`xmem-label serve --engine flow <options>` on a free port (or `port`), in its own
+    process group; yields its address (and the process, with keep_process)."""
     executable = xmem_label_command()
-    port = free_port()
-    env = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=TOKEN,
-               OMP_NUM_THREADS="1", MODEL_DIR=str(tmp_path_factory.mktemp("model-dir")),
-               BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1])
-    env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # media go over HTTP, as on another machine
+    port = port or free_port()
+    environment = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=TOKEN,
+                       OMP_NUM_THREADS="1", MODEL_DIR=str(tmp_path_factory.mktemp("model-dir")),
+                       BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1])
+    environment.update(env or {})
+    environment.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # media go over HTTP, as on another host
     log = tmp_path_factory.mktemp("backend") / "backend.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
             [executable, "serve", "--host", "127.0.0.1", "--port", str(port), "--engine", "flow",
              "--threads", "4", *options],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+            env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/health", process, 60, log)
-        yield url
+        yield (url, process) if keep_process else url
     finally:
         stop(process)
         print(log.read_text()[-4000:])

@@ -159,7 +159,7 @@ def test_size_time_and_pixel_limits(settings, tmp_path):
     assert time.monotonic() - started < 3 and not (tmp_path / "out").exists()
     roomy = dataclasses.replace(settings, max_download_bytes=1 << 20)
     huge = fetch("/data/upload/1/huge.png", roomy, tmp_path)
-    with pytest.raises(InputError, match="5000x4000 pixels, more than the backend's limit"):
+    with pytest.raises(InputError, match="5000x4000: it has more pixels than the backend's limit"):
         media.image_size(huge, "frame 0", dataclasses.replace(settings, max_frame_pixels=10**7))
 
 
