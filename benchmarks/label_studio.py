@@ -3,11 +3,16 @@
     python -m benchmarks.label_studio [--clip ../shared/data/vos/blackswan] [--frames 50]
                                       [--ls-bin PATH | --ls-url URL --document-root DIR]
 
+Label Studio comes from `--ls-bin` (default `$LABEL_STUDIO_BIN`, else `.venv-ls` in the
+repository). The backend runs with credentials (BASIC_AUTH_USER/PASS) and is connected to the
+project by `xmem-label connect`, as backend/README.md tells an admin.
+
 1. Brush RLE encoding time of one mask at 854x480 and 1920x1080: this backend's numpy encoder
    against label_studio_sdk.converter.brush.mask2rle (bytes checked equal).
 2. "Retrieve predictions" to stored prediction for one image-sequence task (the clip's first
    `--frames` frames, keyframe = its ground-truth mask on frame 0, engine "flow"), against a
-   real Label Studio 1.23.2 and a real `xmem-label serve` process, split into media download /
+   real Label Studio 1.23.2 and a real `xmem-label serve` process (with credentials, connected
+   by `xmem-label connect`), split into media download /
    decode / propagate / encode (measured inside the backend, from /metrics) and HTTP (the rest:
    Label Studio's /health + /setup + /predict round trip, the JSON transfer, and storing).
    Decoding runs in the engine's prefetch thread, so its time overlaps propagation.
@@ -41,6 +46,9 @@ from xmem_label.model import read_label_mask
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "vos" / "blackswan"
 TOKEN = "benchmark0123456789abcdef0123456789abcd"
+BACKEND_AUTH = ("label-studio", "benchmark-backend-secret-5e1c")
+DEFAULT_LS_BIN = os.environ.get("LABEL_STUDIO_BIN") or str(ROOT / ".venv-ls" / "bin"
+                                                            / "label-studio")
 CONFIG = """<View>
   <Image name="image" valueList="$frames"/>
   <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
@@ -130,6 +138,11 @@ def wait_up(url: str, seconds: float) -> None:
 
 
 def start_label_studio(binary: str, work: Path) -> tuple[subprocess.Popen, str, Path]:
+    """Label Studio on a free loopback port with a fresh data dir, a legacy token (TOKEN),
+    local files served from work/media, and the settings that let it call a loopback backend."""
+    if not Path(binary).is_file():
+        raise SystemExit(f"no Label Studio at {binary}: give --ls-bin or set LABEL_STUDIO_BIN "
+                         "(label-studio 1.23.2), or --ls-url of a running one")
     media = work / "media"
     media.mkdir(parents=True)
     port = free_port()
@@ -155,7 +168,39 @@ def start_label_studio(binary: str, work: Path) -> tuple[subprocess.Popen, str, 
 def stop(process: subprocess.Popen | None) -> None:
     if process is not None and process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def xmem_label_command() -> str:
+    """The `xmem-label` console script of this Python's environment."""
+    executable = shutil.which("xmem-label", path=str(Path(sys.executable).parent))
+    if executable is None:
+        raise SystemExit("the xmem-label console script is not installed (pip install -e .)")
+    return executable
+
+
+def backend_environment(ls_url: str, token: str, **extra: str) -> dict[str, str]:
+    """The environment of a backend process: Label Studio, its token, the credentials; media
+    over HTTP (no LOCAL_FILES_DOCUMENT_ROOT), as on another machine."""
+    env = dict(os.environ, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=token,
+               BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1], **extra)
+    env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)
+    return env
+
+
+def connect(project_id: int, backend_url: str, ls_url: str, token: str) -> None:
+    """`xmem-label connect`: the model with basic auth, and the webhook's credentials header."""
+    done = subprocess.run(
+        [xmem_label_command(), "connect", "--project", str(project_id), "--backend-url",
+         backend_url, "--url", ls_url, "--token", token],
+        env=backend_environment(ls_url, token), capture_output=True, text=True, timeout=120,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"xmem-label connect failed: {done.stderr.strip() or done.stdout}")
 
 
 def end_to_end_figures(args, work: Path) -> None:
@@ -199,20 +244,16 @@ def end_to_end_figures(args, work: Path) -> None:
             api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [keyframe]})
 
         port = free_port()
-        env = dict(os.environ, LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=token)
-        env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # media over HTTP, as on another machine
         backend = subprocess.Popen(
-            [str(Path(sys.executable).parent / "xmem-label"), "serve", "--host", "127.0.0.1",
-             "--port", str(port), "--engine", "flow"],
-            env=env, stdout=open(work / "backend.log", "w"),  # noqa: SIM115 (lives on)
+            [xmem_label_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--engine", "flow"],
+            env=backend_environment(url, token, MODEL_DIR=str(work / "model-dir")),
+            stdout=open(work / "backend.log", "w"),  # noqa: SIM115 (lives on)
             stderr=subprocess.STDOUT,
         )
         backend_url = f"http://127.0.0.1:{port}"
         wait_up(f"{backend_url}/health", 60)
-        api("POST", "/api/ml", json={"url": backend_url, "project": project["id"],
-                                     "title": "xmem-label"})
-        requests.post(f"{backend_url}/setup", json={"project": str(project["id"]),
-                                                    "schema": CONFIG}, timeout=10)
+        connect(project["id"], backend_url, url, token)  # Label Studio calls /setup
         while not requests.get(f"{backend_url}/health", timeout=5).json()["engine_loaded"]:
             time.sleep(0.2)  # the engine loads once per process; not part of a request
 
@@ -224,7 +265,8 @@ def end_to_end_figures(args, work: Path) -> None:
             total = time.perf_counter() - started
             (prediction,) = api("GET", "/api/predictions", params={"task": task["id"]})
             assert len({r["item_index"] for r in prediction["result"]}) == len(frames)
-            stages = requests.get(f"{backend_url}/metrics", timeout=5).json()["last_timings"]
+            stages = requests.get(f"{backend_url}/metrics", auth=BACKEND_AUTH,
+                                  timeout=5).json()["last_timings"]
             rows.append({**stages, "http": total - stages["total"], "all": total})
         print(f"\n'Retrieve predictions' -> stored prediction, {len(frames)} frames "
               f"{width}x{height}, engine flow, {len(rows)} run(s), median seconds:")
@@ -246,8 +288,9 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3, help="tasks timed end to end")
-    parser.add_argument("--ls-bin", default=os.environ.get("LABEL_STUDIO_BIN",
-                                                           "/work/venv-ls/bin/label-studio"))
+    parser.add_argument("--ls-bin", default=DEFAULT_LS_BIN,
+                        help="label-studio 1.23.2 binary (default: $LABEL_STUDIO_BIN, else "
+                        ".venv-ls/bin/label-studio in the repository)")
     parser.add_argument("--ls-url", help="use this running Label Studio instead of starting one")
     parser.add_argument("--token", default=TOKEN, help="its legacy API token")
     parser.add_argument("--document-root", help="its LOCAL_FILES_DOCUMENT_ROOT")
