@@ -116,7 +116,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def metrics():
         return jsonify(
             jobs=runtime.journal.counts(),
-            last_timings=runtime.last_timings,
+            last_timings=(runtime.journal.latest_result() or {}).get("timings", {}),
             engine=runtime.engines.name,
             engine_loaded=runtime.engines.loaded,
         )

@@ -414,6 +414,13 @@ class Journal:
                 return record
             time.sleep(min(poll, remaining))
 
+    def latest_result(self) -> dict | None:
+        """The result of the job that finished last, in any process (for /metrics)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT result FROM jobs WHERE state = 'done' AND result IS NOT"
+                               " NULL ORDER BY updated DESC LIMIT 1").fetchone()
+        return None if row is None else json.loads(row[0])
+
     def counts(self) -> dict[str, int]:
         """Jobs per state, every state present; nothing else (safe for an unauthenticated
         health page: no payloads, no URLs)."""

@@ -89,7 +89,7 @@ class EngineHolder:
 
 
 class Runtime:
-    """Process-wide state: settings, Label Studio, engine, journal, job runner, counters."""
+    """Process-wide state: settings, Label Studio, engine, journal, job runner."""
 
     def __init__(self, settings: BackendSettings, *, job_threads: int | None = None):
         self.settings = settings
@@ -102,7 +102,6 @@ class Runtime:
         # /predict requests that may wait for their jobs at once: the other HTTP threads stay
         # free for /health and for requests that answer at once.
         self.reply_slots = threading.BoundedSemaphore(max(1, settings.http_threads - 2))
-        self.last_timings: dict[str, float] = {}
         self.runner = JobRunner(
             self.journal, self.execute, self.store, self.report,
             threads=settings.job_threads if job_threads is None else job_threads,
@@ -124,6 +123,9 @@ class Runtime:
     # ----- jobs (called by the runner, in any process sharing the journal) ---------------------
 
     def execute(self, record: JobRecord) -> dict[str, Any]:
+        """Run a job; for a webhook, return {"superseded": ...} instead of a prediction when
+        the annotation changed while it ran (the newer version's own job stores its result,
+        so an older result never replaces a newer one)."""
         payload = record.payload
         if record.kind == "webhook":
             project = self.studio.project(payload["project"])
@@ -137,17 +139,25 @@ class Runtime:
             task["annotations"] = [annotation]
             model = XMemLabelModel(self, record.project, project.get("label_config") or "")
             outcome = model.propagation(task, None)()
+            now = self.studio.annotation(payload["annotation"])
+            if now is None or now.get("updated_at") != annotation.get("updated_at"):
+                return {"superseded": payload["annotation"],
+                        "timings": outcome.timings.as_dict()}
         else:
             model = XMemLabelModel(self, record.project, payload["label_config"])
             outcome = model.propagation(payload["task"], payload["context"])()
-        self.last_timings = outcome.timings.as_dict()
-        return {"prediction": outcome.prediction, "timings": self.last_timings}
+        return {"prediction": outcome.prediction, "timings": outcome.timings.as_dict()}
 
     def store(self, record: JobRecord, result: dict[str, Any]) -> dict[str, Any]:
+        """Store a finished job's prediction on its task; returns what the journal keeps."""
+        if "superseded" in result:
+            log.info("task %s: annotation %s changed while its job ran; the newer job stores",
+                     record.task_id, result["superseded"])
+            return result
         prediction_id = self.studio.store_prediction(record.task_id, result["prediction"])
         log.info("task %s: prediction %s stored (%s)", record.task_id, prediction_id,
                  result["timings"])
-        return {"prediction_id": prediction_id}
+        return {"prediction_id": prediction_id, "timings": result["timings"]}
 
     def report(self, record: JobRecord, reason: str) -> None:
         """A failed job's reason, stored on its task (see LabelStudio.store_failure)."""

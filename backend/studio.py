@@ -116,14 +116,26 @@ class LabelStudio:
 
     def store_prediction(self, task_id: int, prediction: dict) -> int:
         """Store `prediction` ({result, score, model_version}) on a task, replacing earlier
-        predictions of the same model version and earlier failure notes there. Safe to repeat
-        after a crash at any point: one prediction of the version remains. Returns its id."""
-        earlier = self.call("GET", "/api/predictions", params={"task": task_id}).json()
+        predictions of the same model version and earlier failure notes there. Returns its id.
+
+        Read back after the POST, so that of two stores racing for one task (two workers) the
+        later-created one wins: every lower id of the version is visible to the higher one's
+        read and deleted. Safe to repeat after a crash at any point."""
         created = self.call("POST", "/api/predictions", json={"task": task_id, **prediction})
-        for old in earlier:
-            if old.get("model_version") in (prediction.get("model_version"), FAILED_VERSION):
-                self.call("DELETE", f"/api/predictions/{old['id']}")
-        return created.json()["id"]
+        new_id = created.json()["id"]
+        versions = (prediction.get("model_version"), FAILED_VERSION)
+        for old in self.call("GET", "/api/predictions", params={"task": task_id}).json():
+            if old["id"] < new_id and old.get("model_version") in versions:
+                self._delete_prediction(old["id"])
+        return new_id
+
+    def _delete_prediction(self, prediction_id: int) -> None:
+        """Delete a prediction; one already deleted (by a racing store) is fine."""
+        try:
+            self.call("DELETE", f"/api/predictions/{prediction_id}")
+        except StudioError as exc:
+            if exc.status != 404:
+                raise
 
     def store_failure(self, task_id: int, reason: str, status_field: str | None,
                       to_name: str | None) -> None:

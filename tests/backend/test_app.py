@@ -216,3 +216,24 @@ def test_missing_weights_answer_503_with_the_reason(monkeypatch, tmp_path):
         "label_config": config("mask", "Chair")})
     assert reply.status_code == 503
     assert "missing.pth" in reply.json["error"]
+
+
+def test_a_webhook_job_whose_annotation_changed_meanwhile_stores_nothing(runtime, monkeypatch):
+    """Two saves in quick succession: the job of the first finds the annotation changed when it
+    is done and leaves storing to the job of the second, so an older result never replaces a
+    newer one, whichever finishes last."""
+    task = keyframe_task(7, "mask", "Chair")
+    versions = iter(["2026-12-01T10:00:00Z", "2026-12-01T10:00:03Z"])
+    monkeypatch.setattr(studio.LabelStudio, "project",
+                        lambda self, i: {"id": i, "label_config": config("mask", "Chair")})
+    monkeypatch.setattr(studio.LabelStudio, "task", lambda self, p, t: {**task, "annotations": []})
+    monkeypatch.setattr(studio.LabelStudio, "annotation", lambda self, i: {
+        **task["annotations"][0], "task": 7, "updated_at": next(versions)})
+    stored = []
+    monkeypatch.setattr(studio.LabelStudio, "store_prediction",
+                        lambda self, task_id, prediction: stored.append(task_id))
+    record, _ = runtime.journal.submit("webhook:1:7:1:v1", "webhook", "1", 7,
+                                       {"project": 1, "task": 7, "annotation": 7}, "store")
+    finished = runtime.journal.wait(record.id, 60)
+    assert finished.state == "done" and finished.result["superseded"] == 7
+    assert stored == []

@@ -18,7 +18,10 @@ import pytest
 import requests
 from PIL import Image
 
-from .conftest import BACKEND_AUTH, run_backend, xmem_label_command
+from xmem_label.backend.settings import BackendSettings
+from xmem_label.backend.studio import LabelStudio
+
+from .conftest import BACKEND_AUTH, TOKEN, run_backend, xmem_label_command
 from .test_label_studio_e2e import (
     SEQUENCE_CONFIG,
     add_task,
@@ -225,3 +228,17 @@ def test_serve_refuses_an_open_address_without_credentials(tmp_path):
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0 without credentials" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_racing_stores_for_one_task_leave_one_prediction(label_studio, project, tmp_path):
+    """Two workers storing a prediction of the same version on one task at once: the later
+    one stays, every earlier one is deleted."""
+    client = LabelStudio(BackendSettings.from_environment({
+        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
+        "MODEL_DIR": str(tmp_path)}))
+    task = add_task(label_studio, project, project["urls"][:2], None)
+    prediction = {"result": [], "score": 0.5, "model_version": "xmem-label-race"}
+    for _ in range(5):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            ids = list(pool.map(lambda _: client.store_prediction(task, prediction), range(2)))
+        assert [p["id"] for p in label_studio.predictions(task)] == [max(ids)]
