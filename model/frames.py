@@ -102,8 +102,8 @@ class ImageFolder(RandomAccessSource):
     def __init__(self, folder: str | Path, *, skip_bad_frames: bool = False):
         self.folder = Path(folder)
         self.skip_bad_frames = skip_bad_frames
-        self.paths = sorted(
-            p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        self.paths = sorted(  # regular files only: a pipe named x.jpg would block a read
+            p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         if not self.paths:
             raise InputError(f"no image files in folder {self.folder}")
@@ -358,6 +358,8 @@ def open_frames(
             raise InputError(f"no such file or folder: {path}")
         if path.suffix.lower() in IMAGE_SUFFIXES:
             raise InputError(f"{path} is a single image; give a video file or a folder of frames")
+        if not path.is_file():  # a pipe or device would make OpenCV wait for data forever
+            raise InputError(f"{path} is not a regular file; give a video file or a folder")
         return VideoFile(path, skip_bad_frames=skip_bad_frames)
     if isinstance(source, (Sequence, np.ndarray)):
         return ArraySequence(source)

@@ -58,6 +58,8 @@ def tree_state(root: Path) -> dict[str, str]:
             state[name] = f"link to {os.readlink(path)}"
         elif path.is_dir():
             state[name] = "folder"
+        elif not path.is_file():  # a named pipe: reading it would block
+            state[name] = "special file"
         else:
             state[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state
@@ -152,6 +154,20 @@ def truncate_half(path: Path) -> None:
 def smaller(path: Path) -> None:
     image = cv2.imread(str(path))
     cv2.imwrite(str(path), cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2)))
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def frames_lookalikes(d: Path) -> Path:
+    """A folder whose only 'frames' are a named pipe and a sub-folder with .jpg names: reading
+    the pipe would block forever."""
+    folder = d / "lookalikes"
+    (folder / "00001.jpg").mkdir(parents=True)
+    fifo(folder / "00000.jpg")
+    return folder
 
 
 def jpeg_mask(d: Path) -> Path:
@@ -283,6 +299,9 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
         "cannot decode image"),
     "frames of different sizes": (
         lambda d: flow(d, source=frames_with(d, smaller)), "all frames must have one size"),
+    "source is a named pipe": (lambda d: flow(d, source=fifo(d / "clip.mp4")), "regular file"),
+    "only a pipe and a folder named like frames": (
+        lambda d: flow(d, source=frames_lookalikes(d)), "no image files"),
     "JPEG keyframe mask": (lambda d: flow(d, mask=jpeg_mask(d)), "JPEG"),
     "XMem weights holding NaN": (None, "NaN"),  # made with the nan_weights fixture below
     "flow sharpen NaN": (lambda d: flow(d, "--set", "sharpen=.nan"), "finite"),
