@@ -25,6 +25,8 @@ def read_label_mask(path: str | Path) -> np.ndarray:
     would become phantom objects.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise InputError(f"mask {path} is not a regular file; give a PNG")
     if not path.is_file():
         raise InputError(f"mask file not found: {path}")
     try:

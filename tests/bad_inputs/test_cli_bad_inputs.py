@@ -302,6 +302,8 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
     "source is a named pipe": (lambda d: flow(d, source=fifo(d / "clip.mp4")), "regular file"),
     "only a pipe and a folder named like frames": (
         lambda d: flow(d, source=frames_lookalikes(d)), "no image files"),
+    "keyframe mask is a named pipe": (
+        lambda d: flow(d, mask=fifo(d / "key.png")), "not a regular file"),
     "JPEG keyframe mask": (lambda d: flow(d, mask=jpeg_mask(d)), "JPEG"),
     "XMem weights holding NaN": (None, "NaN"),  # made with the nan_weights fixture below
     "flow sharpen NaN": (lambda d: flow(d, "--set", "sharpen=.nan"), "finite"),
