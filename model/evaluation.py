@@ -271,3 +271,40 @@ def _run_eval(args: argparse.Namespace) -> int:
         )
     print(format_report(report))
     return 0
+
+
+DECIDED_MARGIN = 0.05  # a pixel is decided when its top two probabilities differ by more
+
+
+def compare_clip(clip_dir: Path, exact: Engine, fast: Engine) -> dict[str, float]:
+    """Propagate one DAVIS-format clip with two engines (exact mode and a fast mode) in
+    lockstep from its first mask; agreement figures over frames 1..N-1."""
+    keyframe = read_label_mask(sorted((clip_dir / "masks").glob("*.png"))[0])
+    same = decided_same = decided = pixels = 0
+    worst = 0.0
+    with Session(exact, clip_dir / "frames") as exact_run, Session(
+        fast, clip_dir / "frames"
+    ) as fast_run:
+        exact_run.add_mask(0, keyframe)
+        fast_run.add_mask(0, keyframe)
+        for ours, reference in zip(
+            fast_run.propagate(direction="forward", with_probs=True),
+            exact_run.propagate(direction="forward", with_probs=True),
+            strict=True,
+        ):
+            if ours.index == 0:
+                continue
+            top_two = np.sort(reference.probs, axis=0)[-2:]
+            is_decided = top_two[1] - top_two[0] > DECIDED_MARGIN
+            agrees = ours.labels == reference.labels
+            same += int(agrees.sum())
+            decided_same += int(agrees[is_decided].sum())
+            decided += int(is_decided.sum())
+            pixels += agrees.size
+            worst = max(worst, float(np.abs(ours.probs - reference.probs).max()))
+    return {
+        "agreement": same / pixels,
+        "decided_agreement": decided_same / max(decided, 1),
+        "decided_share": decided / pixels,
+        "max_difference": worst,
+    }

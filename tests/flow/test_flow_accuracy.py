@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from benchmarks.quality import CopyFirstMaskEngine, DisWarpEngine
 from xmem_label.model import load_engine
+from xmem_label.model.baselines import CopyFirstMaskEngine, DisWarpEngine
 from xmem_label.model.evaluation import evaluate_dataset
 
 from ..conftest import DATA

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from xmem_label.model import Session, load_engine
+from xmem_label.model.evaluation import compare_clip
 from xmem_label.model.xmem.int8 import int8_available
 
 MEAN_TOLERANCE = 2e-4
@@ -199,8 +200,6 @@ def test_fast_mode_agrees_with_exact_mode_on_real_frames(xmem_weights_path, prec
     """The same comparison on real frames (the weight-free engine's keyframe setup: first
     ground-truth mask, forward): tests/data/vos/chair, 8 frames at 854x480, default size 480.
     `python -m benchmarks.fast_mode` runs it on every clip of the shared data."""
-    from benchmarks.fast_mode import compare_clip
-
     exact, fast = (
         load_engine("xmem", weights=xmem_weights_path, device="cpu", precision=name)
         for name in ("fp32", precision)
