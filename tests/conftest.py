@@ -1,4 +1,8 @@
-"""Shared test helpers."""
+"""Shared test helpers, and the markers that separate unit tests from end-to-end ones.
+
+A test is `e2e` when it needs a real server (Label Studio, the backend, mongod for FiftyOne) or
+is marked `browser`; `pytest -m "not e2e"` is the fast loop.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,15 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+# Fixtures that start real servers; a test using any of them (directly or through another
+# fixture) is end-to-end.
+SERVER_FIXTURES = {"label_studio", "backend", "impatient_backend", "mongod"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(item.fixturenames) or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.e2e)
 
 
 class CopyTracker:

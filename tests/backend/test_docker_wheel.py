@@ -14,11 +14,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import requests
 
 from .conftest import free_port, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e  # builds a wheel, makes a venv, starts a server
 CONFIG = ('<View><Image name="image" valueList="$frames"/><BrushLabels name="mask" '
           'toName="image"><Label value="Chair"/></BrushLabels></View>')
 

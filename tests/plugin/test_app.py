@@ -26,6 +26,8 @@ from PIL import Image
 
 from .conftest import PLUGIN_NAME, REPO
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WINDOW = (1400, 900)
 
