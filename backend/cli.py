@@ -18,7 +18,7 @@ import cv2
 from gunicorn.app.base import BaseApplication
 
 from xmem_label.model import InputError, open_frames
-from xmem_label.model.engine import ENGINES
+from xmem_label.model.engine import registered_engines
 from xmem_label.model.xmem.allocator import keep_freed_memory
 
 from . import formats
@@ -86,7 +86,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=tuple(ENGINES),
+    parser.add_argument("--engine", choices=tuple(registered_engines()),
                         default=os.environ.get("XMEM_LABEL_ENGINE", "xmem"))
     parser.add_argument("--job-threads", type=int, default=1,
                         help="propagations run at once per process (default 1; 0 in serve: "

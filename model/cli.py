@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import inspect
 import json
 import re
@@ -19,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from .engine import ENGINES, Engine, load_engine
+from .engine import Engine, EngineSpec, auto_engine, engine_spec, load_engine, registered_engines
 from .errors import InputError, WeightsError, XMemLabelError
 from .evaluation import add_eval_command
 from .frames import FrameSource, VideoFile, open_frames, prefetch
@@ -61,7 +60,8 @@ PLUGIN_COMMANDS = "xmem_label.commands"  # entry-point group of commands from ot
 DEMO_CLIP = Path(__file__).with_name("demo_clip")
 OUTPUT_QUEUE_FRAMES = 4  # finished frames waiting to be written
 FOLDER_FPS = 15.0  # overlay frame rate for image folders, which carry none (the demo clip's)
-XMEM_ONLY_OPTIONS = ("weights", "device", "precision", "size")
+# Flags for options some engines take (XMem's); other settings go through --set KEY=VALUE.
+ENGINE_FLAGS = ("weights", "device", "precision", "size")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run like Ctrl-C
 KEYFRAME_ARGUMENT = re.compile(r"\s*([0-9]+)\s*=(.+)", re.ASCII | re.DOTALL)
 
@@ -230,7 +230,7 @@ def _add_propagate_command(subparsers: argparse._SubParsersAction) -> None:
 def _add_engine_options(parser: argparse.ArgumentParser, default_engine: str | None) -> None:
     parser.add_argument(
         "--engine",
-        choices=sorted(ENGINES),
+        choices=sorted(registered_engines()),
         default=default_engine,
         help=f"propagation engine (default: {default_engine or 'xmem if its weights are here'})",
     )
@@ -330,7 +330,7 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
     """
     engine_options = _engine_options(job)
     _check_outputs(job)
-    if job.engine == "xmem":  # only now: resolving a checkpoint name may download it
+    if engine_spec(job.engine).needs_weights:  # only now: resolving a name may download
         engine_options["weights"] = resolve_weights(job.weights, download=job.download_weights)
     frames = open_frames(job.source, skip_bad_frames=job.skip_bad_frames)
     try:
@@ -391,35 +391,30 @@ def _check_outputs(job: PropagationJob) -> None:
 
 def _engine_options(job: PropagationJob) -> dict[str, Any]:
     """The engine loader's keyword arguments, every one checked (types, ranges, relations,
-    the device) before anything is read, downloaded or written."""
+    the device) by the engine's own check before anything is read, downloaded or written."""
+    spec = engine_spec(job.engine)
     settings = _typed_settings(job.engine, job.settings)
-    if job.engine != "xmem":
-        given = [f"--{name}" for name in XMEM_ONLY_OPTIONS if getattr(job, name) is not None]
-        if given:
-            raise InputError(
-                f"{', '.join(given)} apply to the xmem engine only; "
-                f"the {job.engine} engine takes --set KEY=VALUE"
-            )
-        _engine_loader(job.engine)(**settings)  # the flow engine checks and loads instantly
-        return settings
-    from .xmem.engine import check_xmem_options
-
-    options = {name: getattr(job, name) for name in ("device", "precision", "size")}
-    options = {name: value for name, value in options.items() if value is not None}
-    check_xmem_options(**options, **settings)
+    given = [name for name in ENGINE_FLAGS if getattr(job, name) is not None]
+    refused = [name for name in given if name not in _flags_taken(spec)]
+    if refused:
+        takers = [name for name, other in registered_engines().items()
+                  if refused[0] in _flags_taken(other)]
+        raise InputError(
+            f"{', '.join('--' + name for name in refused)} apply to the "
+            f"{' and '.join(takers)} engine only; the {job.engine} engine takes --set KEY=VALUE"
+        )
+    options = {name: getattr(job, name) for name in given if name != "weights"}
+    spec.check_function()(**options, **settings)
     return {**options, **settings}
 
 
-def _engine_loader(name: str) -> Callable[..., Engine]:
-    """The loader function of engine `name`, to read which settings it takes."""
-    module_name, function_name = ENGINES[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name):
-            raise InputError(f"the {name} engine is not part of this installation") from None
-        raise
-    return getattr(module, function_name)
+def _flags_taken(spec: EngineSpec) -> set[str]:
+    """The engine flags an engine accepts: its loader's named options, and --size (a setting)
+    when the loader takes settings by keyword."""
+    parameters = inspect.signature(spec.load_function()).parameters.values()
+    named = {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    takes_settings = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return {name for name in ENGINE_FLAGS if name in named or (takes_settings and name == "size")}
 
 
 def _typed_settings(engine: str, settings: dict[str, str]) -> dict[str, Any]:
@@ -428,16 +423,16 @@ def _typed_settings(engine: str, settings: dict[str, str]) -> dict[str, Any]:
     Parameters with a number or flag default get that type; anything else (for XMem, the
     memory settings, which the engine checks itself) is read as a YAML scalar.
     """
-    parameters = inspect.signature(_engine_loader(engine)).parameters
+    parameters = inspect.signature(engine_spec(engine).load_function()).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     named = {
         name: p.default
         for name, p in parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in XMEM_ONLY_OPTIONS
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ENGINE_FLAGS
     }
     typed: dict[str, Any] = {}
     for key, text in settings.items():
-        if key in XMEM_ONLY_OPTIONS:
+        if key in ENGINE_FLAGS:
             raise InputError(f"give {key} as --{key}, not --set")
         if key not in named and not takes_any:
             raise InputError(
@@ -618,7 +613,10 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
         help="output folder (default: ./xmem-label-demo)",
     )
     parser.add_argument(
-        "--engine", choices=sorted(ENGINES), help="default: xmem if its weights are here, else flow"
+        "--engine",
+        choices=sorted(registered_engines()),
+        help="default: the first engine that can run here (xmem if its weights are here, "
+        "else flow)",
     )
     parser.set_defaults(run=_run_demo)
 
@@ -626,13 +624,12 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     engine = args.engine
     if engine is None:
-        try:
-            resolve_weights(download=False)
-            engine = "xmem"
-        except WeightsError as missing:
-            engine = "flow"
-            print(f"No XMem weights here: using the weight-free flow engine. {missing}.")
-            print(f"To use XMem: {PROG} weights download")
+        spec, reasons = auto_engine()
+        engine = spec.name
+        for reason in reasons:
+            print(f"Not using {reason}.")
+        if reasons:
+            print(f"Using the {spec.description}. To use XMem: {PROG} weights download")
     out = args.out
     job = PropagationJob(
         source=DEMO_CLIP / "frames",

@@ -7,20 +7,19 @@ pass over a clip in one direction and holds the memory of that pass. The session
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Mapping
+import importlib.metadata
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .errors import InputError
-
-# Engine name -> "module:function" returning an Engine; imported only when chosen.
-ENGINES = {
-    "xmem": "xmem_label.model.xmem.engine:load_xmem_engine",
-    "flow": "xmem_label.model.flow.engine:load_flow_engine",
-}
+from .errors import InputError, WeightsError
+from .weights import resolve_weights
 
 
 class Tracker(Protocol):
@@ -62,14 +61,116 @@ class Engine(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """An engine as the command line, the backend, the plugin and the demo see it.
+
+    loader: "module:function" returning an Engine, imported only when the engine is used. Its
+    keyword-only parameters are the engine's options (the CLI's flags and --set, the plugin's
+    checkpoint and device); a `weights` parameter means the engine needs a checkpoint, which is
+    resolved (and may be downloaded) before loading, and which "auto" requires to be on the
+    machine already. check: "module:function" taking the same options and refusing bad ones
+    without loading anything; None when loading is cheap and is the check.
+    """
+
+    name: str
+    description: str  # a noun phrase: "weight-free flow engine (...)"
+    loader: str
+    check: str | None = None
+
+    def load_function(self) -> Callable[..., Engine]:
+        return _import(self.loader, self.name)
+
+    def check_function(self) -> Callable[..., Any]:
+        return _import(self.check, self.name) if self.check else self.load_function()
+
+    def options(self) -> dict[str, Any]:
+        """The loader's keyword-only options and their defaults."""
+        parameters = inspect.signature(self.load_function()).parameters.values()
+        return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    @property
+    def needs_weights(self) -> bool:
+        return "weights" in self.options()
+
+    def missing(self, weights: str | None = None) -> str | None:
+        """Why the engine cannot run here without a download (None: it can)."""
+        if not self.needs_weights:
+            return None
+        try:
+            resolve_weights(weights, download=False)
+        except WeightsError as error:
+            return str(error)
+        return None
+
+
+BUILT_IN_ENGINES = (
+    EngineSpec(
+        "xmem",
+        "XMem engine (Cheng & Schwing, ECCV 2022) with an official checkpoint",
+        "xmem_label.model.xmem.engine:load_xmem_engine",
+        check="xmem_label.model.xmem.engine:check_xmem_options",
+    ),
+    EngineSpec(
+        "flow",
+        "weight-free flow engine (optical flow and keyframe colours)",
+        "xmem_label.model.flow.engine:load_flow_engine",
+    ),
+)
+# Installed packages add engines here: `<name> = "package.module:SPEC"` naming an EngineSpec.
+ENTRY_POINT_GROUP = "xmem_label.engines"
+
+
+def registered_engines() -> dict[str, EngineSpec]:
+    """Every engine by name: the built-in ones first (in the order "auto" tries them), then
+    those installed packages register under the `xmem_label.engines` entry-point group."""
+    engines = {spec.name: spec for spec in BUILT_IN_ENGINES}
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            spec = entry.load()
+        except Exception as error:  # another package's broken engine must not break ours
+            warnings.warn(f"engine {entry.name!r} ({entry.value}) did not load: {error}",
+                          stacklevel=2)
+            continue
+        if isinstance(spec, EngineSpec) and spec.name not in engines:
+            engines[spec.name] = spec
+    return engines
+
+
+def engine_spec(name: str) -> EngineSpec:
+    engines = registered_engines()
+    if name not in engines:
+        raise InputError(f"unknown engine {name!r}; choose one of: {', '.join(engines)}")
+    return engines[name]
+
+
+def auto_engine(weights: str | None = None) -> tuple[EngineSpec, list[str]]:
+    """The first registered engine that can run here without downloading anything, and why
+    each one before it could not (what "auto" and the demo tell the user)."""
+    reasons = []
+    for spec in registered_engines().values():
+        missing = spec.missing(weights)
+        if missing is None:
+            return spec, reasons
+        reasons.append(f"{spec.name}: {missing}")
+    raise InputError("no engine can run here: " + "; ".join(reasons))
+
+
 def load_engine(name: str = "xmem", **options: Any) -> Engine:
-    """Load engine `name` ("xmem" or "flow"); options go to that engine's loader
+    """Load engine `name` (see `registered_engines`); options go to that engine's loader
     (for XMem: weights, device, precision and any memory setting)."""
-    if name not in ENGINES:
-        raise InputError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
-    module_name, function_name = ENGINES[name].split(":")
-    loader = getattr(importlib.import_module(module_name), function_name)
-    return loader(**options)
+    return engine_spec(name).load_function()(**options)
+
+
+def _import(target: str, engine: str) -> Callable[..., Any]:
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise InputError(f"the {engine} engine is not part of this installation") from None
+        raise
+    return getattr(module, function_name)
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")

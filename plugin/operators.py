@@ -20,6 +20,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from xmem_label.model import InputError, XMemLabelError
+from xmem_label.model.engine import registered_engines
 
 from . import runs
 from .fields import (
@@ -166,8 +167,8 @@ class PropagateMasks(foo.Operator):
         )
         engines = types.RadioGroup(label="Engine")
         engines.add_choice("auto", label="auto (XMem if its weights are here, else flow)")
-        engines.add_choice("xmem", label="XMem")
-        engines.add_choice("flow", label="flow (no weights)")
+        for spec in registered_engines().values():
+            engines.add_choice(spec.name, label=f"{spec.name}: {spec.description}")
         inputs.enum("engine", engines.values(), default="auto", view=engines)
         inputs.str("checkpoint", label="XMem checkpoint (path or name, optional)")
         inputs.str("device", label="Device (cpu, cuda, cuda:1, mps; empty = best available)")

@@ -20,11 +20,10 @@ from xmem_label.model import (
     Engine,
     InputError,
     Session,
-    WeightsError,
     load_engine,
     open_frames,
 )
-from xmem_label.model.weights import resolve_weights
+from xmem_label.model.engine import auto_engine, engine_spec
 
 from .labels import (
     PromptObject,
@@ -34,7 +33,6 @@ from .labels import (
     result_to_detections,
 )
 
-ENGINE_CHOICES = ("auto", "xmem", "flow")
 PROMPT_TYPES = (fo.Detections, fo.Segmentation)
 
 ProgressCallback = Callable[[int, int], None]
@@ -221,28 +219,12 @@ def write_frame_labels(
         dataset.set_values(f"frames.{label_field}", labels, key_field="id")
 
 
-def xmem_weights_available(checkpoint: str | None = None) -> bool:
-    """Whether XMem weights are on this machine (a path, $XMEM_LABEL_WEIGHTS or the cache),
-    found without downloading anything."""
-    try:
-        resolve_weights(checkpoint or None, download=False)
-    except WeightsError:
-        return False
-    return True
-
-
 def choose_engine(name: str = "auto", checkpoint: str | None = None, device: str | None = None):
-    """Load the engine the user picked. "auto" is XMem when its weights are on this machine,
-    else the weight-free flow engine (nothing is downloaded behind the user's back)."""
-    if name not in ENGINE_CHOICES:
-        raise InputError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
-    if name == "auto":
-        name = "xmem" if xmem_weights_available(checkpoint) else "flow"
-    if name == "flow":
-        return load_engine("flow")
-    options = {}
-    if checkpoint:
-        options["weights"] = checkpoint
-    if device:
-        options["device"] = device
-    return load_engine("xmem", **options)
+    """Load the engine the user picked (model/engine.py's registry). "auto" is the first
+    registered engine that can run here without downloading anything: XMem when its weights
+    are on this machine, else the weight-free flow engine. `checkpoint` and `device` go to an
+    engine that takes them (`weights`, `device`)."""
+    spec = auto_engine(checkpoint)[0] if name == "auto" else engine_spec(name)
+    taken = spec.options()
+    given = {"weights": checkpoint, "device": device}
+    return load_engine(spec.name, **{k: v for k, v in given.items() if v and k in taken})

@@ -60,6 +60,49 @@ class CopyEngine:
         return CopyTracker(self.passes[-1])
 
 
+TOY_ENGINE = '''"""A third engine from outside xmem-label, registered by an entry point."""
+from xmem_label.model.baselines import DisWarpTracker
+from xmem_label.model.engine import EngineSpec
+
+SPEC = EngineSpec("toy", "toy engine (keeps the keyframe's mask)", "toy_engine:load_toy_engine")
+
+
+class ToyEngine:
+    name = "toy"
+
+    def describe(self):
+        return {"engine": "toy", "weights": None, "sha256": None, "settings": {}}
+
+    def new_tracker(self, num_frames):
+        return DisWarpTracker(warp=False)
+
+
+def load_toy_engine():
+    return ToyEngine()
+'''
+
+
+@pytest.fixture(scope="session")
+def toy_engine_path(tmp_path_factory) -> Path:
+    """A folder holding an installed-looking package `toy-engine` (a module and its
+    dist-info with an `xmem_label.engines` entry point): put it on sys.path or PYTHONPATH and
+    every part of xmem-label offers the engine "toy". No file of xmem-label names it."""
+    folder = tmp_path_factory.mktemp("toy-engine")
+    (folder / "toy_engine.py").write_text(TOY_ENGINE)
+    info = folder / "toy_engine-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-engine\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[xmem_label.engines]\ntoy = toy_engine:SPEC\n")
+    return folder
+
+
+@pytest.fixture
+def toy_engine(toy_engine_path, monkeypatch) -> Path:
+    """The toy engine registered in this process too."""
+    monkeypatch.syspath_prepend(str(toy_engine_path))
+    return toy_engine_path
+
+
 @pytest.fixture
 def copy_engine():
     return CopyEngine()

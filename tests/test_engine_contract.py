@@ -20,7 +20,7 @@ import torch
 
 from xmem_label.model import load_engine, read_label_mask
 from xmem_label.model.baselines import CopyFirstMaskEngine, DisWarpEngine
-from xmem_label.model.engine import ENGINES
+from xmem_label.model.engine import registered_engines
 
 from .xmem.conftest import make_reference_state_dict
 
@@ -52,11 +52,11 @@ def engine_loaders(weights: Callable[[], Path]) -> dict[str, Callable]:
     """Every engine to check, by name: the registered ones and the baselines."""
     options = {"xmem": lambda: {"weights": weights(), "device": "cpu", "size": -1}}
     loaders = {name: (lambda name=name: load_engine(name, **options.get(name, dict)()))
-               for name in ENGINES}
+               for name in registered_engines()}
     return {**loaders, "dis-warp": DisWarpEngine, "copy": CopyFirstMaskEngine}
 
 
-ENGINE_NAMES = [*ENGINES, "dis-warp", "copy"]
+ENGINE_NAMES = [*registered_engines(), "dis-warp", "copy"]
 
 
 @pytest.fixture(scope="module", params=ENGINE_NAMES)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from xmem_label.model import InputError
-from xmem_label.plugin.videos import choose_engine, frame_field_name, xmem_weights_available
+from xmem_label.model.engine import engine_spec
+from xmem_label.plugin.videos import choose_engine, frame_field_name
+
+
+def xmem_weights_available(checkpoint: str | None = None) -> bool:
+    return engine_spec("xmem").missing(checkpoint) is None
 
 
 @pytest.fixture
