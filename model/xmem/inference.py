@@ -9,19 +9,18 @@ values, deep-update the sensory memory and write to working memory.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..settings import XMemSettings
 from .memory import MemoryManager
-from .network import soft_aggregate
-
-if TYPE_CHECKING:
-    from .engine import XMemEngine
+from .network import XMemNetwork, soft_aggregate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,10 +70,24 @@ class FrameGeometry:
         return probs[0]
 
 
+class LoadedNetwork(Protocol):
+    """What a pass needs of the engine that starts it (engine.py's XMemEngine): the network
+    with its settings and device, the image preparation and the context of network calls.
+    Named here so that this module needs nothing of engine.py, which imports it."""
+
+    network: XMemNetwork
+    settings: XMemSettings
+    device: torch.device
+
+    def prepare_image(self, frame: np.ndarray, geometry: FrameGeometry) -> Tensor: ...
+
+    def network_context(self) -> contextlib.ExitStack: ...
+
+
 class XMemTracker:
     """A pass over one clip in one direction; holds that pass's sensory and memory state."""
 
-    def __init__(self, engine: XMemEngine, num_frames: int | None):
+    def __init__(self, engine: LoadedNetwork, num_frames: int | None):
         self.engine = engine
         self.settings = settings = engine.settings
         self.object_ids: list[int] = []
