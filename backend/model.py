@@ -80,12 +80,11 @@ class EngineHolder:
         """`xmem-label-<version>-<engine>-<checkpoint>-<settings digest>` (the digest covers
         engine.describe(): weights' sha256 and every setting). Waits for the engine to load."""
         description = self.get().describe()
-        weights = description.get("weights")
-        checkpoint = Path(weights).stem if weights else "no-weights"
+        checkpoint = Path(description.weights).stem if description.weights else "no-weights"
         digest = hashlib.sha256(
-            json.dumps(description, sort_keys=True, default=str).encode()
+            json.dumps(description.as_dict(), sort_keys=True, default=str).encode()
         ).hexdigest()[:8]
-        return f"xmem-label-{VERSION}-{description.get('engine', self.name)}-{checkpoint}-{digest}"
+        return f"xmem-label-{VERSION}-{description.engine}-{checkpoint}-{digest}"
 
 
 class Runtime:

@@ -163,7 +163,7 @@ def run(home: Path, args: argparse.Namespace) -> None:
         operator_s = min(operator_s, time.perf_counter() - start)
     num_frames = len(results)
     print(f"clip: {num_frames} frames {results[0].labels.shape[1]}x{results[0].labels.shape[0]}, "
-          f"engine {engine.describe()['engine']}, torch threads {torch_threads()}, "
+          f"engine {engine.describe().engine}, torch threads {torch_threads()}, "
           f"best of {args.repeat}")
     print(f"engine alone: {num_frames / engine_s:.1f} frames/s ({engine_s:.2f} s)")
     print(f"operator end to end (immediate): {num_frames / operator_s:.1f} frames/s "

@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 import torch
 
+from .engine import EngineDescription
+
 
 class DisWarpTracker:
     """Baseline pass: each object's mask is pulled from the previous frame along the backward
@@ -63,8 +65,8 @@ class DisWarpTracker:
 class DisWarpEngine:
     name = "dis-warp baseline"
 
-    def describe(self) -> dict:
-        return {"engine": self.name, "weights": None, "sha256": None, "settings": {}}
+    def describe(self) -> EngineDescription:
+        return EngineDescription(engine=self.name, settings={})
 
     def new_tracker(self, num_frames: int | None) -> DisWarpTracker:
         return DisWarpTracker()

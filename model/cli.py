@@ -338,7 +338,7 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
         started = time.perf_counter()
         engine = load_engine(job.engine, **engine_options)
         loaded = time.perf_counter()
-        weights = engine.describe().get("weights")
+        weights = engine.describe().weights
         if weights:
             check_apart(job.out, job.overlay, [("--weights file", Path(weights))])
         with Session(engine, frames) as session:
@@ -559,10 +559,10 @@ def _summary(
 ) -> dict[str, Any]:
     described = engine.describe()
     weights = None
-    if described.get("weights"):
+    if described.weights:
         weights = {
-            "path": str(described["weights"]),
-            "sha256": described.get("sha256") or sha256_of(described["weights"]),
+            "path": described.weights,
+            "sha256": described.sha256 or sha256_of(described.weights),
         }
     height, width = session.frame_hw
     propagation_s = finished - loaded
@@ -573,9 +573,9 @@ def _summary(
         "keyframes": {str(index): str(path) for index, path in sorted(job.keyframes.items())},
         "object_ids": session.object_ids,
         "direction": job.direction,
-        "engine": described,
+        "engine": described.as_dict(),
         "weights": weights,
-        "settings": described.get("settings", {}),
+        "settings": described.settings,
         "timings": {
             "engine_load_s": round(loaded - started, 3),
             "propagation_s": round(propagation_s, 3),

@@ -47,12 +47,31 @@ class Tracker(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineDescription:
+    """What computes the masks: the engine, its weights and settings (summary.json, the
+    plugin's provenance, the backend's model version)."""
+
+    engine: str
+    settings: dict[str, Any]
+    weights: str | None = None
+    sha256: str | None = None
+    device: str | None = None
+    precision: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form; device and precision only for engines that have them."""
+        described = dataclasses.asdict(self)
+        return {key: value for key, value in described.items()
+                if value is not None or key in ("weights", "sha256")}
+
+
 class Engine(Protocol):
     """A loaded engine; `new_tracker` starts an independent pass."""
 
     name: str
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> EngineDescription:
         """Engine name, weights (path and sha256) and settings, for summaries and model_version."""
         ...
 

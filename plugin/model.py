@@ -115,7 +115,7 @@ class XMemLabelVideoModel(fom.SamplesMixin, fom.Model):
             provenance = {
                 "operator": "XMemLabelVideoModel (apply_model)",
                 "prompt_field": f"frames.{field}",
-                "engine": self.engine.describe(),
+                "engine": self.engine.describe().as_dict(),
                 "run": "apply_model",
             }
             declare_output(dataset, label_field, provenance)

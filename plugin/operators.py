@@ -331,7 +331,7 @@ class _PropagationRun:
         return {
             "operator": self.operator_uri,
             "prompt_field": f"frames.{self.prompt_field}",
-            "engine": self.engine.describe(),
+            "engine": self.engine.describe().as_dict(),
             "run": str(self.op_id) if self.op_id else "immediate",
         }
 
@@ -341,7 +341,7 @@ class _PropagationRun:
             "frames": 0,
             "skipped_samples": len(self.skipped),
             "label_field": f"frames.{self.label_field}",
-            "engine": self.engine.describe()["engine"],
+            "engine": self.engine.describe().engine,
         }
 
     def steps(self, may_write=lambda: True) -> Generator[float, None, dict]:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from xmem_label.model.engine import EngineDescription
+
 DATA = Path(__file__).parent / "data"
 # Fixtures that start real servers; a test using any of them (directly or through another
 # fixture) is end-to-end.
@@ -53,7 +55,7 @@ class CopyEngine:
         self.passes: list[list] = []
 
     def describe(self):
-        return {"engine": "copy"}
+        return EngineDescription(engine="copy", settings={})
 
     def new_tracker(self, num_frames):
         self.passes.append([])
@@ -62,7 +64,7 @@ class CopyEngine:
 
 TOY_ENGINE = '''"""A third engine from outside xmem-label, registered by an entry point."""
 from xmem_label.model.baselines import DisWarpTracker
-from xmem_label.model.engine import EngineSpec
+from xmem_label.model.engine import EngineDescription, EngineSpec
 
 SPEC = EngineSpec("toy", "toy engine (keeps the keyframe's mask)", "toy_engine:load_toy_engine")
 
@@ -71,7 +73,7 @@ class ToyEngine:
     name = "toy"
 
     def describe(self):
-        return {"engine": "toy", "weights": None, "sha256": None, "settings": {}}
+        return EngineDescription(engine="toy", settings={})
 
     def new_tracker(self, num_frames):
         return DisWarpTracker(warp=False)

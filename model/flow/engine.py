@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
+from ..engine import EngineDescription
 from ..errors import InputError
 
 PRESETS = {
@@ -46,13 +46,8 @@ class FlowEngine:
     def __init__(self, settings: FlowSettings):
         self.settings = settings
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "engine": "flow",
-            "weights": None,
-            "sha256": None,
-            "settings": dataclasses.asdict(self.settings),
-        }
+    def describe(self) -> EngineDescription:
+        return EngineDescription(engine="flow", settings=dataclasses.asdict(self.settings))
 
     def new_tracker(self, num_frames: int | None) -> FlowTracker:
         return FlowTracker(self.settings)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import pick_device
+from ..engine import EngineDescription, pick_device
 from ..errors import InputError
 from ..settings import XMemSettings, xmem_settings
 from ..weights import resolve_weights, sha256_of
@@ -56,17 +56,17 @@ class XMemEngine:
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> EngineDescription:
         if self._weights_sha256 is None:  # hashing 250 MB takes a second: only when asked
             self._weights_sha256 = sha256_of(self.weights_path)
-        return {
-            "engine": "xmem",
-            "weights": str(self.weights_path),
-            "sha256": self._weights_sha256,
-            "device": str(self.device),
-            "precision": self.precision,
-            "settings": dataclasses.asdict(self.settings),
-        }
+        return EngineDescription(
+            engine="xmem",
+            settings=dataclasses.asdict(self.settings),
+            weights=str(self.weights_path),
+            sha256=self._weights_sha256,
+            device=str(self.device),
+            precision=self.precision,
+        )
 
     def new_tracker(self, num_frames: int | None) -> XMemTracker:
         return XMemTracker(self, num_frames)

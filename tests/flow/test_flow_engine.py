@@ -107,8 +107,8 @@ def test_unknown_preset_is_refused():
 
 def test_describe_names_the_engine():
     description = load_engine("flow").describe()
-    assert description["engine"] == "flow"
-    assert description["weights"] is None
+    assert description.engine == "flow"
+    assert description.weights is None
 
 
 def test_later_keyframe_corrects_the_object():

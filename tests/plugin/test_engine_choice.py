@@ -23,7 +23,7 @@ def no_weights(monkeypatch, tmp_path):
 
 def test_auto_is_flow_without_weights(no_weights):
     assert not xmem_weights_available()
-    assert choose_engine("auto").describe()["engine"] == "flow"
+    assert choose_engine("auto").describe().engine == "flow"
 
 
 def test_weights_found_by_path_or_in_the_cache(no_weights):

@@ -13,7 +13,7 @@ from .conftest import full_frame
 
 def test_apply_model_with_the_toy_engine(toy_engine, dataset, chair_truth):
     model = XMemLabelVideoModel(engine="toy")
-    assert model.engine.describe()["engine"] == "toy"
+    assert model.engine.describe().engine == "toy"
     dataset.apply_model(model, label_field="toy", prompt_field="frames.gt")
     dataset.reload()
     sample = dataset.first()
