@@ -6,7 +6,7 @@
    the annotation webhook), the annotation is removed so that opening the task pre-labels it
    with the prediction, and the pager is moved to frame 6; the mask colour (magenta, absent from
    the clip) must cover a good part of the chair there. Set XMEM_LABEL_SCREENSHOT=<path> to
-   keep the screenshot (backend/screenshot.png was made so).
+   keep the screenshot (docs/images/label-studio.png was made so).
 """
 
 from __future__ import annotations

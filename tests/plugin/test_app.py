@@ -5,7 +5,7 @@ streams the run's progress, reload and notification messages back.
 The keyframe is the clip's last frame, so the frame the App opens on (frame 1) carries a mask
 the engine propagated backwards. Two screenshots of the sample's modal, with and without the
 propagated field, must differ where the mask is drawn. XMEM_LABEL_SAVE_SCREENSHOT=1 also saves
-the first one as plugin/screenshot.png (the README's picture).
+the first one as docs/images/fiftyone.png (the plugin README's picture).
 """
 
 from __future__ import annotations
@@ -116,4 +116,4 @@ def test_app_shows_propagated_masks(dataset, tmp_path):
     assert (rows.max() - rows.min()) * (cols.max() - cols.min()) < 0.15 * changed.size
     assert cols.max() < changed.shape[1] / 2
     if os.environ.get("XMEM_LABEL_SAVE_SCREENSHOT"):
-        shutil.copy(tmp_path / "masks.png", REPO / "plugin" / "screenshot.png")
+        shutil.copy(tmp_path / "masks.png", REPO / "docs" / "images" / "fiftyone.png")
