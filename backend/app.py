@@ -53,8 +53,12 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             or not hmac.compare_digest((auth.username or "").encode(), user.encode())
             or not hmac.compare_digest((auth.password or "").encode(), password.encode())
         ):
-            log.warning("refused %s %s from %s: no valid credentials", request.method,
-                        request.path, request.remote_addr)
+            log.warning(
+                "refused %s %s from %s: no valid credentials",
+                request.method,
+                request.path,
+                request.remote_addr,
+            )
             reply = jsonify(error="basic auth required")
             reply.status_code = 401
             reply.headers["WWW-Authenticate"] = 'Basic realm="xmem-label"'
@@ -82,8 +86,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         data = body()
         # hostname and access_token in the body are ignored: where the backend connects and
         # which token it uses are the operator's settings only.
-        model = XMemLabelModel(runtime, project_key(data.get("project")),
-                               _text(data.get("schema")))
+        model = XMemLabelModel(runtime, project_key(data.get("project")), _text(data.get("schema")))
         model.setup()
         return jsonify(model_version=model.model_version)
 

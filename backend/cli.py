@@ -57,20 +57,34 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         "/metrics). Environment: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER, "
         "BASIC_AUTH_PASS, MODEL_DIR (see backend/README.md).",
     )
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; any other address "
-                        "needs BASIC_AUTH_USER and BASIC_AUTH_PASS)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other address "
+        "needs BASIC_AUTH_USER and BASIC_AUTH_PASS)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
     _add_engine_options(parser)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="server processes; each loads its own engine (default 1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes; each loads its own engine (default 1)",
+    )
     parser.add_argument("--threads", type=int, default=8, help="HTTP threads per process")
-    parser.add_argument("--sync-seconds", type=float, default=60.0,
-                        help="how long /predict waits before storing results through the API "
-                        "instead (Label Studio gives up after 100 s)")
-    parser.add_argument("--insecure-no-auth", action="store_true",
-                        help="listen on a non-loopback address without credentials: anyone "
-                        "who reaches the port can run jobs with the backend's Label Studio token")
+    parser.add_argument(
+        "--sync-seconds",
+        type=float,
+        default=60.0,
+        help="how long /predict waits before storing results through the API "
+        "instead (Label Studio gives up after 100 s)",
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="listen on a non-loopback address without credentials: anyone "
+        "who reaches the port can run jobs with the backend's Label Studio token",
+    )
     parser.set_defaults(run=_serve)
 
 
@@ -86,14 +100,24 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=tuple(registered_engines()),
-                        default=os.environ.get("XMEM_LABEL_ENGINE", "xmem"))
-    parser.add_argument("--job-threads", type=int, default=1,
-                        help="propagations run at once per process (default 1; 0 in serve: "
-                        "leave them to `xmem-label worker` processes)")
-    parser.add_argument("--queue", type=int, default=None,
-                        help="jobs that may wait; more are refused with 503 (default from "
-                        "manifest.yml)")
+    parser.add_argument(
+        "--engine",
+        choices=tuple(registered_engines()),
+        default=os.environ.get("XMEM_LABEL_ENGINE", "xmem"),
+    )
+    parser.add_argument(
+        "--job-threads",
+        type=int,
+        default=1,
+        help="propagations run at once per process (default 1; 0 in serve: "
+        "leave them to `xmem-label worker` processes)",
+    )
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=None,
+        help="jobs that may wait; more are refused with 503 (default from manifest.yml)",
+    )
 
 
 def _configure(args: argparse.Namespace, *, minimum_job_threads: int) -> BackendSettings:
@@ -124,21 +148,28 @@ def _serve(args: argparse.Namespace) -> int:
                 "and BASIC_AUTH_PASS (and the same in Label Studio's model connection), or "
                 "listen on 127.0.0.1"
             )
-        print(f"xmem-label: no credentials set (BASIC_AUTH_USER, BASIC_AUTH_PASS): every route "
-              f"is open to whoever reaches {args.host}:{args.port}", file=sys.stderr)
+        print(
+            f"xmem-label: no credentials set (BASIC_AUTH_USER, BASIC_AUTH_PASS): every route "
+            f"is open to whoever reaches {args.host}:{args.port}",
+            file=sys.stderr,
+        )
     if not settings.label_studio_url or not settings.api_key:
-        print("xmem-label: LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY is not set: the backend "
-              "cannot fetch media over HTTP, read webhook tasks or store predictions",
-              file=sys.stderr)
-    _Gunicorn({
-        "bind": f"{args.host}:{args.port}",
-        "workers": args.workers,
-        "threads": args.threads,
-        "worker_class": "gthread",
-        "timeout": int(args.sync_seconds) + 60,
-        "accesslog": "-",
-        "control_socket_disable": True,  # several backends may run on one machine
-    }).run()
+        print(
+            "xmem-label: LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY is not set: the backend "
+            "cannot fetch media over HTTP, read webhook tasks or store predictions",
+            file=sys.stderr,
+        )
+    _Gunicorn(
+        {
+            "bind": f"{args.host}:{args.port}",
+            "workers": args.workers,
+            "threads": args.threads,
+            "worker_class": "gthread",
+            "timeout": int(args.sync_seconds) + 60,
+            "accesslog": "-",
+            "control_socket_disable": True,  # several backends may run on one machine
+        }
+    ).run()
     return 0
 
 
@@ -148,8 +179,10 @@ def _worker(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    print(f"xmem-label worker: {settings.job_threads} job thread(s) on "
-          f"{settings.journal_path}", file=sys.stderr)
+    print(
+        f"xmem-label worker: {settings.job_threads} job thread(s) on {settings.journal_path}",
+        file=sys.stderr,
+    )
     stopping.wait()
     runtime.runner.stop()  # a job still running is taken up again when its lease expires
     return 0
@@ -174,27 +207,36 @@ def add_connect_command(subparsers: argparse._SubParsersAction) -> None:
         "the same credentials as a header, since Label Studio sends webhooks without them.",
     )
     parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    parser.add_argument("--backend-url", required=True,
-                        help="the backend's address as Label Studio reaches it")
+    parser.add_argument(
+        "--backend-url", required=True, help="the backend's address as Label Studio reaches it"
+    )
     parser.add_argument("--title", default="xmem-label")
     _add_studio_options(parser)
     parser.set_defaults(run=_connect)
 
 
 def _add_studio_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"),
-                        help="Label Studio address (default: $LABEL_STUDIO_URL)")
-    parser.add_argument("--token", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                        help="API token (default: $LABEL_STUDIO_API_KEY)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="Label Studio address (default: $LABEL_STUDIO_URL)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("LABEL_STUDIO_API_KEY"),
+        help="API token (default: $LABEL_STUDIO_API_KEY)",
+    )
 
 
 def _studio(args: argparse.Namespace) -> LabelStudio:
     """The Label Studio named by --url / --token (or their environment variables)."""
     if not args.url or not args.token:
         raise InputError("give --url and --token (or set LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
-    return LabelStudio(BackendSettings.from_environment(
-        {**os.environ, "LABEL_STUDIO_URL": args.url, "LABEL_STUDIO_API_KEY": args.token}
-    ))
+    return LabelStudio(
+        BackendSettings.from_environment(
+            {**os.environ, "LABEL_STUDIO_URL": args.url, "LABEL_STUDIO_API_KEY": args.token}
+        )
+    )
 
 
 def _connect(args: argparse.Namespace) -> int:
@@ -204,11 +246,19 @@ def _connect(args: argparse.Namespace) -> int:
         raise InputError("set BASIC_AUTH_USER and BASIC_AUTH_PASS to the backend's credentials")
     backend_url = args.backend_url.rstrip("/")
     try:
-        ml = studio.call("POST", "/api/ml", json={
-            "url": backend_url, "project": args.project, "title": args.title,
-            "is_interactive": True, "auth_method": "BASIC_AUTH",
-            "basic_auth_user": auth[0], "basic_auth_pass": auth[1],
-        }).json()
+        ml = studio.call(
+            "POST",
+            "/api/ml",
+            json={
+                "url": backend_url,
+                "project": args.project,
+                "title": args.title,
+                "is_interactive": True,
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": auth[0],
+                "basic_auth_pass": auth[1],
+            },
+        ).json()
         webhooks = studio.call("GET", "/api/webhooks/", params={"project": args.project}).json()
         webhook = next((w for w in webhooks if w.get("url") == f"{backend_url}/webhook"), None)
         if webhook is None:
@@ -217,12 +267,17 @@ def _connect(args: argparse.Namespace) -> int:
                 "SSRF_PROTECTION_ENABLED=false when the backend is on a private address"
             )
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        studio.call("PATCH", f"/api/webhooks/{webhook['id']}/", json={
-            "headers": {**(webhook.get("headers") or {}), "Authorization": f"Basic {token}"}})
+        studio.call(
+            "PATCH",
+            f"/api/webhooks/{webhook['id']}/",
+            json={"headers": {**(webhook.get("headers") or {}), "Authorization": f"Basic {token}"}},
+        )
     except StudioError as exc:
         raise InputError(str(exc)) from None
-    print(f"project {args.project}: model {ml['id']} at {backend_url} "
-          f"(state {ml.get('state')}), webhook {webhook['id']} sends the credentials")
+    print(
+        f"project {args.project}: model {ml['id']} at {backend_url} "
+        f"(state {ml.get('state')}), webhook {webhook['id']} sends the credentials"
+    )
     return 0
 
 
@@ -240,12 +295,15 @@ def add_import_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("videos", nargs="+", type=Path, help="video files (or image folders)")
     parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
     _add_studio_options(parser)
-    parser.add_argument("--document-root", type=Path,
-                        default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
-                        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT "
-                        "(default: $LOCAL_FILES_DOCUMENT_ROOT)")
-    parser.add_argument("--folder", default="xmem-label",
-                        help="sub-folder of the document root for the frames")
+    parser.add_argument(
+        "--document-root",
+        type=Path,
+        default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
+        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: $LOCAL_FILES_DOCUMENT_ROOT)",
+    )
+    parser.add_argument(
+        "--folder", default="xmem-label", help="sub-folder of the document root for the frames"
+    )
     parser.set_defaults(run=_import_videos)
 
 
@@ -259,10 +317,14 @@ def _import_videos(args: argparse.Namespace) -> int:
     try:
         config = formats.parse_label_config(studio.project(args.project)["label_config"])
         if not isinstance(config, formats.SequenceConfig):
-            raise InputError(f"project {args.project} is not an image-sequence project "
-                             '(<Image valueList="$frames"/> + <BrushLabels>)')
-        tasks = [_write_frames(video, folder, root, config)
-                 for video, folder in zip(args.videos, folders, strict=True)]
+            raise InputError(
+                f"project {args.project} is not an image-sequence project "
+                '(<Image valueList="$frames"/> + <BrushLabels>)'
+            )
+        tasks = [
+            _write_frames(video, folder, root, config)
+            for video, folder in zip(args.videos, folders, strict=True)
+        ]
         _ensure_local_storage(studio, args.project, storage_dir)
         studio.call("POST", f"/api/projects/{args.project}/import", json=tasks)
     except StudioError as exc:
@@ -281,12 +343,13 @@ def _frame_folders(videos: list[Path], storage_dir: Path) -> list[Path]:
     for video in videos:
         folder = storage_dir / video.stem
         if folder in folders:
-            raise InputError(f"{folders[folder]} and {video} would both be written to {folder}; "
-                             "import them in separate runs with different --folder values, or "
-                             "rename one")
+            raise InputError(
+                f"{folders[folder]} and {video} would both be written to {folder}; "
+                "import them in separate runs with different --folder values, or "
+                "rename one"
+            )
         if folder.exists() and any(folder.iterdir()):
-            raise InputError(f"{folder} already holds files: remove it or choose another "
-                             "--folder")
+            raise InputError(f"{folder} already holds files: remove it or choose another --folder")
         folders[folder] = video
     return list(folders)
 
@@ -313,7 +376,13 @@ def _ensure_local_storage(studio: LabelStudio, project: int, storage_dir: Path) 
     storages = studio.call("GET", "/api/storages/localfiles", params={"project": project}).json()
     if any(str(storage_dir).startswith(s.get("path") or "\0") for s in storages):
         return
-    studio.call("POST", "/api/storages/localfiles", json={
-        "project": project, "path": str(storage_dir), "title": "xmem-label frames",
-        "use_blob_urls": False,
-    })
+    studio.call(
+        "POST",
+        "/api/storages/localfiles",
+        json={
+            "project": project,
+            "path": str(storage_dir),
+            "title": "xmem-label frames",
+            "use_blob_urls": False,
+        },
+    )

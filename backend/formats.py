@@ -80,8 +80,11 @@ def parse_label_config(label_config: str) -> ProjectConfig:
         raise InputError(f"cannot parse the label config: {exc}") from None
     objects = {obj.name: obj for obj in interface.objects}
     controls = list(interface.controls)
-    status = STATUS_NAME if any(
-        c.tag == "TextArea" and c.name == STATUS_NAME for c in controls) else None
+    status = (
+        STATUS_NAME
+        if any(c.tag == "TextArea" and c.name == STATUS_NAME for c in controls)
+        else None
+    )
 
     for control in controls:
         target = objects.get(control.to_name[0]) if control.to_name else None
@@ -109,8 +112,11 @@ def parse_label_config(label_config: str) -> ProjectConfig:
             )
         if control.tag == "VideoRectangle" and target is not None and target.tag == "Video":
             labels = next(
-                (tuple(c.labels) for c in controls
-                 if c.tag == "Labels" and c.to_name == control.to_name),
+                (
+                    tuple(c.labels)
+                    for c in controls
+                    if c.tag == "Labels" and c.to_name == control.to_name
+                ),
                 (),
             )
             return VideoConfig(
@@ -122,7 +128,7 @@ def parse_label_config(label_config: str) -> ProjectConfig:
                 status_name=status,
             )
     raise InputError(
-        "the label config has no supported tag pair: use <Image valueList=\"$frames\"/> with "
+        'the label config has no supported tag pair: use <Image valueList="$frames"/> with '
         "<BrushLabels>, or <Video/> with <VideoRectangle>"
     )
 
@@ -182,9 +188,7 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
             raise InputError(f"brush region on frame {frame}: the task has {num_frames} frames")
         by_frame.setdefault(frame, []).append(region)
     keyframes = sorted(
-        frame
-        for frame, on_frame in by_frame.items()
-        if any(_made_by_person(r) for r in on_frame)
+        frame for frame, on_frame in by_frame.items() if any(_made_by_person(r) for r in on_frame)
     )
     if not keyframes:
         raise InputError(
@@ -297,15 +301,20 @@ def prompts_from_context(context: dict | None, config: SequenceConfig) -> list[P
         frame = region.get("item_index") or 0
         x, y = value.get("x", 0.0) * width / 100, value.get("y", 0.0) * height / 100
         if region.get("type") == "rectanglelabels":
-            box = (x, y, x + value.get("width", 0.0) * width / 100,
-                   y + value.get("height", 0.0) * height / 100)
+            box = (
+                x,
+                y,
+                x + value.get("width", 0.0) * width / 100,
+                y + value.get("height", 0.0) * height / 100,
+            )
             prompts.append(Prompt(frame=frame, label=label, box=box, point=None))
         else:
             # Alt+click marks a negative point: "is_positive": false (SAM examples) or
             # value.negative, depending on the Label Studio version.
             positive = bool(region.get("is_positive", not value.get("negative", False)))
-            prompts.append(Prompt(frame=frame, label=label, box=None, point=(x, y),
-                                  positive=positive))
+            prompts.append(
+                Prompt(frame=frame, label=label, box=None, point=(x, y), positive=positive)
+            )
     return prompts
 
 
@@ -340,8 +349,12 @@ def video_tracks(results: list[dict], config: VideoConfig, size: tuple[int, int]
             if not isinstance(frame, int) or frame < 1:
                 raise InputError(f"video box keyframe with frame {frame!r}: frames are 1-based")
             x0, y0 = item.get("x", 0.0) * width / 100, item.get("y", 0.0) * height / 100
-            box = (x0, y0, x0 + item.get("width", 0.0) * width / 100,
-                   y0 + item.get("height", 0.0) * height / 100)
+            box = (
+                x0,
+                y0,
+                x0 + item.get("width", 0.0) * width / 100,
+                y0 + item.get("height", 0.0) * height / 100,
+            )
             keyframes.append(BoxKeyframe(frame - 1, box, ends_track=not item.get("enabled", True)))
         if keyframes:
             tracks.append(Track(label=labels[0] if labels else "", keyframes=tuple(keyframes)))
@@ -367,16 +380,18 @@ def video_track_region(
             continue
         present_next = index + 1 < len(boxes) and boxes[index + 1] is not None
         x0, y0, x1, y1 = box
-        sequence.append({
-            "frame": index + 1,
-            "enabled": present_next,
-            "rotation": 0,
-            "time": (index + 1) / config.framerate,
-            "x": 100.0 * x0 / width,
-            "y": 100.0 * y0 / height,
-            "width": 100.0 * (x1 - x0) / width,
-            "height": 100.0 * (y1 - y0) / height,
-        })
+        sequence.append(
+            {
+                "frame": index + 1,
+                "enabled": present_next,
+                "rotation": 0,
+                "time": (index + 1) / config.framerate,
+                "x": 100.0 * x0 / width,
+                "y": 100.0 * y0 / height,
+                "width": 100.0 * (x1 - x0) / width,
+                "height": 100.0 * (y1 - y0) / height,
+            }
+        )
     value = {
         "framesCount": len(boxes),
         "duration": len(boxes) / config.framerate,

@@ -54,8 +54,9 @@ class JobRunner:
     def start(self) -> None:
         for number in range(self.threads):
             name = f"{socket.gethostname()}:{os.getpid()}:{number}"
-            thread = threading.Thread(target=self._work, args=(name,), name=f"xmem-label-{name}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._work, args=(name,), name=f"xmem-label-{name}", daemon=True
+            )
             thread.start()
             self._workers.append(thread)
 
@@ -85,8 +86,9 @@ class JobRunner:
 
     def _run(self, record: JobRecord, worker: str) -> None:
         renewing = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(record.id, worker, renewing),
-                                   daemon=True)
+        renewer = threading.Thread(
+            target=self._renew, args=(record.id, worker, renewing), daemon=True
+        )
         renewer.start()
         try:
             result = self.execute(record)
@@ -95,8 +97,9 @@ class JobRunner:
         except XMemLabelError as exc:
             self._fail(record, worker, str(exc), retry=False)
         except Exception as exc:
-            log.warning("job %s (%s) attempt %s failed: %s", record.id, record.key,
-                        record.attempts, exc)
+            log.warning(
+                "job %s (%s) attempt %s failed: %s", record.id, record.key, record.attempts, exc
+            )
             self._fail(record, worker, one_line(exc), retry=True)
         finally:
             renewing.set()
@@ -119,8 +122,9 @@ class JobRunner:
         try:
             self.report(record, reason)
         except Exception as exc:  # Label Studio unreachable: the log is all that is left
-            log.error("job %s: could not report its failure to Label Studio: %s", record.id,
-                      one_line(exc))
+            log.error(
+                "job %s: could not report its failure to Label Studio: %s", record.id, one_line(exc)
+            )
 
 
 def one_line(exc: BaseException) -> str:

@@ -417,8 +417,10 @@ class Journal:
     def latest_result(self) -> dict | None:
         """The result of the job that finished last, in any process (for /metrics)."""
         with self._read() as conn:
-            row = conn.execute("SELECT result FROM jobs WHERE state = 'done' AND result IS NOT"
-                               " NULL ORDER BY updated DESC LIMIT 1").fetchone()
+            row = conn.execute(
+                "SELECT result FROM jobs WHERE state = 'done' AND result IS NOT"
+                " NULL ORDER BY updated DESC LIMIT 1"
+            ).fetchone()
         return None if row is None else json.loads(row[0])
 
     def counts(self) -> dict[str, int]:

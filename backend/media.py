@@ -53,8 +53,9 @@ def fetch(
     local files); `what` names it in messages ("frame 3 of task 7"). `headers()` gives the
     token's headers, sent to the configured Label Studio only."""
     if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
-        raise InputError(f"{what}: the media URL is not a string of at most {MAX_URL_LENGTH} "
-                         "characters")
+        raise InputError(
+            f"{what}: the media URL is not a string of at most {MAX_URL_LENGTH} characters"
+        )
     local = _local_file(url, settings)
     if local is not None:
         return local
@@ -67,8 +68,10 @@ def fetch(
         reply = _get(location, {}, what, settings)
     if reply.is_redirect:
         reply.close()
-        raise InputError(f"{what}: Label Studio redirected the request to another address; "
-                         "the backend fetches media only from Label Studio")
+        raise InputError(
+            f"{what}: Label Studio redirected the request to another address; "
+            "the backend fetches media only from Label Studio"
+        )
     _save(reply, destination, what, settings)
     return destination
 
@@ -88,8 +91,10 @@ def image_size(path: Path, what: str, settings: BackendSettings) -> tuple[int, i
         with Image.open(path) as image:
             width, height = image.size
     except Image.DecompressionBombError:  # PIL's own, far higher, limit
-        raise InputError(f"{what} has more pixels than the backend's limit of "
-                         f"{settings.max_frame_pixels} (XMEM_LABEL_MAX_FRAME_PIXELS)") from None
+        raise InputError(
+            f"{what} has more pixels than the backend's limit of "
+            f"{settings.max_frame_pixels} (XMEM_LABEL_MAX_FRAME_PIXELS)"
+        ) from None
     except Exception:  # PIL raises many types for files that are not images
         raise InputError(f"{what} is not an image") from None
     check_frame_size(width, height, what, settings)
@@ -111,13 +116,15 @@ def _local_file(url: str, settings: BackendSettings) -> Path | None:
     root = settings.local_files_root
     path = (root / relative).resolve()
     if not relative or not path.is_relative_to(root) or not path.is_file():
-        raise InputError("a /data/local-files/ URL does not name a file under "
-                         "LOCAL_FILES_DOCUMENT_ROOT")
+        raise InputError(
+            "a /data/local-files/ URL does not name a file under LOCAL_FILES_DOCUMENT_ROOT"
+        )
     return path
 
 
-def _label_studio_url(url: str, task_id: object, what: str,
-                      settings: BackendSettings) -> tuple[str, bool]:
+def _label_studio_url(
+    url: str, task_id: object, what: str, settings: BackendSettings
+) -> tuple[str, bool]:
     """The address on Label Studio to fetch, and whether it is the storage resolver (whose
     one redirect to a presigned URL may be followed)."""
     if not settings.label_studio_url:
@@ -127,15 +134,22 @@ def _label_studio_url(url: str, task_id: object, what: str,
         return settings.label_studio_url + url, False
     if parts.scheme in ("http", "https"):
         if _origin(url) != settings.label_studio_origin:
-            raise InputError(f"{what}: the media URL is not on the configured Label Studio; "
-                             "the backend fetches media only from there")
+            raise InputError(
+                f"{what}: the media URL is not on the configured Label Studio; "
+                "the backend fetches media only from there"
+            )
         return url, False
     if parts.scheme in STORAGE_SCHEMES and parts.netloc and isinstance(task_id, int):
         encoded = base64.urlsafe_b64encode(url.encode()).decode()
-        return (f"{settings.label_studio_url}/tasks/{task_id}/resolve/?fileuri="
-                f"{urllib.parse.quote(encoded)}", True)
-    raise InputError(f"{what}: unsupported media URL (a Label Studio path, a URL on the "
-                     "configured Label Studio, or a storage URI of a task with an id)")
+        return (
+            f"{settings.label_studio_url}/tasks/{task_id}/resolve/?fileuri="
+            f"{urllib.parse.quote(encoded)}",
+            True,
+        )
+    raise InputError(
+        f"{what}: unsupported media URL (a Label Studio path, a URL on the "
+        "configured Label Studio, or a storage URI of a task with an id)"
+    )
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
@@ -156,15 +170,22 @@ def _check_public(url: str, what: str) -> None:
         raise MediaUnavailable(f"{what}: the storage's address does not resolve") from None
     for info in infos:
         if not ipaddress.ip_address(info[4][0].split("%")[0]).is_global:
-            raise InputError(f"{what}: Label Studio's storage redirect points to a private "
-                             "address; refused")
+            raise InputError(
+                f"{what}: Label Studio's storage redirect points to a private address; refused"
+            )
 
 
-def _get(url: str, headers: dict[str, str], what: str,
-         settings: BackendSettings) -> requests.Response:
+def _get(
+    url: str, headers: dict[str, str], what: str, settings: BackendSettings
+) -> requests.Response:
     try:
-        reply = requests.get(url, headers=headers, stream=True, allow_redirects=False,
-                             timeout=(settings.connect_timeout, settings.read_timeout))
+        reply = requests.get(
+            url,
+            headers=headers,
+            stream=True,
+            allow_redirects=False,
+            timeout=(settings.connect_timeout, settings.read_timeout),
+        )
     except requests.Timeout:
         raise MediaUnavailable(f"{what}: no answer in time") from None
     except requests.RequestException:
@@ -175,16 +196,19 @@ def _get(url: str, headers: dict[str, str], what: str,
     return reply
 
 
-def _save(reply: requests.Response, destination: Path, what: str,
-          settings: BackendSettings) -> None:
+def _save(
+    reply: requests.Response, destination: Path, what: str, settings: BackendSettings
+) -> None:
     """Stream the body to `destination` within the size limit and the total time limit (a
     server trickling one byte at a time never trips the read timeout)."""
     limit = settings.max_download_bytes
     declared = reply.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
         reply.close()
-        raise InputError(f"{what} is {int(declared)} bytes, more than the backend's limit of "
-                         f"{limit} (XMEM_LABEL_MAX_DOWNLOAD_MB)")
+        raise InputError(
+            f"{what} is {int(declared)} bytes, more than the backend's limit of "
+            f"{limit} (XMEM_LABEL_MAX_DOWNLOAD_MB)"
+        )
     deadline = time.monotonic() + settings.download_timeout
     received = 0
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -195,11 +219,14 @@ def _save(reply: requests.Response, destination: Path, what: str,
             while chunk := reply.raw.read1(CHUNK, decode_content=True):
                 received += len(chunk)
                 if received > limit:
-                    raise InputError(f"{what} is larger than the backend's limit of {limit} "
-                                     "bytes (XMEM_LABEL_MAX_DOWNLOAD_MB)")
+                    raise InputError(
+                        f"{what} is larger than the backend's limit of {limit} "
+                        "bytes (XMEM_LABEL_MAX_DOWNLOAD_MB)"
+                    )
                 if time.monotonic() > deadline:
-                    raise MediaUnavailable(f"{what}: not received within "
-                                           f"{settings.download_timeout:g} s")
+                    raise MediaUnavailable(
+                        f"{what}: not received within {settings.download_timeout:g} s"
+                    )
                 out.write(chunk)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
         destination.unlink(missing_ok=True)

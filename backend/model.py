@@ -64,6 +64,7 @@ class EngineHolder:
 
     def warm_up(self) -> None:
         """Start loading in the background."""
+
         def load():
             try:
                 self.get()
@@ -95,14 +96,20 @@ class Runtime:
         self.studio = LabelStudio(settings)
         self.engines = EngineHolder(settings.engine)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(settings.journal_path, lease_seconds=settings.job_lease_seconds,
-                               max_attempts=settings.job_attempts)
+        self.journal = Journal(
+            settings.journal_path,
+            lease_seconds=settings.job_lease_seconds,
+            max_attempts=settings.job_attempts,
+        )
         self.configs: dict[tuple[str, str], formats.ProjectConfig] = {}
         # /predict requests that may wait for their jobs at once: the other HTTP threads stay
         # free for /health and for requests that answer at once.
         self.reply_slots = threading.BoundedSemaphore(max(1, settings.http_threads - 2))
         self.runner = JobRunner(
-            self.journal, self.execute, self.store, self.report,
+            self.journal,
+            self.execute,
+            self.store,
+            self.report,
             threads=settings.job_threads if job_threads is None else job_threads,
         )
 
@@ -133,15 +140,15 @@ class Runtime:
                 raise InputError(f"task {payload['task']} is not in project {payload['project']}")
             annotation = self.studio.annotation(payload["annotation"])
             if annotation is None or annotation.get("task") != payload["task"]:
-                raise InputError(f"annotation {payload['annotation']} of task {payload['task']} "
-                                 "no longer exists")
+                raise InputError(
+                    f"annotation {payload['annotation']} of task {payload['task']} no longer exists"
+                )
             task["annotations"] = [annotation]
             model = XMemLabelModel(self, record.project, project.get("label_config") or "")
             outcome = model.propagation(task, None)()
             now = self.studio.annotation(payload["annotation"])
             if now is None or now.get("updated_at") != annotation.get("updated_at"):
-                return {"superseded": payload["annotation"],
-                        "timings": outcome.timings.as_dict()}
+                return {"superseded": payload["annotation"], "timings": outcome.timings.as_dict()}
         else:
             model = XMemLabelModel(self, record.project, payload["label_config"])
             outcome = model.propagation(payload["task"], payload["context"])()
@@ -150,12 +157,16 @@ class Runtime:
     def store(self, record: JobRecord, result: dict[str, Any]) -> dict[str, Any]:
         """Store a finished job's prediction on its task; returns what the journal keeps."""
         if "superseded" in result:
-            log.info("task %s: annotation %s changed while its job ran; the newer job stores",
-                     record.task_id, result["superseded"])
+            log.info(
+                "task %s: annotation %s changed while its job ran; the newer job stores",
+                record.task_id,
+                result["superseded"],
+            )
             return result
         prediction_id = self.studio.store_prediction(record.task_id, result["prediction"])
-        log.info("task %s: prediction %s stored (%s)", record.task_id, prediction_id,
-                 result["timings"])
+        log.info(
+            "task %s: prediction %s stored (%s)", record.task_id, prediction_id, result["timings"]
+        )
         return {"prediction_id": prediction_id, "timings": result["timings"]}
 
     def report(self, record: JobRecord, reason: str) -> None:
@@ -169,9 +180,12 @@ class Runtime:
             config = self.config(record.project, label_config or "")
         except InputError:
             config = None
-        self.studio.store_failure(record.task_id, reason,
-                                  config.status_name if config else None,
-                                  config.media_name if config else None)
+        self.studio.store_failure(
+            record.task_id,
+            reason,
+            config.status_name if config else None,
+            config.media_name if config else None,
+        )
 
 
 def project_key(project: Any) -> str:
@@ -225,8 +239,7 @@ class XMemLabelModel:
         journal = self.runtime.journal
         capacity = self.runtime.settings.max_queued_jobs
         if journal.counts()["queued"] + len(tasks) > capacity:
-            raise QueueFull(f"the backend is busy ({capacity} propagations waiting); "
-                            "retry later")
+            raise QueueFull(f"the backend is busy ({capacity} propagations waiting); retry later")
         version = self.runtime.engines.model_version()  # raises WeightsError: 503
         errors: list[dict] = []
         records: list[JobRecord | None] = []
@@ -234,12 +247,24 @@ class XMemLabelModel:
             try:
                 self.propagation(task, context)  # checks the input now; runs nothing
                 task_id = task.get("id")
-                key = "predict:" + _digest(self.project_id, task_id, self.label_config, version,
-                                           task.get("data"), task.get("annotations"), context)
+                key = "predict:" + _digest(
+                    self.project_id,
+                    task_id,
+                    self.label_config,
+                    version,
+                    task.get("data"),
+                    task.get("annotations"),
+                    context,
+                )
                 payload = {"label_config": self.label_config, "task": task, "context": context}
-                record, _ = journal.submit(key, "predict", self.project_id,
-                                           task_id if isinstance(task_id, int) else None,
-                                           payload, "reply")
+                record, _ = journal.submit(
+                    key,
+                    "predict",
+                    self.project_id,
+                    task_id if isinstance(task_id, int) else None,
+                    payload,
+                    "reply",
+                )
             except XMemLabelError as exc:
                 errors.append({"task": task.get("id"), "reason": str(exc)})
                 record = None
@@ -258,8 +283,9 @@ class XMemLabelModel:
                 record = journal.wait(record.id, max(0.0, deadline - time.monotonic()))
                 if record.state in ("queued", "running") and journal.hand_over(record.id):
                     answered_elsewhere += 1
-                    errors.append({"task": task.get("id"),
-                                   "reason": "still running: stored when done"})
+                    errors.append(
+                        {"task": task.get("id"), "reason": "still running: stored when done"}
+                    )
                     continue
                 record = journal.get(record.id)
                 if record.state == "failed":
@@ -268,8 +294,9 @@ class XMemLabelModel:
                     results[-1] = record.result["prediction"]
                 else:  # the same request came before and its result went through the API
                     answered_elsewhere += 1
-                    errors.append({"task": task.get("id"),
-                                   "reason": "already stored through the API"})
+                    errors.append(
+                        {"task": task.get("id"), "reason": "already stored through the API"}
+                    )
         finally:
             if may_wait:
                 self.runtime.reply_slots.release()
@@ -290,8 +317,13 @@ class XMemLabelModel:
                 request = SequenceRequest(task_id, media, prompts=prompts)
             else:
                 request = SequenceRequest(task_id, media, keyframes=self._task_keyframes(task))
-            return lambda: run_sequence(request, config, runtime.engines.get(), runtime.studio,
-                                        runtime.engines.model_version())
+            return lambda: run_sequence(
+                request,
+                config,
+                runtime.engines.get(),
+                runtime.studio,
+                runtime.engines.model_version(),
+            )
         if context and context.get("result"):
             raise InputError("video projects take keyframes from submitted annotations only")
         annotation = formats.latest_annotation(task)
@@ -301,8 +333,9 @@ class XMemLabelModel:
         if not any(r.get("from_name") == config.box_name for r in results):
             raise InputError(f"no keyframe: the annotation has no {config.box_name} box")
         request = VideoRequest(task_id, media, results)
-        return lambda: run_video(request, config, runtime.engines.get(), runtime.studio,
-                                 runtime.engines.model_version())
+        return lambda: run_video(
+            request, config, runtime.engines.get(), runtime.studio, runtime.engines.model_version()
+        )
 
     def _task_keyframes(self, task: dict) -> formats.BrushKeyframes:
         annotation = formats.latest_annotation(task)
@@ -328,15 +361,23 @@ class XMemLabelModel:
             raise NotPermitted(f"project {project_id} is not connected to this backend")
         studio = self.runtime.studio
         annotation = studio.annotation(annotation_id)
-        if (annotation is None or annotation.get("task") != task_id
-                or studio.task(project_id, task_id) is None):
-            raise NotPermitted(f"annotation {annotation_id} is not an annotation of task "
-                               f"{task_id} in project {project_id}")
-        key = (f"webhook:{project_id}:{task_id}:{annotation_id}:"
-               f"{annotation.get('updated_at') or annotation.get('created_at')}")
+        if (
+            annotation is None
+            or annotation.get("task") != task_id
+            or studio.task(project_id, task_id) is None
+        ):
+            raise NotPermitted(
+                f"annotation {annotation_id} is not an annotation of task "
+                f"{task_id} in project {project_id}"
+            )
+        key = (
+            f"webhook:{project_id}:{task_id}:{annotation_id}:"
+            f"{annotation.get('updated_at') or annotation.get('created_at')}"
+        )
         payload = {"project": project_id, "task": task_id, "annotation": annotation_id}
-        record, created = journal.submit(key, "webhook", str(project_id), task_id, payload,
-                                         "store")
-        return {"status": "queued" if created else "already queued", "task": task_id,
-                "job": record.id}
-
+        record, created = journal.submit(key, "webhook", str(project_id), task_id, payload, "store")
+        return {
+            "status": "queued" if created else "already queued",
+            "task": task_id,
+            "job": record.id,
+        }

@@ -139,9 +139,11 @@ def _brush_result(session, keyframes, config, timings, progress):
                 result.append(region)
             elif summary.area > 0:
                 mask = frame_result.labels == object_id
-                result.append(formats.brush_region(
-                    config, object_id, label, frame_result.index, mask, summary.confidence
-                ))
+                result.append(
+                    formats.brush_region(
+                        config, object_id, label, frame_result.index, mask, summary.confidence
+                    )
+                )
         timings.encode += time.perf_counter() - encode_started
     timings.propagate = time.perf_counter() - started - timings.encode
     return result, score
@@ -158,8 +160,13 @@ def _keyframes_from_prompts(prompts, frames: ImageFiles, config) -> formats.Brus
         if not 0 <= prompt.frame < len(frames):
             raise InputError(f"prompt on frame {prompt.frame}: the task has {len(frames)} frames")
         if prompt.box is not None:
-            _add_prompt_object(keyframes, prompt.frame, prompt.label, config,
-                               mask_from_box(frames.read(prompt.frame), prompt.box))
+            _add_prompt_object(
+                keyframes,
+                prompt.frame,
+                prompt.label,
+                config,
+                mask_from_box(frames.read(prompt.frame), prompt.box),
+            )
         else:
             points.setdefault((prompt.frame, prompt.label), []).append(prompt)
     for (frame, label), group in points.items():
@@ -214,8 +221,14 @@ def run_video(
                     confidence[object_id] = min(confidence[object_id], summary.confidence)
             timings.propagate = time.perf_counter() - started
     result = [
-        formats.video_track_region(config, object_id, labels[object_id], boxes[object_id],
-                                   (width, height), confidence[object_id])
+        formats.video_track_region(
+            config,
+            object_id,
+            labels[object_id],
+            boxes[object_id],
+            (width, height),
+            confidence[object_id],
+        )
         for object_id in labels
     ]
     score = min(confidence.values(), default=1.0)
@@ -236,8 +249,9 @@ def _add_track(session: Session, object_id: int, track: formats.Track, num_frame
             raise InputError(
                 f"box keyframe on frame {keyframe.frame + 1}: the video has {num_frames} frames"
             )
-        frame = next(image for _, image in session.frames.forward(keyframe.frame,
-                                                                  keyframe.frame + 1))
+        frame = next(
+            image for _, image in session.frames.forward(keyframe.frame, keyframe.frame + 1)
+        )
         session.add_object_mask(keyframe.frame, object_id, mask_from_box(frame, keyframe.box))
         after = keyframe.frame + 1
         if keyframe.ends_track and after < num_frames and after not in keyframe_indexes:
@@ -254,11 +268,17 @@ def work_dir(studio: LabelStudio) -> Path:
 def _download_all(studio, urls, task_id, folder: Path, timings: Timings) -> list[Path]:
     started = time.perf_counter()
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        paths = list(pool.map(
-            lambda item: studio.download(item[1], task_id, folder / f"{item[0]:06d}",
-                                         f"frame {item[0]} of task {task_id}"),
-            enumerate(urls),
-        ))
+        paths = list(
+            pool.map(
+                lambda item: studio.download(
+                    item[1],
+                    task_id,
+                    folder / f"{item[0]:06d}",
+                    f"frame {item[0]} of task {task_id}",
+                ),
+                enumerate(urls),
+            )
+        )
     timings.download = time.perf_counter() - started
     return paths
 

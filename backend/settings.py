@@ -68,28 +68,38 @@ class BackendSettings:
             api_key=env.get("LABEL_STUDIO_API_KEY", "").strip(),
             basic_auth=(user, password) if user else None,
             local_files_root=Path(root).resolve() if root else None,
-            state_dir=Path(env.get("MODEL_DIR") or Path.home() / ".cache" / "xmem-label"
-                           / "backend"),
+            state_dir=Path(
+                env.get("MODEL_DIR") or Path.home() / ".cache" / "xmem-label" / "backend"
+            ),
             engine=env.get("XMEM_LABEL_ENGINE", manifest()["default_engine"]),
             job_threads=_number(env, "XMEM_LABEL_JOB_THREADS", 1, int, minimum=0),
             sync_seconds=_number(env, "XMEM_LABEL_SYNC_SECONDS", 60.0, float, minimum=0),
             http_threads=_number(env, "XMEM_LABEL_HTTP_THREADS", 8, int, minimum=1),
-            max_request_bytes=_number(env, "XMEM_LABEL_MAX_REQUEST_MB",
-                                      limits["max_request_mb"], int, minimum=1) << 20,
-            max_download_bytes=_number(env, "XMEM_LABEL_MAX_DOWNLOAD_MB",
-                                       limits["max_download_mb"], int, minimum=1) << 20,
-            max_frame_pixels=_number(env, "XMEM_LABEL_MAX_FRAME_PIXELS",
-                                     limits["max_frame_pixels"], int, minimum=1),
+            max_request_bytes=_number(
+                env, "XMEM_LABEL_MAX_REQUEST_MB", limits["max_request_mb"], int, minimum=1
+            )
+            << 20,
+            max_download_bytes=_number(
+                env, "XMEM_LABEL_MAX_DOWNLOAD_MB", limits["max_download_mb"], int, minimum=1
+            )
+            << 20,
+            max_frame_pixels=_number(
+                env, "XMEM_LABEL_MAX_FRAME_PIXELS", limits["max_frame_pixels"], int, minimum=1
+            ),
             connect_timeout=float(limits["connect_timeout_s"]),
-            read_timeout=_number(env, "XMEM_LABEL_READ_TIMEOUT", limits["read_timeout_s"],
-                                 float, minimum=0.1),
-            download_timeout=_number(env, "XMEM_LABEL_DOWNLOAD_TIMEOUT",
-                                     limits["download_timeout_s"], float, minimum=0.1),
-            job_lease_seconds=_number(env, "XMEM_LABEL_JOB_LEASE", limits["job_lease_s"],
-                                      float, minimum=0.5),
+            read_timeout=_number(
+                env, "XMEM_LABEL_READ_TIMEOUT", limits["read_timeout_s"], float, minimum=0.1
+            ),
+            download_timeout=_number(
+                env, "XMEM_LABEL_DOWNLOAD_TIMEOUT", limits["download_timeout_s"], float, minimum=0.1
+            ),
+            job_lease_seconds=_number(
+                env, "XMEM_LABEL_JOB_LEASE", limits["job_lease_s"], float, minimum=0.5
+            ),
             job_attempts=int(limits["job_attempts"]),
-            max_queued_jobs=_number(env, "XMEM_LABEL_QUEUE", limits["max_queued_jobs"], int,
-                                    minimum=1),
+            max_queued_jobs=_number(
+                env, "XMEM_LABEL_QUEUE", limits["max_queued_jobs"], int, minimum=1
+            ),
         )
 
 

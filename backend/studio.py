@@ -47,8 +47,10 @@ class LabelStudio:
 
     def _require_configuration(self) -> None:
         if not self.url or not self.token:
-            raise StudioError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for the "
-                              "backend to read tasks and store predictions")
+            raise StudioError(
+                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for the "
+                "backend to read tasks and store predictions"
+            )
 
     # ----- auth -------------------------------------------------------------------------------
 
@@ -60,14 +62,18 @@ class LabelStudio:
         with self._lock:
             if self._access is None or self._access[1] < time.monotonic():
                 try:
-                    reply = requests.post(f"{self.url}/api/token/refresh/",
-                                          json={"refresh": self.token}, timeout=self.timeout,
-                                          allow_redirects=False)
+                    reply = requests.post(
+                        f"{self.url}/api/token/refresh/",
+                        json={"refresh": self.token},
+                        timeout=self.timeout,
+                        allow_redirects=False,
+                    )
                 except requests.RequestException:
                     raise StudioError("Label Studio did not answer the token refresh") from None
                 if reply.status_code != 200:
-                    raise StudioError(f"Label Studio refused the access token "
-                                      f"(HTTP {reply.status_code})")
+                    raise StudioError(
+                        f"Label Studio refused the access token (HTTP {reply.status_code})"
+                    )
                 self._access = (reply.json()["access"], time.monotonic() + ACCESS_TOKEN_SECONDS)
             return self._access[0]
 
@@ -81,14 +87,24 @@ class LabelStudio:
         """One API call; StudioError when Label Studio does not answer or refuses it."""
         headers = self.headers()
         try:
-            reply = requests.request(method, f"{self.url}{path}", headers=headers,
-                                     timeout=self.timeout, allow_redirects=False, **kwargs)
+            reply = requests.request(
+                method,
+                f"{self.url}{path}",
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
+                **kwargs,
+            )
         except requests.RequestException:
-            raise StudioError(f"Label Studio did not answer {method} {path.split('?')[0]}"
-                              ) from None
+            raise StudioError(
+                f"Label Studio did not answer {method} {path.split('?')[0]}"
+            ) from None
         if reply.status_code >= 300:
-            raise StudioError(f"Label Studio answered {method} {path.split('?')[0]} with "
-                              f"{reply.status_code}: {reply.text[:200]}", reply.status_code)
+            raise StudioError(
+                f"Label Studio answered {method} {path.split('?')[0]} with "
+                f"{reply.status_code}: {reply.text[:200]}",
+                reply.status_code,
+            )
         return reply
 
     def project(self, project_id: int) -> dict:
@@ -108,9 +124,15 @@ class LabelStudio:
         `GET /api/tasks/<id>`, it never makes Label Studio call this backend's /predict (which,
         with "use predictions to prelabel" on, would wait behind the job asking)."""
         tasks = self.call(
-            "GET", f"/api/projects/{project_id}/export",
-            params={"exportType": "JSON", "download_all_tasks": "true", "ids[]": [task_id],
-                    "download_resources": "false", "interpolate_key_frames": "false"},
+            "GET",
+            f"/api/projects/{project_id}/export",
+            params={
+                "exportType": "JSON",
+                "download_all_tasks": "true",
+                "ids[]": [task_id],
+                "download_resources": "false",
+                "interpolate_key_frames": "false",
+            },
         ).json()
         return next((task for task in tasks if task.get("id") == task_id), None)
 
@@ -137,17 +159,25 @@ class LabelStudio:
             if exc.status != 404:
                 raise
 
-    def store_failure(self, task_id: int, reason: str, status_field: str | None,
-                      to_name: str | None) -> None:
+    def store_failure(
+        self, task_id: int, reason: str, status_field: str | None, to_name: str | None
+    ) -> None:
         """Leave a failed job's one-line reason on the task, where the annotator sees it: a
         prediction of version `xmem-label-failed` with a score of 0, holding the reason in the
         config's read-only status TextArea when it has one."""
         result = []
         if status_field and to_name:
-            result.append({"from_name": status_field, "to_name": to_name, "type": "textarea",
-                           "value": {"text": [f"xmem-label failed: {reason}"[:1000]]}})
-        self.store_prediction(task_id, {"result": result, "score": 0.0,
-                                        "model_version": FAILED_VERSION})
+            result.append(
+                {
+                    "from_name": status_field,
+                    "to_name": to_name,
+                    "type": "textarea",
+                    "value": {"text": [f"xmem-label failed: {reason}"[:1000]]},
+                }
+            )
+        self.store_prediction(
+            task_id, {"result": result, "score": 0.0, "model_version": FAILED_VERSION}
+        )
 
     # ----- media --------------------------------------------------------------------------------
 

@@ -107,8 +107,9 @@ class Studio:
     def api(self, method: str, path: str, **kwargs):
         reply = self.request(method, path, **kwargs)
         if reply.status_code >= 300:
-            raise SystemExit(f"Label Studio: {method} {path} -> {reply.status_code} "
-                             f"{reply.text[:300]}")
+            raise SystemExit(
+                f"Label Studio: {method} {path} -> {reply.status_code} {reply.text[:300]}"
+            )
         return reply.json() if reply.content else None
 
     def predictions(self, task_id: int) -> list[dict]:
@@ -124,8 +125,13 @@ class Clip:
         mask = read_label_mask(sorted((folder / "masks").iterdir())[0]) == 1
         self.height, self.width = mask.shape
         self.keyframe = {
-            "from_name": "mask", "to_name": "image", "type": "brushlabels", "item_index": 0,
-            "original_width": self.width, "original_height": self.height, "image_rotation": 0,
+            "from_name": "mask",
+            "to_name": "image",
+            "type": "brushlabels",
+            "item_index": 0,
+            "original_width": self.width,
+            "original_height": self.height,
+            "image_rotation": 0,
             "origin": "manual",
             "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Chair"]},
         }
@@ -135,24 +141,40 @@ def make_project(studio: Studio, clip: Clip, title: str) -> tuple[int, list[str]
     """A project with the README's config, whose Local Storage serves the clip's frames."""
     project = studio.api("POST", "/api/projects", json={"title": title, "label_config": CONFIG})
     # Opening a task must not start a propagation (backend/README.md, "Opening a task").
-    studio.api("PATCH", f"/api/projects/{project['id']}", json={
-        "show_collab_predictions": False, "evaluate_predictions_automatically": False})
+    studio.api(
+        "PATCH",
+        f"/api/projects/{project['id']}",
+        json={"show_collab_predictions": False, "evaluate_predictions_automatically": False},
+    )
     folder = studio.media_root / f"backend-load-{project['id']}"
     folder.mkdir(parents=True, exist_ok=True)
     for path in clip.paths:
         shutil.copy(path, folder / path.name)
-    studio.api("POST", "/api/storages/localfiles", json={
-        "project": project["id"], "path": str(folder), "title": "clip", "use_blob_urls": False})
-    urls = [f"/data/local-files/?d={(folder / p.name).relative_to(studio.media_root).as_posix()}"
-            for p in clip.paths]
+    studio.api(
+        "POST",
+        "/api/storages/localfiles",
+        json={
+            "project": project["id"],
+            "path": str(folder),
+            "title": "clip",
+            "use_blob_urls": False,
+        },
+    )
+    urls = [
+        f"/data/local-files/?d={(folder / p.name).relative_to(studio.media_root).as_posix()}"
+        for p in clip.paths
+    ]
     return project["id"], urls
 
 
 def export_tasks(studio: Studio, project_id: int) -> list[dict]:
     """Every task with its annotations, as Label Studio serializes them (the export never calls
     the backend)."""
-    return studio.api("GET", f"/api/projects/{project_id}/export", params={
-        "exportType": "JSON", "download_all_tasks": "true", "download_resources": "false"})
+    return studio.api(
+        "GET",
+        f"/api/projects/{project_id}/export",
+        params={"exportType": "JSON", "download_all_tasks": "true", "download_resources": "false"},
+    )
 
 
 # ----- the backend's processes ---------------------------------------------------------------
@@ -162,32 +184,69 @@ class Backend:
     """`xmem-label serve --workers W --job-threads 0` plus K `xmem-label worker` processes on
     one MODEL_DIR; each in its own process group."""
 
-    def __init__(self, studio: Studio, work: Path, *, serve_workers: int, workers: int,
-                 lease: float, queue: int | None, sync_seconds: float):
+    def __init__(
+        self,
+        studio: Studio,
+        work: Path,
+        *,
+        serve_workers: int,
+        workers: int,
+        lease: float,
+        queue: int | None,
+        sync_seconds: float,
+    ):
         self.work = work
         self.model_dir = work / "model-dir"
         self.journal_path = self.model_dir / "xmem-label-jobs.sqlite"
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.env = backend_environment(studio.url, studio.token, MODEL_DIR=str(self.model_dir),
-                                       XMEM_LABEL_JOB_LEASE=str(lease), OMP_NUM_THREADS="1")
+        self.env = backend_environment(
+            studio.url,
+            studio.token,
+            MODEL_DIR=str(self.model_dir),
+            XMEM_LABEL_JOB_LEASE=str(lease),
+            OMP_NUM_THREADS="1",
+        )
         queue_options = ["--queue", str(queue)] if queue else []
         self.serve_log = work / "serve.log"
         self.serve = self._start(
-            ["serve", "--host", "127.0.0.1", "--port", str(port), "--engine", "flow",
-             "--workers", str(serve_workers), "--job-threads", "0",
-             "--sync-seconds", str(sync_seconds), *queue_options], self.serve_log)
-        self.workers = [self._start(["worker", "--engine", "flow", "--job-threads", "1",
-                                     *queue_options], work / f"worker-{number}.log")
-                        for number in range(workers)]
+            [
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--engine",
+                "flow",
+                "--workers",
+                str(serve_workers),
+                "--job-threads",
+                "0",
+                "--sync-seconds",
+                str(sync_seconds),
+                *queue_options,
+            ],
+            self.serve_log,
+        )
+        self.workers = [
+            self._start(
+                ["worker", "--engine", "flow", "--job-threads", "1", *queue_options],
+                work / f"worker-{number}.log",
+            )
+            for number in range(workers)
+        ]
         self.http = requests.Session()
         self.http.auth = BACKEND_AUTH
 
     def _start(self, arguments: list[str], log: Path) -> subprocess.Popen:
         with open(log, "w") as out:
-            return subprocess.Popen([xmem_label_command(), *arguments], env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                [xmem_label_command(), *arguments],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def get(self, path: str) -> dict:
         reply = self.http.get(self.url + path, timeout=60)
@@ -234,8 +293,13 @@ class Backend:
                 continue
             match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
             if match:
-                role = ("serve master" if pid == self.serve.pid else
-                        "job worker" if pid in workers else "web")
+                role = (
+                    "serve master"
+                    if pid == self.serve.pid
+                    else "job worker"
+                    if pid in workers
+                    else "web"
+                )
                 roles[role].append(int(match.group(1)) / 1024)
         return roles
 
@@ -253,9 +317,13 @@ class Backend:
         conn = sqlite3.connect(self.journal_path, timeout=30)
         try:
             conn.row_factory = sqlite3.Row
-            return [dict(row) for row in conn.execute(
-                "SELECT id, kind, task_id, state, deliver, attempts, worker, error, created,"
-                " updated FROM jobs ORDER BY id")]
+            return [
+                dict(row)
+                for row in conn.execute(
+                    "SELECT id, kind, task_id, state, deliver, attempts, worker, error, created,"
+                    " updated FROM jobs ORDER BY id"
+                )
+            ]
         finally:
             conn.close()
 
@@ -281,8 +349,10 @@ class Backend:
                 process.wait()
 
     def log_tails(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-2500:]}"
-                         for log in sorted(self.work.glob("*.log")))
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-2500:]}"
+            for log in sorted(self.work.glob("*.log"))
+        )
 
 
 # ----- measuring -----------------------------------------------------------------------------
@@ -345,37 +415,64 @@ def wait_until(condition, seconds: float, what: str, poll: float = 0.25):
 
 
 def covers_every_frame(result: list[dict], frames: int) -> bool:
-    return {region.get("item_index") for region in result
-            if region.get("type") == "brushlabels"} == set(range(frames))
+    return {
+        region.get("item_index") for region in result if region.get("type") == "brushlabels"
+    } == set(range(frames))
 
 
 # ----- the load run --------------------------------------------------------------------------
 
 
 def load_run(args, studio: Studio, clip: Clip, workers: int, work: Path) -> dict:
-    print(f"\n=== K = {workers} worker(s): serve --workers {args.serve_workers} --job-threads 0 "
-          f"+ {workers} x `xmem-label worker` ===")
+    print(
+        f"\n=== K = {workers} worker(s): serve --workers {args.serve_workers} --job-threads 0 "
+        f"+ {workers} x `xmem-label worker` ==="
+    )
     project_id, urls = make_project(studio, clip, f"backend-load-k{workers}")
     # /predict tasks carry a submitted keyframe before the backend is connected (no webhook
     # for them); webhook tasks get theirs during the load.
-    studio.api("POST", f"/api/projects/{project_id}/import", json=[
-        {"data": {"frames": urls}, "annotations": [{"result": [clip.keyframe]}]}
-        for _ in range(args.predicts)])
-    studio.api("POST", f"/api/projects/{project_id}/import",
-               json=[{"data": {"frames": urls}} for _ in range(args.webhooks)])
+    studio.api(
+        "POST",
+        f"/api/projects/{project_id}/import",
+        json=[
+            {"data": {"frames": urls}, "annotations": [{"result": [clip.keyframe]}]}
+            for _ in range(args.predicts)
+        ],
+    )
+    studio.api(
+        "POST",
+        f"/api/projects/{project_id}/import",
+        json=[{"data": {"frames": urls}} for _ in range(args.webhooks)],
+    )
     tasks = sorted(export_tasks(studio, project_id), key=lambda task: task["id"])
     predict_tasks = [task for task in tasks if task["annotations"]]
     webhook_tasks = [task for task in tasks if not task["annotations"]]
     assert len(predict_tasks) == args.predicts and len(webhook_tasks) == args.webhooks
 
-    backend = Backend(studio, work, serve_workers=args.serve_workers, workers=workers,
-                      lease=args.lease, queue=args.queue, sync_seconds=args.sync_seconds)
+    backend = Backend(
+        studio,
+        work,
+        serve_workers=args.serve_workers,
+        workers=workers,
+        lease=args.lease,
+        queue=args.queue,
+        sync_seconds=args.sync_seconds,
+    )
     try:
         backend.wait_ready()
         connect(project_id, backend.url, studio.url, studio.token)
         version = backend.get("/versions")["versions"][0]
-        return drive_load(args, studio, backend, project_id, predict_tasks, webhook_tasks,
-                          version, len(urls), clip.keyframe)
+        return drive_load(
+            args,
+            studio,
+            backend,
+            project_id,
+            predict_tasks,
+            webhook_tasks,
+            version,
+            len(urls),
+            clip.keyframe,
+        )
     except BaseException:
         print(backend.log_tails())
         raise
@@ -383,37 +480,59 @@ def load_run(args, studio: Studio, clip: Clip, workers: int, work: Path) -> dict
         backend.stop()
 
 
-def drive_load(args, studio, backend, project_id, predict_tasks, webhook_tasks, version,
-               frames, keyframe) -> dict:
+def drive_load(
+    args, studio, backend, project_id, predict_tasks, webhook_tasks, version, frames, keyframe
+) -> dict:
     def predict(task: dict) -> dict:
         started = time.perf_counter()
         try:
-            reply = requests.post(f"{backend.url}/predict", auth=BACKEND_AUTH, timeout=120, json={
-                "tasks": [task], "project": f"{project_id}.0", "label_config": CONFIG,
-                "params": {"context": None}})
+            reply = requests.post(
+                f"{backend.url}/predict",
+                auth=BACKEND_AUTH,
+                timeout=120,
+                json={
+                    "tasks": [task],
+                    "project": f"{project_id}.0",
+                    "label_config": CONFIG,
+                    "params": {"context": None},
+                },
+            )
         except requests.RequestException as exc:
             return {"task": task["id"], "status": type(exc).__name__, "seconds": 0.0}
-        body = reply.json() if reply.headers.get("content-type", "").startswith(
-            "application/json") else {}
-        return {"task": task["id"], "seconds": time.perf_counter() - started,
-                "status": status_label(reply.status_code, "Retry-After" in reply.headers),
-                "results": body.get("results"), "errors": body.get("errors")}
+        body = (
+            reply.json()
+            if reply.headers.get("content-type", "").startswith("application/json")
+            else {}
+        )
+        return {
+            "task": task["id"],
+            "seconds": time.perf_counter() - started,
+            "status": status_label(reply.status_code, "Retry-After" in reply.headers),
+            "results": body.get("results"),
+            "errors": body.get("errors"),
+        }
 
     def annotate(task: dict) -> dict:
         started = time.perf_counter()
         try:
-            reply = studio.request("POST", f"/api/tasks/{task['id']}/annotations",
-                                   json={"result": [keyframe]})
+            reply = studio.request(
+                "POST", f"/api/tasks/{task['id']}/annotations", json={"result": [keyframe]}
+            )
         except requests.RequestException as exc:
             return {"task": task["id"], "status": type(exc).__name__, "seconds": 0.0}
-        return {"task": task["id"], "status": str(reply.status_code),
-                "seconds": time.perf_counter() - started}
+        return {
+            "task": task["id"],
+            "status": str(reply.status_code),
+            "seconds": time.perf_counter() - started,
+        }
 
     load_started = time.time()
     clock = time.perf_counter()
-    with HealthPoller(f"{backend.url}/health", args.health_interval) as health, \
-            concurrent.futures.ThreadPoolExecutor(args.concurrency) as predict_pool, \
-            concurrent.futures.ThreadPoolExecutor(args.webhook_concurrency) as annotate_pool:
+    with (
+        HealthPoller(f"{backend.url}/health", args.health_interval) as health,
+        concurrent.futures.ThreadPoolExecutor(args.concurrency) as predict_pool,
+        concurrent.futures.ThreadPoolExecutor(args.webhook_concurrency) as annotate_pool,
+    ):
         predicted = [predict_pool.submit(predict, task) for task in predict_tasks]
         annotated = [annotate_pool.submit(annotate, task) for task in webhook_tasks]
         predicts = [future.result() for future in predicted]
@@ -436,35 +555,50 @@ def drive_load(args, studio, backend, project_id, predict_tasks, webhook_tasks, 
     rss_mb = sum(sum(values) for values in rss.values())
     access = backend.access_counts()
 
-    print(f"load: {len(predicts)} /predict ({args.concurrency} at a time) + {len(annotations)} "
-          f"annotations through Label Studio ({args.webhook_concurrency} at a time); requests "
-          f"answered after {requests_done:.1f} s, journal empty after {drained_after:.1f} s")
+    print(
+        f"load: {len(predicts)} /predict ({args.concurrency} at a time) + {len(annotations)} "
+        f"annotations through Label Studio ({args.webhook_concurrency} at a time); requests "
+        f"answered after {requests_done:.1f} s, journal empty after {drained_after:.1f} s"
+    )
     print("status counts:")
-    for route, replies in (("POST /predict (client)", predicts),
-                           ("POST /api/tasks/N/annotations", annotations)):
+    for route, replies in (
+        ("POST /predict (client)", predicts),
+        ("POST /api/tasks/N/annotations", annotations),
+    ):
         print(f"  {route + ':':<33}{dict(collections.Counter(r['status'] for r in replies))}")
     for route in ("POST /predict", "POST /webhook", "POST /setup", "GET /health"):
         print(f"  {route + ' (access log):':<33}{dict(access.get(route, {}))}")
     with_result = [p["seconds"] for p in predicts if (p.get("results") or [[]])[0]]
-    handed_over = [p["seconds"] for p in predicts if any(
-        "stored when done" in str(e.get("reason")) for e in p.get("errors") or [])]
-    for what, seconds in (("answered with the result", with_result),
-                          ("handed over (\"still running: stored when done\")", handed_over)):
+    handed_over = [
+        p["seconds"]
+        for p in predicts
+        if any("stored when done" in str(e.get("reason")) for e in p.get("errors") or [])
+    ]
+    for what, seconds in (
+        ("answered with the result", with_result),
+        ('handed over ("still running: stored when done")', handed_over),
+    ):
         if seconds:
-            print(f"  /predict {what}: {len(seconds)}, latency median "
-                  f"{statistics.median(seconds):.2f} s, max {max(seconds):.2f} s")
+            print(
+                f"  /predict {what}: {len(seconds)}, latency median "
+                f"{statistics.median(seconds):.2f} s, max {max(seconds):.2f} s"
+            )
 
     # --- exactly once ---
     done = [row for row in rows if row["state"] == "done"]
     failed = [row for row in rows if row["state"] == "failed"]
     attempts = collections.Counter(row["attempts"] for row in rows)
     by_kind = collections.Counter((row["kind"], row["state"]) for row in rows)
-    print(f"jobs: /metrics {metrics}; journal {dict(by_kind)}; attempts per job "
-          f"{dict(sorted(attempts.items()))}")
+    print(
+        f"jobs: /metrics {metrics}; journal {dict(by_kind)}; attempts per job "
+        f"{dict(sorted(attempts.items()))}"
+    )
     for row in failed:
         print(f"  failed job {row['id']} ({row['kind']}, task {row['task_id']}): {row['error']}")
-    print(f"  /metrics last_timings (a web process's own; jobs run in the workers): "
-          f"{metrics_reply.get('last_timings')}")
+    print(
+        f"  /metrics last_timings (a web process's own; jobs run in the workers): "
+        f"{metrics_reply.get('last_timings')}"
+    )
     per_worker = collections.Counter(row["worker"].split(":")[1] for row in done if row["worker"])
     print(f"  jobs per worker pid: {dict(per_worker)}")
 
@@ -483,51 +617,78 @@ def drive_load(args, studio, backend, project_id, predict_tasks, webhook_tasks, 
         ours = [p for p in stored if p["model_version"] == version]
         result = (reply.get("results") or [[]])[0]  # a prediction, or [] when not answered
         if reply["status"] == "200" and result:
-            if (result.get("model_version") == version and not stored
-                    and covers_every_frame(result.get("result") or [], frames)):
+            if (
+                result.get("model_version") == version
+                and not stored
+                and covers_every_frame(result.get("result") or [], frames)
+            ):
                 answered += 1  # Label Studio stores the answer; the backend stored nothing
             else:
-                problems.append(f"predict task {reply['task']}: answered, and "
-                                f"{len(stored)} stored")
-        elif reply["status"] == "200" and len(ours) == 1 and len(stored) == 1 and (
-                covers_every_frame(ours[0]["result"], frames)):
+                problems.append(f"predict task {reply['task']}: answered, and {len(stored)} stored")
+        elif (
+            reply["status"] == "200"
+            and len(ours) == 1
+            and len(stored) == 1
+            and (covers_every_frame(ours[0]["result"], frames))
+        ):
             stored_through_api += 1
         elif reply["status"].startswith("503") and not stored:
             pass  # refused before a job was made; Label Studio logs it
         else:
-            problems.append(f"predict task {reply['task']}: {reply['status']} "
-                            f"{reply.get('errors')}, stored {[p['model_version'] for p in stored]}")
+            problems.append(
+                f"predict task {reply['task']}: {reply['status']} "
+                f"{reply.get('errors')}, stored {[p['model_version'] for p in stored]}"
+            )
     refused = sum(p["status"].startswith("503") for p in predicts)
     jobs_expected = len(predicts) - refused + accepted_webhooks
-    once = (not problems and not failed and set(attempts) == {1} and len(done) == jobs_expected
-            and metrics["done"] == jobs_expected)
-    print(f"exactly once: {'yes' if once else 'NO'} ({len(done)} jobs done of {jobs_expected} "
-          f"accepted, {len(failed)} failed); webhook tasks with exactly one prediction of "
-          f"{version}: {webhook_ok}/{len(webhook_tasks)}; /predict answered with a result "
-          f"(nothing stored by the backend): {answered}, stored through the API: "
-          f"{stored_through_api}, refused 503: {refused}")
+    once = (
+        not problems
+        and not failed
+        and set(attempts) == {1}
+        and len(done) == jobs_expected
+        and metrics["done"] == jobs_expected
+    )
+    print(
+        f"exactly once: {'yes' if once else 'NO'} ({len(done)} jobs done of {jobs_expected} "
+        f"accepted, {len(failed)} failed); webhook tasks with exactly one prediction of "
+        f"{version}: {webhook_ok}/{len(webhook_tasks)}; /predict answered with a result "
+        f"(nothing stored by the backend): {answered}, stored through the API: "
+        f"{stored_through_api}, refused 503: {refused}"
+    )
     for problem in problems[:10]:
         print(f"  problem: {problem}")
 
     # --- health, throughput, memory ---
     lat = health.latencies
     if lat:
-        print(f"/health during the load: {len(lat)} answers, p50 {percentile(lat, .5) * 1e3:.0f} "
-              f"ms, p99 {percentile(lat, .99) * 1e3:.0f} ms, max {max(lat) * 1e3:.0f} ms; "
-              f"failures {dict(health.failures) or 0}")
+        print(
+            f"/health during the load: {len(lat)} answers, p50 {percentile(lat, 0.5) * 1e3:.0f} "
+            f"ms, p99 {percentile(lat, 0.99) * 1e3:.0f} ms, max {max(lat) * 1e3:.0f} ms; "
+            f"failures {dict(health.failures) or 0}"
+        )
     finished = max(row["updated"] for row in done) if done else load_started
     minutes = (finished - load_started) / 60
     rate = len(done) / minutes if minutes > 0 else 0.0
     print(f"throughput: {len(done)} jobs in {minutes * 60:.1f} s = {rate:.1f} jobs/min")
-    print(f"peak RSS (sum of VmHWM over the backend's processes): {rss_mb:.0f} MB = "
-          + " + ".join(f"{role} {'/'.join(f'{mb:.0f}' for mb in values)}"
-                       for role, values in rss.items() if values)
-          + f" (VmHWM counts pages shared after the fork in every process; Pss now, shared "
-          f"pages split: {pss:.0f} MB)")
-    return {"workers": len(backend.workers), "rate": rate, "once": once, "rss": rss_mb,
-            "health": (percentile(lat, .5), percentile(lat, .99), max(lat)) if lat else None,
-            "statuses": collections.Counter(p["status"] for p in predicts),
-            "webhooks": dict(access.get("POST /webhook", {}))}
+    print(
+        f"peak RSS (sum of VmHWM over the backend's processes): {rss_mb:.0f} MB = "
+        + " + ".join(
+            f"{role} {'/'.join(f'{mb:.0f}' for mb in values)}"
+            for role, values in rss.items()
+            if values
+        )
+        + f" (VmHWM counts pages shared after the fork in every process; Pss now, shared "
+        f"pages split: {pss:.0f} MB)"
+    )
+    return {
+        "workers": len(backend.workers),
+        "rate": rate,
+        "once": once,
+        "rss": rss_mb,
+        "health": (percentile(lat, 0.5), percentile(lat, 0.99), max(lat)) if lat else None,
+        "statuses": collections.Counter(p["status"] for p in predicts),
+        "webhooks": dict(access.get("POST /webhook", {})),
+    }
 
 
 # ----- the kill run --------------------------------------------------------------------------
@@ -539,60 +700,83 @@ def kill_run(args, studio: Studio, clip: Clip, work: Path) -> dict:
     long_clip = (urls * math.ceil(args.kill_frames / len(urls)))[: args.kill_frames]
     studio.api("POST", f"/api/projects/{project_id}/import", json=[{"frames": long_clip}])
     (task,) = export_tasks(studio, project_id)
-    backend = Backend(studio, work, serve_workers=args.serve_workers, workers=2,
-                      lease=args.lease, queue=args.queue, sync_seconds=args.sync_seconds)
+    backend = Backend(
+        studio,
+        work,
+        serve_workers=args.serve_workers,
+        workers=2,
+        lease=args.lease,
+        queue=args.queue,
+        sync_seconds=args.sync_seconds,
+    )
     try:
         backend.wait_ready()
         connect(project_id, backend.url, studio.url, studio.token)
         version = backend.get("/versions")["versions"][0]
-        studio.api("POST", f"/api/tasks/{task['id']}/annotations",
-                   json={"result": [clip.keyframe]})  # fires the webhook
-        wait_until(lambda: backend.get("/metrics")["jobs"]["running"], 60,
-                   "the webhook job never started", poll=0.05)
+        studio.api(
+            "POST", f"/api/tasks/{task['id']}/annotations", json={"result": [clip.keyframe]}
+        )  # fires the webhook
+        wait_until(
+            lambda: backend.get("/metrics")["jobs"]["running"],
+            60,
+            "the webhook job never started",
+            poll=0.05,
+        )
         time.sleep(args.kill_after)  # into the job: media fetched, propagation under way
         (job,) = [row for row in backend.journal() if row["state"] == "running"]
         victim = int(job["worker"].split(":")[1])
         process = next((p for p in backend.workers if p.pid == victim), None)
         if process is None:
-            raise SystemExit(f"job {job['id']} is held by {job['worker']}, not by a worker "
-                             "started here")
+            raise SystemExit(
+                f"job {job['id']} is held by {job['worker']}, not by a worker started here"
+            )
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         process.wait()
         at_kill = next(r for r in backend.journal() if r["id"] == job["id"])
-        print(f"job {job['id']} (webhook, task {task['id']}, {len(long_clip)} frames) seen "
-              f"running on {job['worker']}; {args.kill_after:g} s later SIGKILL to pid {victim}; "
-              f"right after the kill: {at_kill['state']} on {at_kill['worker']}, "
-              f"{len(studio.predictions(task['id']))} prediction(s) on the task")
+        print(
+            f"job {job['id']} (webhook, task {task['id']}, {len(long_clip)} frames) seen "
+            f"running on {job['worker']}; {args.kill_after:g} s later SIGKILL to pid {victim}; "
+            f"right after the kill: {at_kill['state']} on {at_kill['worker']}, "
+            f"{len(studio.predictions(task['id']))} prediction(s) on the task"
+        )
         if at_kill["state"] != "running" or at_kill["worker"] != job["worker"]:
-            raise SystemExit("the job was not running on the killed worker: use a longer "
-                             "--kill-frames or a shorter --kill-after")
+            raise SystemExit(
+                "the job was not running on the killed worker: use a longer "
+                "--kill-frames or a shorter --kill-after"
+            )
 
         def finished():
             row = next(r for r in backend.journal() if r["id"] == job["id"])
             return row if row["state"] in ("done", "failed") else None
 
-        row = wait_until(finished, args.drain_timeout, "the killed job was not taken up",
-                         poll=0.05)
+        row = wait_until(finished, args.drain_timeout, "the killed job was not taken up", poll=0.05)
         to_done = time.monotonic() - killed
-        stored = wait_until(lambda: studio.predictions(task["id"]), 60, "no prediction stored",
-                            poll=0.1)
+        stored = wait_until(
+            lambda: studio.predictions(task["id"]), 60, "no prediction stored", poll=0.1
+        )
         to_stored = time.monotonic() - killed
         time.sleep(args.lease + 1)  # a late duplicate would show up by now
         stored = studio.predictions(task["id"])
         ours = [p for p in stored if p["model_version"] == version]
-        one = (len(stored) == 1 and len(ours) == 1
-               and covers_every_frame(ours[0]["result"], len(long_clip)))
+        one = (
+            len(stored) == 1
+            and len(ours) == 1
+            and covers_every_frame(ours[0]["result"], len(long_clip))
+        )
         taken_over = row["worker"] and int(row["worker"].split(":")[1]) != victim
-        print(f"job {row['id']}: {row['state']} on {row['worker']} after {row['attempts']} "
-              f"attempts; {to_done:.1f} s from the kill to done (lease {args.lease:g} s + "
-              f"the rerun), {to_stored:.1f} s to the prediction visible in Label Studio")
-        print(f"task {task['id']}: {len(stored)} prediction(s) "
-              f"{[p['model_version'] for p in stored]}; exactly one of the backend's version "
-              f"covering all {len(long_clip)} frames: {'yes' if one else 'NO'}; taken over by "
-              f"the other worker: {'yes' if taken_over else 'NO'}")
-        return {"to_done": to_done, "to_stored": to_stored, "one": one,
-                "taken_over": taken_over}
+        print(
+            f"job {row['id']}: {row['state']} on {row['worker']} after {row['attempts']} "
+            f"attempts; {to_done:.1f} s from the kill to done (lease {args.lease:g} s + "
+            f"the rerun), {to_stored:.1f} s to the prediction visible in Label Studio"
+        )
+        print(
+            f"task {task['id']}: {len(stored)} prediction(s) "
+            f"{[p['model_version'] for p in stored]}; exactly one of the backend's version "
+            f"covering all {len(long_clip)} frames: {'yes' if one else 'NO'}; taken over by "
+            f"the other worker: {'yes' if taken_over else 'NO'}"
+        )
+        return {"to_done": to_done, "to_stored": to_stored, "one": one, "taken_over": taken_over}
     except BaseException:
         print(backend.log_tails())
         raise
@@ -604,53 +788,98 @@ def kill_run(args, studio: Studio, clip: Clip, work: Path) -> dict:
 
 
 def main() -> None:
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter,
-                    argparse.RawDescriptionHelpFormatter):
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP,
-                        help="a folder with frames/*.jpg and masks/*.png (e.g. a DAVIS clip "
-                        "under /work/shared/data/vos)")
-    parser.add_argument("--frames", type=int, default=0,
-                        help="use the clip's first N frames (0: all)")
-    parser.add_argument("--k", default="1,2",
-                        help="comma-separated numbers of `xmem-label worker` processes; one "
-                        "load run (fresh project and MODEL_DIR) per number")
-    parser.add_argument("--serve-workers", type=int, default=2,
-                        help="`xmem-label serve --workers` (web processes, no job threads)")
+    parser.add_argument(
+        "--clip",
+        type=Path,
+        default=DEFAULT_CLIP,
+        help="a folder with frames/*.jpg and masks/*.png (e.g. a DAVIS clip "
+        "under /work/shared/data/vos)",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=0, help="use the clip's first N frames (0: all)"
+    )
+    parser.add_argument(
+        "--k",
+        default="1,2",
+        help="comma-separated numbers of `xmem-label worker` processes; one "
+        "load run (fresh project and MODEL_DIR) per number",
+    )
+    parser.add_argument(
+        "--serve-workers",
+        type=int,
+        default=2,
+        help="`xmem-label serve --workers` (web processes, no job threads)",
+    )
     parser.add_argument("--predicts", type=int, default=40, help="/predict requests per run")
-    parser.add_argument("--concurrency", type=int, default=10,
-                        help="/predict requests in flight at once")
-    parser.add_argument("--webhooks", type=int, default=20,
-                        help="annotations created through Label Studio per run (one webhook "
-                        "each)")
-    parser.add_argument("--webhook-concurrency", type=int, default=4,
-                        help="annotation requests to Label Studio in flight at once")
-    parser.add_argument("--health-interval", type=float, default=0.05,
-                        help="seconds between two GET /health")
-    parser.add_argument("--lease", type=float, default=3.0,
-                        help="XMEM_LABEL_JOB_LEASE of every backend process (seconds)")
-    parser.add_argument("--queue", type=int, default=None,
-                        help="the backend's --queue (jobs that may wait; None: manifest.yml's "
-                        "64)")
-    parser.add_argument("--sync-seconds", type=float, default=60.0,
-                        help="the backend's --sync-seconds (how long /predict waits)")
-    parser.add_argument("--kill-frames", type=int, default=96,
-                        help="frames of the kill run's clip (the clip repeated): a job long "
-                        "enough to be killed while it runs")
-    parser.add_argument("--kill-after", type=float, default=1.0,
-                        help="seconds between seeing the job running and the SIGKILL")
+    parser.add_argument(
+        "--concurrency", type=int, default=10, help="/predict requests in flight at once"
+    )
+    parser.add_argument(
+        "--webhooks",
+        type=int,
+        default=20,
+        help="annotations created through Label Studio per run (one webhook each)",
+    )
+    parser.add_argument(
+        "--webhook-concurrency",
+        type=int,
+        default=4,
+        help="annotation requests to Label Studio in flight at once",
+    )
+    parser.add_argument(
+        "--health-interval", type=float, default=0.05, help="seconds between two GET /health"
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=3.0,
+        help="XMEM_LABEL_JOB_LEASE of every backend process (seconds)",
+    )
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=None,
+        help="the backend's --queue (jobs that may wait; None: manifest.yml's 64)",
+    )
+    parser.add_argument(
+        "--sync-seconds",
+        type=float,
+        default=60.0,
+        help="the backend's --sync-seconds (how long /predict waits)",
+    )
+    parser.add_argument(
+        "--kill-frames",
+        type=int,
+        default=96,
+        help="frames of the kill run's clip (the clip repeated): a job long "
+        "enough to be killed while it runs",
+    )
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        default=1.0,
+        help="seconds between seeing the job running and the SIGKILL",
+    )
     parser.add_argument("--no-kill", action="store_true", help="skip the kill run")
-    parser.add_argument("--drain-timeout", type=float, default=240.0,
-                        help="seconds to wait for the jobs after the requests")
-    parser.add_argument("--ls-bin", default=DEFAULT_LS_BIN,
-                        help="label-studio 1.23.2 binary: $LABEL_STUDIO_BIN, else "
-                        ".venv-ls/bin/label-studio in the repository")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=240.0,
+        help="seconds to wait for the jobs after the requests",
+    )
+    parser.add_argument(
+        "--ls-bin",
+        default=DEFAULT_LS_BIN,
+        help="label-studio 1.23.2 binary: $LABEL_STUDIO_BIN, else "
+        ".venv-ls/bin/label-studio in the repository",
+    )
     parser.add_argument("--ls-url", help="use this running Label Studio instead of starting one")
     parser.add_argument("--token", default=TOKEN, help="its legacy API token (with --ls-url)")
-    parser.add_argument("--document-root",
-                        help="its LOCAL_FILES_DOCUMENT_ROOT (with --ls-url)")
+    parser.add_argument("--document-root", help="its LOCAL_FILES_DOCUMENT_ROOT (with --ls-url)")
     args = parser.parse_args()
     ks = [int(k) for k in args.k.split(",") if k.strip()]
     if args.ls_url and not args.document_root:
@@ -661,10 +890,12 @@ def main() -> None:
 
     started = time.monotonic()
     load = os.getloadavg()
-    print(f"backend load test: clip {args.clip.name}, {len(clip.paths)} frames "
-          f"{clip.width}x{clip.height}, engine flow; {args.predicts} /predict + {args.webhooks} "
-          f"webhooks per run; K = {ks}; lease {args.lease:g} s; {os.cpu_count()} CPUs, load "
-          f"average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(
+        f"backend load test: clip {args.clip.name}, {len(clip.paths)} frames "
+        f"{clip.width}x{clip.height}, engine flow; {args.predicts} /predict + {args.webhooks} "
+        f"webhooks per run; K = {ks}; lease {args.lease:g} s; {os.cpu_count()} CPUs, load "
+        f"average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+    )
     ls_process = None
     with tempfile.TemporaryDirectory(prefix="xmem-label-load-") as temporary:
         work = Path(temporary)
@@ -689,22 +920,34 @@ def main() -> None:
     print("\n=== summary ===")
     for run in runs:
         health = run["health"]
-        health_text = (f"/health p50/p99/max {health[0] * 1e3:.0f}/{health[1] * 1e3:.0f}/"
-                       f"{health[2] * 1e3:.0f} ms" if health else "/health: no answer")
-        print(f"K={run['workers']}: {run['rate']:.1f} jobs/min; exactly once: "
-              f"{'yes' if run['once'] else 'NO'}; /predict {dict(run['statuses'])}; /webhook "
-              f"{run['webhooks']}; {health_text}; peak RSS {run['rss']:.0f} MB")
+        health_text = (
+            f"/health p50/p99/max {health[0] * 1e3:.0f}/{health[1] * 1e3:.0f}/"
+            f"{health[2] * 1e3:.0f} ms"
+            if health
+            else "/health: no answer"
+        )
+        print(
+            f"K={run['workers']}: {run['rate']:.1f} jobs/min; exactly once: "
+            f"{'yes' if run['once'] else 'NO'}; /predict {dict(run['statuses'])}; /webhook "
+            f"{run['webhooks']}; {health_text}; peak RSS {run['rss']:.0f} MB"
+        )
     if len(runs) > 1 and runs[0]["rate"]:
-        print(f"K={runs[-1]['workers']} vs K={runs[0]['workers']}: "
-              f"{runs[-1]['rate'] / runs[0]['rate']:.2f}x the jobs per minute")
+        print(
+            f"K={runs[-1]['workers']} vs K={runs[0]['workers']}: "
+            f"{runs[-1]['rate'] / runs[0]['rate']:.2f}x the jobs per minute"
+        )
     if killed:
-        print(f"kill -9 of a worker mid-job: taken over {'yes' if killed['taken_over'] else 'NO'}"
-              f", done {killed['to_done']:.1f} s after the kill, prediction visible after "
-              f"{killed['to_stored']:.1f} s, exactly one prediction: "
-              f"{'yes' if killed['one'] else 'NO'}")
+        print(
+            f"kill -9 of a worker mid-job: taken over {'yes' if killed['taken_over'] else 'NO'}"
+            f", done {killed['to_done']:.1f} s after the kill, prediction visible after "
+            f"{killed['to_stored']:.1f} s, exactly one prediction: "
+            f"{'yes' if killed['one'] else 'NO'}"
+        )
     load = os.getloadavg()
-    print(f"whole run {time.monotonic() - started:.0f} s; load average now {load[0]:.1f} "
-          f"{load[1]:.1f} {load[2]:.1f}")
+    print(
+        f"whole run {time.monotonic() - started:.0f} s; load average now {load[0]:.1f} "
+        f"{load[1]:.1f} {load[2]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from .common import SyntheticClip, synthetic_checkpoint
 
 
 def write_video(clip: SyntheticClip, path: Path) -> None:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25,
-                             (clip.width, clip.height))
+    writer = cv2.VideoWriter(
+        str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (clip.width, clip.height)
+    )
     for index in range(len(clip)):
         writer.write(cv2.cvtColor(clip.read(index), cv2.COLOR_RGB2BGR))
     writer.release()
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         capture.release()
         write_label_mask(keyframe, clip.first_mask(1))
 
-        engine = load_engine("xmem", weights=weights, size=-1, device="cpu",
-                             precision=args.precision)
+        engine = load_engine(
+            "xmem", weights=weights, size=-1, device="cpu", precision=args.precision
+        )
         with Session(engine, decoded) as session:
             session.add_mask(0, clip.first_mask(1))
             start = time.perf_counter()
@@ -74,9 +76,26 @@ def main(argv: list[str] | None = None) -> int:
             network_only = time.perf_counter() - start
 
         out = folder / "out"
-        cli_main(["propagate", str(video), "--mask", f"0={keyframe}", "--out", str(out),
-                  "--engine", "xmem", "--weights", str(weights), "--size", "-1",
-                  "--device", "cpu", "--precision", args.precision])
+        cli_main(
+            [
+                "propagate",
+                str(video),
+                "--mask",
+                f"0={keyframe}",
+                "--out",
+                str(out),
+                "--engine",
+                "xmem",
+                "--weights",
+                str(weights),
+                "--size",
+                "-1",
+                "--device",
+                "cpu",
+                "--precision",
+                args.precision,
+            ]
+        )
         summary = json.loads((out / "summary.json").read_text())
         end_to_end = summary["timings"]["propagation_s"]
         written = len(list(out.glob("*.png")))
@@ -84,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     frames = len(decoded)
     print(f"XMem {args.precision}, {width}x{height}, {frames} frames, {args.threads} threads")
     print(f"network only (frames in memory): {frames / network_only:.3f} frames/s")
-    print(f"xmem-label propagate on MP4 (decode + PNG writing): {frames / end_to_end:.3f} "
-          f"frames/s, {written} PNGs")
-    print(f"end to end / network only: {network_only / end_to_end:.3f} "
-          f"({(end_to_end / network_only - 1) * 100:+.1f} % time)")
+    print(
+        f"xmem-label propagate on MP4 (decode + PNG writing): {frames / end_to_end:.3f} "
+        f"frames/s, {written} PNGs"
+    )
+    print(
+        f"end to end / network only: {network_only / end_to_end:.3f} "
+        f"({(end_to_end / network_only - 1) * 100:+.1f} % time)"
+    )
     assert np.isfinite(end_to_end)
     return 0
 

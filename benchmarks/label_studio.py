@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "vos" / "blackswan"
 TOKEN = "benchmark0123456789abcdef0123456789abcd"
 BACKEND_AUTH = ("label-studio", "benchmark-backend-secret-5e1c")
-DEFAULT_LS_BIN = os.environ.get("LABEL_STUDIO_BIN") or str(ROOT / ".venv-ls" / "bin"
-                                                            / "label-studio")
+DEFAULT_LS_BIN = os.environ.get("LABEL_STUDIO_BIN") or str(
+    ROOT / ".venv-ls" / "bin" / "label-studio"
+)
 CONFIG = """<View>
   <Image name="image" valueList="$frames"/>
   <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
@@ -71,18 +72,26 @@ def rle_figures(mask: np.ndarray, repeat: int) -> None:
     import cv2
 
     for width, height in ((854, 480), (1920, 1080)):
-        scaled = cv2.resize(mask.astype(np.uint8), (width, height),
-                            interpolation=cv2.INTER_NEAREST)
+        scaled = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
         ours = mask_to_rle(scaled)
         assert ours == mask2rle(scaled * 255), "encoders disagree"
         fast = time_call(lambda m=scaled: mask_to_rle(m), repeat)
         slow = time_call(lambda m=scaled: mask2rle(m * 255), max(1, repeat // 4))
-        print(f"  {width}x{height:<5} {fast * 1000:10.2f} ms {slow * 1000:12.2f} ms "
-              f"{slow / fast:8.1f}x {len(ours):7d}")
+        print(
+            f"  {width}x{height:<5} {fast * 1000:10.2f} ms {slow * 1000:12.2f} ms "
+            f"{slow / fast:8.1f}x {len(ours):7d}"
+        )
 
 
-PROMPT_CLIPS = ("blackswan", "dog", "car-shadow", "bmx-trees", "horsejump-high", "libby",
-                "dance-twirl")
+PROMPT_CLIPS = (
+    "blackswan",
+    "dog",
+    "car-shadow",
+    "bmx-trees",
+    "horsejump-high",
+    "libby",
+    "dance-twirl",
+)
 
 
 def prompt_figures(data: Path) -> None:
@@ -100,19 +109,27 @@ def prompt_figures(data: Path) -> None:
     for clip in clips:
         if not clip.exists():
             continue
-        frame = cv2.cvtColor(cv2.imread(str(sorted((clip / "frames").iterdir())[0])),
-                             cv2.COLOR_BGR2RGB)
+        frame = cv2.cvtColor(
+            cv2.imread(str(sorted((clip / "frames").iterdir())[0])), cv2.COLOR_BGR2RGB
+        )
         truth = read_label_mask(sorted((clip / "masks").iterdir())[0]) == 1
         ys, xs = np.nonzero(truth)
         height, width = truth.shape
-        box = (max(0, xs.min() - 3), max(0, ys.min() - 3),
-               min(width, xs.max() + 4), min(height, ys.max() + 4))
+        box = (
+            max(0, xs.min() - 3),
+            max(0, ys.min() - 3),
+            min(width, xs.max() + 4),
+            min(height, ys.max() + 4),
+        )
         filled = np.zeros_like(truth)
-        filled[box[1]:box[3], box[0]:box[2]] = True
+        filled[box[1] : box[3], box[0] : box[2]] = True
         inside = cv2.distanceTransform(truth.astype(np.uint8), cv2.DIST_L2, 5)
         y, x = np.unravel_index(inside.argmax(), inside.shape)
-        row = (iou(mask_from_box(frame, box), truth), iou(filled, truth),
-               iou(mask_from_points(frame, [(float(x), float(y))]), truth))
+        row = (
+            iou(mask_from_box(frame, box), truth),
+            iou(filled, truth),
+            iou(mask_from_points(frame, [(float(x), float(y))]), truth),
+        )
         rows.append(row)
         print(f"  {clip.name:<16} {row[0]:11.2f} {row[1]:10.2f} {row[2]:13.2f}")
     means = np.mean(rows, axis=0)
@@ -141,23 +158,41 @@ def start_label_studio(binary: str, work: Path) -> tuple[subprocess.Popen, str, 
     """Label Studio on a free loopback port with a fresh data dir, a legacy token (TOKEN),
     local files served from work/media, and the settings that let it call a loopback backend."""
     if not Path(binary).is_file():
-        raise SystemExit(f"no Label Studio at {binary}: give --ls-bin or set LABEL_STUDIO_BIN "
-                         "(label-studio 1.23.2), or --ls-url of a running one")
+        raise SystemExit(
+            f"no Label Studio at {binary}: give --ls-bin or set LABEL_STUDIO_BIN "
+            "(label-studio 1.23.2), or --ls-url of a running one"
+        )
     media = work / "media"
     media.mkdir(parents=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "DEBUG")}
-    env.update({
-        "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"), "LOCAL_FILES_SERVING_ENABLED": "true",
-        "LOCAL_FILES_DOCUMENT_ROOT": str(media), "LABEL_STUDIO_USERNAME": "bench@example.com",
-        "LABEL_STUDIO_PASSWORD": "bench-password-123", "LABEL_STUDIO_USER_TOKEN": TOKEN,
-        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
-        "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
-    })
+    env.update(
+        {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"),
+            "LOCAL_FILES_SERVING_ENABLED": "true",
+            "LOCAL_FILES_DOCUMENT_ROOT": str(media),
+            "LABEL_STUDIO_USERNAME": "bench@example.com",
+            "LABEL_STUDIO_PASSWORD": "bench-password-123",
+            "LABEL_STUDIO_USER_TOKEN": TOKEN,
+            "ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false",
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+        }
+    )
     process = subprocess.Popen(
-        [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-         "--enable-legacy-api-token"],
-        env=env, stdout=open(work / "label-studio.log", "w"),  # noqa: SIM115 (lives on)
+        [
+            binary,
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enable-legacy-api-token",
+        ],
+        env=env,
+        stdout=open(work / "label-studio.log", "w"),  # noqa: SIM115 (lives on)
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -186,8 +221,14 @@ def xmem_label_command() -> str:
 def backend_environment(ls_url: str, token: str, **extra: str) -> dict[str, str]:
     """The environment of a backend process: Label Studio, its token, the credentials; media
     over HTTP (no LOCAL_FILES_DOCUMENT_ROOT), as on another machine."""
-    env = dict(os.environ, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=token,
-               BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1], **extra)
+    env = dict(
+        os.environ,
+        LABEL_STUDIO_URL=ls_url,
+        LABEL_STUDIO_API_KEY=token,
+        BASIC_AUTH_USER=BACKEND_AUTH[0],
+        BASIC_AUTH_PASS=BACKEND_AUTH[1],
+        **extra,
+    )
     env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)
     return env
 
@@ -195,9 +236,22 @@ def backend_environment(ls_url: str, token: str, **extra: str) -> dict[str, str]
 def connect(project_id: int, backend_url: str, ls_url: str, token: str) -> None:
     """`xmem-label connect`: the model with basic auth, and the webhook's credentials header."""
     done = subprocess.run(
-        [xmem_label_command(), "connect", "--project", str(project_id), "--backend-url",
-         backend_url, "--url", ls_url, "--token", token],
-        env=backend_environment(ls_url, token), capture_output=True, text=True, timeout=120,
+        [
+            xmem_label_command(),
+            "connect",
+            "--project",
+            str(project_id),
+            "--backend-url",
+            backend_url,
+            "--url",
+            ls_url,
+            "--token",
+            token,
+        ],
+        env=backend_environment(ls_url, token),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if done.returncode != 0:
         raise SystemExit(f"xmem-label connect failed: {done.stderr.strip() or done.stdout}")
@@ -220,33 +274,57 @@ def end_to_end_figures(args, work: Path) -> None:
             return reply.json() if reply.content else None
 
         project = api("POST", "/api/projects", json={"title": "benchmark", "label_config": CONFIG})
-        api("PATCH", f"/api/projects/{project['id']}", json={
-            "show_collab_predictions": False, "evaluate_predictions_automatically": False})
+        api(
+            "PATCH",
+            f"/api/projects/{project['id']}",
+            json={"show_collab_predictions": False, "evaluate_predictions_automatically": False},
+        )
         folder = media / f"benchmark-{project['id']}"
         folder.mkdir(parents=True)
         frames = sorted((args.clip / "frames").iterdir())[: args.frames]
         for path in frames:
             shutil.copy(path, folder / path.name)
-        api("POST", "/api/storages/localfiles", json={
-            "project": project["id"], "path": str(folder), "title": "clip"})
-        urls = [f"/data/local-files/?d={(folder / p.name).relative_to(media).as_posix()}"
-                for p in frames]
+        api(
+            "POST",
+            "/api/storages/localfiles",
+            json={"project": project["id"], "path": str(folder), "title": "clip"},
+        )
+        urls = [
+            f"/data/local-files/?d={(folder / p.name).relative_to(media).as_posix()}"
+            for p in frames
+        ]
         mask = read_label_mask(sorted((args.clip / "masks").iterdir())[0]) == 1
         height, width = mask.shape
-        keyframe = {"from_name": "mask", "to_name": "image", "type": "brushlabels",
-                    "item_index": 0, "original_width": width, "original_height": height,
-                    "value": {"format": "rle", "rle": mask_to_rle(mask),
-                              "brushlabels": ["Object"]}}
-        api("POST", f"/api/projects/{project['id']}/import",
-            json=[{"frames": urls} for _ in range(args.repeat)])
+        keyframe = {
+            "from_name": "mask",
+            "to_name": "image",
+            "type": "brushlabels",
+            "item_index": 0,
+            "original_width": width,
+            "original_height": height,
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]},
+        }
+        api(
+            "POST",
+            f"/api/projects/{project['id']}/import",
+            json=[{"frames": urls} for _ in range(args.repeat)],
+        )
         tasks = api("GET", "/api/tasks", params={"project": project["id"]})["tasks"]
         for task in tasks:
             api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [keyframe]})
 
         port = free_port()
         backend = subprocess.Popen(
-            [xmem_label_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--engine", "flow"],
+            [
+                xmem_label_command(),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--engine",
+                "flow",
+            ],
             env=backend_environment(url, token, MODEL_DIR=str(work / "model-dir")),
             stdout=open(work / "backend.log", "w"),  # noqa: SIM115 (lives on)
             stderr=subprocess.STDOUT,
@@ -260,22 +338,30 @@ def end_to_end_figures(args, work: Path) -> None:
         rows = []
         for task in tasks:
             started = time.perf_counter()
-            api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
-                json={"selectedItems": {"all": False, "included": [task["id"]]}})
+            api(
+                "POST",
+                f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
+                json={"selectedItems": {"all": False, "included": [task["id"]]}},
+            )
             total = time.perf_counter() - started
             (prediction,) = api("GET", "/api/predictions", params={"task": task["id"]})
             assert len({r["item_index"] for r in prediction["result"]}) == len(frames)
-            stages = requests.get(f"{backend_url}/metrics", auth=BACKEND_AUTH,
-                                  timeout=5).json()["last_timings"]
+            stages = requests.get(f"{backend_url}/metrics", auth=BACKEND_AUTH, timeout=5).json()[
+                "last_timings"
+            ]
             rows.append({**stages, "http": total - stages["total"], "all": total})
-        print(f"\n'Retrieve predictions' -> stored prediction, {len(frames)} frames "
-              f"{width}x{height}, engine flow, {len(rows)} run(s), median seconds:")
-        for key, label in (("download", "media download (HTTP from Label Studio)"),
-                           ("decode", "decode (overlaps propagate)"),
-                           ("propagate", "propagate (incl. decode)"),
-                           ("encode", "brush RLE encode"),
-                           ("http", "HTTP + Label Studio (health/setup/predict, JSON, store)"),
-                           ("all", "total")):
+        print(
+            f"\n'Retrieve predictions' -> stored prediction, {len(frames)} frames "
+            f"{width}x{height}, engine flow, {len(rows)} run(s), median seconds:"
+        )
+        for key, label in (
+            ("download", "media download (HTTP from Label Studio)"),
+            ("decode", "decode (overlaps propagate)"),
+            ("propagate", "propagate (incl. decode)"),
+            ("encode", "brush RLE encode"),
+            ("http", "HTTP + Label Studio (health/setup/predict, JSON, store)"),
+            ("all", "total"),
+        ):
             print(f"  {label:<58} {statistics.median(r[key] for r in rows):7.2f}")
         print(f"  prediction: {len(prediction['result'])} regions, score {prediction['score']}")
     finally:
@@ -288,9 +374,12 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3, help="tasks timed end to end")
-    parser.add_argument("--ls-bin", default=DEFAULT_LS_BIN,
-                        help="label-studio 1.23.2 binary (default: $LABEL_STUDIO_BIN, else "
-                        ".venv-ls/bin/label-studio in the repository)")
+    parser.add_argument(
+        "--ls-bin",
+        default=DEFAULT_LS_BIN,
+        help="label-studio 1.23.2 binary (default: $LABEL_STUDIO_BIN, else "
+        ".venv-ls/bin/label-studio in the repository)",
+    )
     parser.add_argument("--ls-url", help="use this running Label Studio instead of starting one")
     parser.add_argument("--token", default=TOKEN, help="its legacy API token")
     parser.add_argument("--document-root", help="its LOCAL_FILES_DOCUMENT_ROOT")

@@ -64,23 +64,30 @@ def report(seconds: list[float], rss: list[float], args: argparse.Namespace) -> 
     if frames > CHECKPOINT_FRAME:
         at_checkpoint = rss[CHECKPOINT_FRAME]
         after = max(rss[CHECKPOINT_FRAME:])
-        print(f"RSS at frame {CHECKPOINT_FRAME}: {at_checkpoint:.0f} MB; highest after it: "
-              f"{after:.0f} MB ({(after / at_checkpoint - 1) * 100:+.1f} %)")
+        print(
+            f"RSS at frame {CHECKPOINT_FRAME}: {at_checkpoint:.0f} MB; highest after it: "
+            f"{after:.0f} MB ({(after / at_checkpoint - 1) * 100:+.1f} %)"
+        )
         early = statistics.median(seconds[CHECKPOINT_FRAME : CHECKPOINT_FRAME + block])
         late = statistics.median(seconds[-block:])
-        print(f"median s/frame, frames {CHECKPOINT_FRAME}-{CHECKPOINT_FRAME + block}: "
-              f"{early:.4f}; last {block} frames: {late:.4f} ({(late / early - 1) * 100:+.1f} %)")
+        print(
+            f"median s/frame, frames {CHECKPOINT_FRAME}-{CHECKPOINT_FRAME + block}: "
+            f"{early:.4f}; last {block} frames: {late:.4f} ({(late / early - 1) * 100:+.1f} %)"
+        )
     for start in range(0, frames, block):
         part = seconds[start : start + block]
         peak = max(rss[start : start + block])
-        print(f"  frames {start:>6}-{start + len(part) - 1:>6}: "
-              f"median {statistics.median(part):.4f} s/frame, RSS {peak:.0f} MB")
+        print(
+            f"  frames {start:>6}-{start + len(part) - 1:>6}: "
+            f"median {statistics.median(part):.4f} s/frame, RSS {peak:.0f} MB"
+        )
 
     csv_path = args.plot.with_suffix(".csv")
     csv_path.write_text(
         "frame,seconds,rss_mb\n"
-        + "".join(f"{i},{s:.5f},{m:.1f}\n" for i, (s, m) in enumerate(zip(seconds, rss,
-                                                                            strict=True)))
+        + "".join(
+            f"{i},{s:.5f},{m:.1f}\n" for i, (s, m) in enumerate(zip(seconds, rss, strict=True))
+        )
     )
     import matplotlib
 

@@ -40,14 +40,19 @@ def run_case(
 ) -> dict:
     """Propagate one synthetic clip and return its timings (runs in the case's own process)."""
     engine = load_engine(
-        "xmem", weights=synthetic_checkpoint(), size=-1, device="cpu", precision=precision,
+        "xmem",
+        weights=synthetic_checkpoint(),
+        size=-1,
+        device="cpu",
+        precision=precision,
         compile=compile,
     )
     clip = SyntheticClip(frames, height, width)
 
     def timed_run(num_frames: int) -> list[float]:
-        session = Session(engine, clip if num_frames == frames else SyntheticClip(
-            num_frames, height, width))
+        session = Session(
+            engine, clip if num_frames == frames else SyntheticClip(num_frames, height, width)
+        )
         session.add_mask(0, clip.first_mask(objects))
         stamps = [time.perf_counter()]
         for _ in session.propagate(direction="forward"):
@@ -90,22 +95,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     compiled = ", compiled" if args.compile else ""
-    print(f"XMem on CPU, {args.threads} threads, {args.precision}{compiled}, {width}x{height}, "
-          f"{args.frames} frames, synthetic clip and weights")
+    print(
+        f"XMem on CPU, {args.threads} threads, {args.precision}{compiled}, {width}x{height}, "
+        f"{args.frames} frames, synthetic clip and weights"
+    )
     for objects in (int(n) for n in args.objects.split(",")):
-        command = [sys.executable, "-m", "benchmarks.propagate", "--case", "--size", args.size,
-                   "--objects", str(objects), "--frames", str(args.frames),
-                   "--precision", args.precision, "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.propagate",
+            "--case",
+            "--size",
+            args.size,
+            "--objects",
+            str(objects),
+            "--frames",
+            str(args.frames),
+            "--precision",
+            args.precision,
+            "--threads",
+            str(args.threads),
+        ]
         command += ["--compile"] if args.compile else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
-        line = (f"{objects} object(s): {describe_times(result['seconds'])}, "
-                f"peak RSS {result['peak_rss_mb'] / 1000:.2f} GB, "
-                f"{result['gflops']:.0f} GFLOP/s achieved")
+        line = (
+            f"{objects} object(s): {describe_times(result['seconds'])}, "
+            f"peak RSS {result['peak_rss_mb'] / 1000:.2f} GB, "
+            f"{result['gflops']:.0f} GFLOP/s achieved"
+        )
         reference = REFERENCE.get((width, height, objects))
         if reference:
-            line += (f"; reference {reference[0]:.3f} s/frame, {reference[1] / 1000:.2f} GB "
-                     f"-> {reference[0] / result['median']:.2f}x")
+            line += (
+                f"; reference {reference[0]:.3f} s/frame, {reference[1] / 1000:.2f} GB "
+                f"-> {reference[0] / result['median']:.2f}x"
+            )
         print(line, flush=True)
     return 0
 

@@ -77,9 +77,7 @@ def main() -> None:
     masks = torch.rand(1, objects, height, width, generator=generator)
     hidden = torch.zeros(1, objects, network.hidden_dim, h, w)
     readout = torch.randn(1, objects, network.value_dim, h, w, generator=generator)
-    precision = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     stages = {
         "encode_key": lambda: network.encode_key(image, need_shrinkage=True, need_selection=True),

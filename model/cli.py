@@ -397,8 +397,11 @@ def _engine_options(job: PropagationJob) -> dict[str, Any]:
     given = [name for name in ENGINE_FLAGS if getattr(job, name) is not None]
     refused = [name for name in given if name not in _flags_taken(spec)]
     if refused:
-        takers = [name for name, other in registered_engines().items()
-                  if refused[0] in _flags_taken(other)]
+        takers = [
+            name
+            for name, other in registered_engines().items()
+            if refused[0] in _flags_taken(other)
+        ]
         raise InputError(
             f"{', '.join('--' + name for name in refused)} apply to the "
             f"{' and '.join(takers)} engine only; the {job.engine} engine takes --set KEY=VALUE"

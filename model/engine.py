@@ -62,8 +62,11 @@ class EngineDescription:
     def as_dict(self) -> dict[str, Any]:
         """The JSON form; device and precision only for engines that have them."""
         described = dataclasses.asdict(self)
-        return {key: value for key, value in described.items()
-                if value is not None or key in ("weights", "sha256")}
+        return {
+            key: value
+            for key, value in described.items()
+            if value is not None or key in ("weights", "sha256")
+        }
 
 
 class Engine(Protocol):
@@ -148,8 +151,9 @@ def registered_engines() -> dict[str, EngineSpec]:
         try:
             spec = entry.load()
         except Exception as error:  # another package's broken engine must not break ours
-            warnings.warn(f"engine {entry.name!r} ({entry.value}) did not load: {error}",
-                          stacklevel=2)
+            warnings.warn(
+                f"engine {entry.name!r} ({entry.value}) did not load: {error}", stacklevel=2
+            )
             continue
         if isinstance(spec, EngineSpec) and spec.name not in engines:
             engines[spec.name] = spec

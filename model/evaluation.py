@@ -282,9 +282,10 @@ def compare_clip(clip_dir: Path, exact: Engine, fast: Engine) -> dict[str, float
     keyframe = read_label_mask(sorted((clip_dir / "masks").glob("*.png"))[0])
     same = decided_same = decided = pixels = 0
     worst = 0.0
-    with Session(exact, clip_dir / "frames") as exact_run, Session(
-        fast, clip_dir / "frames"
-    ) as fast_run:
+    with (
+        Session(exact, clip_dir / "frames") as exact_run,
+        Session(fast, clip_dir / "frames") as fast_run,
+    ):
         exact_run.add_mask(0, keyframe)
         fast_run.add_mask(0, keyframe)
         for ours, reference in zip(

@@ -88,9 +88,7 @@ def fit_mask_to_frame(labels: np.ndarray, frame_hw: tuple[int, int], what: str) 
     if (mask_h, mask_w) == (height, width):
         return labels
     if abs(mask_h - height) > SIZE_SLACK_PX or abs(mask_w - width) > SIZE_SLACK_PX:
-        raise InputError(
-            f"{what} is {mask_w}x{mask_h} but the frame is {width}x{height}"
-        )
+        raise InputError(f"{what} is {mask_w}x{mask_h} but the frame is {width}x{height}")
     warnings.warn(
         f"{what} is {mask_w}x{mask_h}, the frame {width}x{height}: resized (nearest neighbour)",
         stacklevel=3,

@@ -50,9 +50,7 @@ def check_apart(out: Path, overlay: Path | None, inputs: Iterable[tuple[str, Pat
             raise InputError(
                 f"--out {out} {relation} the {what} {given}; write the output somewhere else"
             )
-        if overlay_path is not None and (
-            overlay_path == path or overlay_path.is_relative_to(path)
-        ):
+        if overlay_path is not None and (overlay_path == path or overlay_path.is_relative_to(path)):
             relation = "is" if overlay_path == path else "lies inside"
             raise InputError(
                 f"--overlay {overlay} {relation} the {what} {given}; write it somewhere else"

@@ -43,8 +43,10 @@ def mask_from_box(frame: np.ndarray, box: tuple[float, float, float, float]) -> 
     scale = min(1.0, WORK_SIDE / max(cx1 - cx0, cy1 - cy0))
     crop = _resize(frame[cy0:cy1, cx0:cx1], scale, cv2.INTER_AREA)
     rect = (
-        int((x0 - cx0) * scale), int((y0 - cy0) * scale),
-        max(1, int((x1 - x0) * scale)), max(1, int((y1 - y0) * scale)),
+        int((x0 - cx0) * scale),
+        int((y0 - cy0) * scale),
+        max(1, int((x1 - x0) * scale)),
+        max(1, int((y1 - y0) * scale)),
     )
     labels = np.zeros(crop.shape[:2], dtype=np.uint8)
     _grabcut(crop, labels, rect=rect)
@@ -79,7 +81,7 @@ def mask_from_points(
     labels = np.full(crop.shape[:2], cv2.GC_BGD, dtype=np.uint8)
     wx0, wy0 = at_work_scale(min(xs) - half, min(ys) - half)
     wx1, wy1 = at_work_scale(max(xs) + half + 1, max(ys) + half + 1)
-    labels[max(0, wy0):max(0, wy1), max(0, wx0):max(0, wx1)] = cv2.GC_PR_BGD
+    labels[max(0, wy0) : max(0, wy1), max(0, wx0) : max(0, wx1)] = cv2.GC_PR_BGD
     seeds = np.zeros(crop.shape[:2], dtype=np.uint8)
     for point in positive:
         cv2.circle(labels, at_work_scale(*point), radius * 4, int(cv2.GC_PR_FGD), -1)

@@ -201,9 +201,7 @@ class Session:
         stored: dict[int, tuple[list[int], Path]] = {}
         if start == 0:
             return stored
-        for index, object_ids, probs in self._pass(
-            self.frames.backward(start), num_frames, steps
-        ):
+        for index, object_ids, probs in self._pass(self.frames.backward(start), num_frames, steps):
             if index < start:
                 path = spill / f"{index:08d}.npy"
                 np.save(path, probs.to(torch.float16).cpu().numpy())
@@ -284,9 +282,7 @@ class Session:
         if prompt is None:
             return None
         known = set(tracker.object_ids)
-        masks = {
-            obj: mask for obj, mask in prompt.masks().items() if obj in known or mask.any()
-        }
+        masks = {obj: mask for obj, mask in prompt.masks().items() if obj in known or mask.any()}
         return masks or None
 
     def _first_keyframes(self) -> dict[int, int]:

@@ -103,9 +103,7 @@ def _check_ranges(settings: XMemSettings) -> None:
             f"'num_prototypes' ({settings.num_prototypes})"
         )
     if settings.size != -1 and not 16 <= settings.size <= MAX_SIZE:
-        raise InputError(
-            f"size must be -1 (native) or 16..{MAX_SIZE} pixels, not {settings.size}"
-        )
+        raise InputError(f"size must be -1 (native) or 16..{MAX_SIZE} pixels, not {settings.size}")
 
 
 def xmem_settings(**overrides: Any) -> XMemSettings:
@@ -119,8 +117,6 @@ def xmem_settings(**overrides: Any) -> XMemSettings:
         )
     values = dict(manifest()["xmem"])
     values.update(overrides)
-    settings = XMemSettings(
-        **{n: _coerce(n, values[n], str(f.type)) for n, f in fields.items()}
-    )
+    settings = XMemSettings(**{n: _coerce(n, values[n], str(f.type)) for n, f in fields.items()})
     _check_ranges(settings)
     return settings

@@ -102,9 +102,7 @@ def declare_output(dataset: fo.Dataset, label_field: str, provenance: dict) -> N
     """Declare `frames.<label_field>` and the attributes the plugin writes on it (so the App
     can filter them), and record the run's provenance in the field's info: the output marker.
     Idempotent, so runs on several workers may all call it."""
-    dataset.add_frame_field(
-        label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
-    )
+    dataset.add_frame_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
     for attribute, field_type in DECLARED_ATTRIBUTES.items():
         dataset.add_frame_field(f"{label_field}.{attribute}", field_type)
     field = dataset.get_field(f"frames.{label_field}")

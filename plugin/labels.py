@@ -48,10 +48,7 @@ def assign_object_indexes(
     label and order: the second "chair" on one keyframe is the second "chair" on the next.
     """
     explicit = [
-        det.index
-        for dets in detections_by_frame.values()
-        for det in dets
-        if det.index is not None
+        det.index for dets in detections_by_frame.values() for det in dets if det.index is not None
     ]
     if any(index < 0 for index in explicit):
         raise InputError(f"detection index {min(explicit)} is negative")

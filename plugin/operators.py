@@ -375,6 +375,8 @@ class _PropagationRun:
             "samples": len(labels),
             "frames": sum(len(frames) for frames in labels.values()),
         }
+
+
 def _throttled(steps: Generator[float, None, dict]) -> Generator[float, None, dict]:
     """Pass on at most one progress update per PROGRESS_INTERVAL_S (delegated runs store each
     one in the database); returns what `steps` returns."""

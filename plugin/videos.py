@@ -198,8 +198,9 @@ def iter_video_labels(
             for object_id in sorted(set(job.names) - given):
                 session.set_absent(index, object_id)
         for result in session.propagate(progress=progress):
-            yield result.index + 1, result_to_detections(
-                result, job.names, job.drawn_on(result.index), job.indexes
+            yield (
+                result.index + 1,
+                result_to_detections(result, job.names, job.drawn_on(result.index), job.indexes),
             )
 
 

@@ -8,7 +8,7 @@
 #    checkout as it is edited.
 # 3. .venv-ls: the Label Studio 1.23.2 server for the end-to-end tests. It is a separate
 #    program we talk to over HTTP, and its pins (Django, ...) are not ours to share a venv with.
-# 4. ruff, then pytest.
+# 4. ruff (lint and format check), then pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${XMEM_LABEL_VENV:-$ROOT/.venv}"
@@ -42,6 +42,7 @@ export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
 step "ruff"
 ruff check .
+ruff format --check .
 step "pytest"
 python -m pytest "$@"
 step "done"

@@ -30,6 +30,8 @@ FRAMES = CHAIR / "frames"
 FIRST_MASK = CHAIR / "masks" / "frame_000000.png"
 STEMS = sorted(p.stem for p in FRAMES.glob("*.jpg"))
 FIXTURES = Path(__file__).parent / "fixtures" / "xmem_reference"
+
+
 @pytest.fixture(autouse=True)
 def no_real_weights(tmp_path, monkeypatch):
     """Weights come only from what a test puts in its own cache folder."""

@@ -31,8 +31,10 @@ SIZE = (120, 80)  # width, height
 @pytest.fixture(scope="module")
 def frames() -> list[np.ndarray]:
     paths = sorted((CHAIR / "frames").glob("*.jpg"))
-    return [cv2.resize(cv2.imread(str(p))[:, :, ::-1], SIZE, interpolation=cv2.INTER_AREA)
-            for p in paths]
+    return [
+        cv2.resize(cv2.imread(str(p))[:, :, ::-1], SIZE, interpolation=cv2.INTER_AREA)
+        for p in paths
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,10 @@ def xmem_weights(tmp_path_factory) -> Path:
 def engine_loaders(weights: Callable[[], Path]) -> dict[str, Callable]:
     """Every engine to check, by name: the registered ones and the baselines."""
     options = {"xmem": lambda: {"weights": weights(), "device": "cpu", "size": -1}}
-    loaders = {name: (lambda name=name: load_engine(name, **options.get(name, dict)()))
-               for name in registered_engines()}
+    loaders = {
+        name: (lambda name=name: load_engine(name, **options.get(name, dict)()))
+        for name in registered_engines()
+    }
     return {**loaders, "dis-warp": DisWarpEngine, "copy": CopyFirstMaskEngine}
 
 

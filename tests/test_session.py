@@ -22,8 +22,9 @@ def test_forward_from_first_keyframe_flags_the_last_frame(copy_engine):
     session.add_mask(0, labels)
     results = session.run()
     assert [r.index for r in results] == [0, 1, 2, 3, 4]
-    assert copy_engine.passes == [[(0, [4], False), (1, [], False), (2, [], False),
-                                   (3, [], False), (4, [], True)]]
+    assert copy_engine.passes == [
+        [(0, [4], False), (1, [], False), (2, [], False), (3, [], False), (4, [], True)]
+    ]
     assert results[0].objects[4].keyframe and not results[1].objects[4].keyframe
     assert results[3].objects[4].area == 4
     assert results[3].objects[4].box == (1, 1, 3, 3)

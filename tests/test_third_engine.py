@@ -30,21 +30,51 @@ def test_the_command_line_propagates_with_the_toy_engine(toy_engine_path, tmp_pa
     keyframe = CHAIR / "masks" / "frame_000000.png"
     out = tmp_path / "out"
     done = subprocess.run(
-        [SCRIPT, "propagate", CHAIR / "frames", "--mask", f"0={keyframe}", "--out", out,
-         "--engine", "toy"], env=env, capture_output=True, text=True, timeout=300)
+        [
+            SCRIPT,
+            "propagate",
+            CHAIR / "frames",
+            "--mask",
+            f"0={keyframe}",
+            "--out",
+            out,
+            "--engine",
+            "toy",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     masks = sorted(out.glob("*.png"))
     assert len(masks) == 8
     first = read_label_mask(keyframe)
     assert all(np.array_equal(np.asarray(Image.open(m)), first) for m in masks)  # kept as is
     refused = subprocess.run(
-        [SCRIPT, "propagate", CHAIR / "frames", "--mask", f"0={keyframe}", "--out",
-         tmp_path / "other", "--engine", "toy", "--size", "320"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            SCRIPT,
+            "propagate",
+            CHAIR / "frames",
+            "--mask",
+            f"0={keyframe}",
+            "--out",
+            tmp_path / "other",
+            "--engine",
+            "toy",
+            "--size",
+            "320",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2
     assert "--size apply to the xmem engine only; the toy engine" in refused.stderr
-    listed = subprocess.run([SCRIPT, "serve", "--help"], env=env, capture_output=True,
-                            text=True, timeout=120)
+    listed = subprocess.run(
+        [SCRIPT, "serve", "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert "toy" in listed.stdout
 
 
@@ -55,9 +85,14 @@ def test_the_backend_predicts_with_the_toy_engine(toy_engine, tmp_path):
         client = create_app(runtime).test_client()
         setup = client.post("/setup", json={"project": "1.0", "schema": config("mask", "C")})
         assert setup.json["model_version"].startswith("xmem-label-0.1.0-toy-no-weights-")
-        reply = client.post("/predict", json={
-            "tasks": [keyframe_task(3, "mask", "C")], "project": "1.0",
-            "label_config": config("mask", "C")})
+        reply = client.post(
+            "/predict",
+            json={
+                "tasks": [keyframe_task(3, "mask", "C")],
+                "project": "1.0",
+                "label_config": config("mask", "C"),
+            },
+        )
         assert reply.status_code == 200, reply.json
         (prediction,) = reply.json["results"]
         first = read_label_mask(CHAIR / "masks" / "frame_000000.png") == 1

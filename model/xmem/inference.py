@@ -50,7 +50,10 @@ class FrameGeometry:
         if self.resized:
             downscale = self.resized_hw[0] < self.source_hw[0]
             image = F.interpolate(
-                image, size=self.resized_hw, mode="bilinear", align_corners=False,
+                image,
+                size=self.resized_hw,
+                mode="bilinear",
+                align_corners=False,
                 antialias=downscale,
             )
         return F.pad(image, self.padding)
@@ -64,7 +67,7 @@ class FrameGeometry:
     def probs_to_source(self, probs: Tensor) -> Tensor:
         """(1, C, Hp, Wp) padded probabilities -> (C, H, W) at the source resolution."""
         left, right, top, bottom = self.padding
-        probs = probs[..., top:probs.shape[-2] - bottom, left:probs.shape[-1] - right]
+        probs = probs[..., top : probs.shape[-2] - bottom, left : probs.shape[-1] - right]
         if self.resized:
             probs = F.interpolate(probs, size=self.source_hw, mode="bilinear", align_corners=False)
         return probs[0]
@@ -126,11 +129,9 @@ class XMemTracker:
         if not self.object_ids and not new_ids:  # nothing to track yet
             return torch.ones((1, *geometry.source_hw), device=self.engine.device)
 
-        is_memory_frame = (t - self.last_memory_frame >= settings.mem_every or bool(prompt))
+        is_memory_frame = t - self.last_memory_frame >= settings.mem_every or bool(prompt)
         is_memory_frame = is_memory_frame and not last
-        need_segment = bool(self.object_ids) and len(prompt) != len(self.object_ids) + len(
-            new_ids
-        )
+        need_segment = bool(self.object_ids) and len(prompt) != len(self.object_ids) + len(new_ids)
         if settings.deep_update_every < 0:
             is_deep_update = is_memory_frame
             is_normal_update = not is_deep_update and not last
@@ -190,8 +191,12 @@ class XMemTracker:
                 if channel not in prompted_channels:
                     masks[channel] = predicted[0, channel + 1] * uncovered
         if new_ids:
-            hidden_shape = (1, len(new_ids), self.engine.network.hidden_dim,
-                            *(s // 16 for s in masks.shape[-2:]))
+            hidden_shape = (
+                1,
+                len(new_ids),
+                self.engine.network.hidden_dim,
+                *(s // 16 for s in masks.shape[-2:]),
+            )
             zeros = torch.zeros(hidden_shape, device=device)
             self.hidden = zeros if self.hidden is None else torch.cat([self.hidden, zeros], 1)
             self.object_ids = all_ids

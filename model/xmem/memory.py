@@ -69,8 +69,11 @@ def sparse_read(weights: Tensor, indices: Tensor, values: Tensor) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only this product
         warnings.simplefilter("ignore", UserWarning)
         matrix = torch.sparse_csr_tensor(
-            row_starts, indices.reshape(-1), weights.reshape(-1),
-            size=(rows, values.shape[0]), check_invariants=False,
+            row_starts,
+            indices.reshape(-1),
+            weights.reshape(-1),
+            size=(rows, values.shape[0]),
+            check_invariants=False,
         )
     return torch.sparse.mm(matrix, values)
 
@@ -139,10 +142,9 @@ class MemoryStore:
             group.valid = torch.cat([group.valid, valid])
             if entry is not None:
                 group.values = (
-                    entry[1] if group.values.shape[0] == 0
-                    else torch.cat([group.values, entry[1]])
+                    entry[1] if group.values.shape[0] == 0 else torch.cat([group.values, entry[1]])
                 )
-        for group in self.groups[len(group_values):]:
+        for group in self.groups[len(group_values) :]:
             group.valid = torch.cat([group.valid, torch.zeros(count, dtype=torch.bool)])
 
     def record_reads(self, usage: Tensor) -> None:
@@ -236,8 +238,11 @@ class MemoryManager:
             if index == 0:
                 self._record_usage(weights, indices, scores.shape[1])
             values = torch.cat(
-                [s.groups[index].values for s in (self.long_term, self.working)
-                 if index < len(s.groups) and s.groups[index].values.shape[0]]
+                [
+                    s.groups[index].values
+                    for s in (self.long_term, self.working)
+                    if index < len(s.groups) and s.groups[index].values.shape[0]
+                ]
             )
             readout = sparse_read(weights, indices, values)  # (h w, objects x Cv)
             readouts.append(readout.t().reshape(size, -1, h, w))
@@ -257,7 +262,7 @@ class MemoryManager:
         group_values = []
         start = 0
         for size in self.group_sizes:
-            group_value = value[0, start:start + size].flatten(2)  # (size, Cv, n)
+            group_value = value[0, start : start + size].flatten(2)  # (size, Cv, n)
             start += size
             group_values.append(
                 (torch.ones(count, dtype=torch.bool), group_value.permute(2, 0, 1).flatten(1))
@@ -279,7 +284,8 @@ class MemoryManager:
     def _valid(self, group: int) -> Tensor | None:
         """Validity of group `group` over [long-term, working] elements; None when all valid."""
         parts = [
-            s.groups[group].valid if group < len(s.groups)
+            s.groups[group].valid
+            if group < len(s.groups)
             else torch.zeros(s.size, dtype=torch.bool)
             for s in (self.long_term, self.working)
         ]

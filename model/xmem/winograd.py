@@ -92,10 +92,14 @@ def winograd_conv3x3(x: Tensor, transformed_weight: Tensor, bias: Tensor | None)
         band_rows = min(band, rows - top)
         tiles = n * band_rows * cols
         # (6, 6 * tiles * Cin): the band's overlapping 6x6 windows, window position outermost.
-        windows = padded[:, top * TILE :].as_strided(
-            (_SPAN, _SPAN, n, band_rows, cols, channels),
-            (s_h, s_w, s_n, TILE * s_h, TILE * s_w, s_c),
-        ).reshape(_SPAN, -1)
+        windows = (
+            padded[:, top * TILE :]
+            .as_strided(
+                (_SPAN, _SPAN, n, band_rows, cols, channels),
+                (s_h, s_w, s_n, TILE * s_h, TILE * s_w, s_c),
+            )
+            .reshape(_SPAN, -1)
+        )
         v = (b_t @ windows).view(_SPAN, _SPAN, -1)  # B^T d
         v = torch.matmul(b_t, v).view(_SPAN * _SPAN, tiles, channels)  # (B^T d) B
         m = torch.bmm(v, transformed_weight)  # (36, tiles, Cout): the multiplications

@@ -80,19 +80,31 @@ class LabelStudioServer:
         return reply.json() if reply.content else None
 
     def project(self, title: str, label_config: str) -> int:
-        project = self.api("POST", "/api/projects", json={"title": title,
-                                                          "label_config": label_config})
+        project = self.api(
+            "POST", "/api/projects", json={"title": title, "label_config": label_config}
+        )
         # Opening a task must not start a propagation (see backend/README.md).
-        self.api("PATCH", f"/api/projects/{project['id']}", json={
-            "show_collab_predictions": False, "evaluate_predictions_automatically": False})
+        self.api(
+            "PATCH",
+            f"/api/projects/{project['id']}",
+            json={"show_collab_predictions": False, "evaluate_predictions_automatically": False},
+        )
         return project["id"]
 
     def media_folder(self, project_id: int, name: str) -> Path:
         """A folder under the document root, served to `project_id` through a Local Storage."""
         folder = self.media_root / f"p{project_id}" / name
         folder.mkdir(parents=True, exist_ok=True)
-        self.api("POST", "/api/storages/localfiles", json={
-            "project": project_id, "path": str(folder), "title": name, "use_blob_urls": False})
+        self.api(
+            "POST",
+            "/api/storages/localfiles",
+            json={
+                "project": project_id,
+                "path": str(folder),
+                "title": name,
+                "use_blob_urls": False,
+            },
+        )
         return folder
 
     def url_of(self, path: Path) -> str:
@@ -107,18 +119,33 @@ class LabelStudioServer:
     def connect(self, project_id: int, backend_url: str) -> int:
         """`xmem-label connect`, as the README tells an admin; returns the ML backend's id."""
         subprocess.run(
-            [xmem_label_command(), "connect", "--project", str(project_id), "--backend-url",
-             backend_url, "--url", self.url, "--token", TOKEN],
+            [
+                xmem_label_command(),
+                "connect",
+                "--project",
+                str(project_id),
+                "--backend-url",
+                backend_url,
+                "--url",
+                self.url,
+                "--token",
+                TOKEN,
+            ],
             env=dict(os.environ, BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1]),
-            check=True, timeout=120,
+            check=True,
+            timeout=120,
         )
-        (ml,) = [m for m in self.api("GET", "/api/ml", params={"project": project_id})
-                 if m["url"] == backend_url]
+        (ml,) = [
+            m
+            for m in self.api("GET", "/api/ml", params={"project": project_id})
+            if m["url"] == backend_url
+        ]
         return ml["id"]
 
     def retrieve_predictions(self, project_id: int, task_ids: list[int]) -> dict:
         return self.api(
-            "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
+            "POST",
+            f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
             json={"selectedItems": {"all": False, "included": task_ids}},
         )
 
@@ -138,24 +165,36 @@ def label_studio(tmp_path_factory) -> LabelStudioServer:
     media.mkdir()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "DEBUG")}
-    env.update({
-        "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"),
-        "LOCAL_FILES_SERVING_ENABLED": "true",
-        "LOCAL_FILES_DOCUMENT_ROOT": str(media),
-        "LABEL_STUDIO_USERNAME": "e2e@example.com",
-        "LABEL_STUDIO_PASSWORD": "e2e-password-123",
-        "LABEL_STUDIO_USER_TOKEN": TOKEN,
-        "ML_BLOCK_LOCAL_IP": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "LATEST_VERSION_CHECK": "false",
-        "COLLECT_ANALYTICS": "false",
-    })
+    env.update(
+        {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"),
+            "LOCAL_FILES_SERVING_ENABLED": "true",
+            "LOCAL_FILES_DOCUMENT_ROOT": str(media),
+            "LABEL_STUDIO_USERNAME": "e2e@example.com",
+            "LABEL_STUDIO_PASSWORD": "e2e-password-123",
+            "LABEL_STUDIO_USER_TOKEN": TOKEN,
+            "ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false",
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+        }
+    )
     log = work / "label-studio.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port",
-             str(port), "--enable-legacy-api-token"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+            [
+                binary,
+                "start",
+                "--no-browser",
+                "--internal-host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--enable-legacy-api-token",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -171,23 +210,49 @@ def xmem_label_command() -> str:
     return executable
 
 
-def run_backend(label_studio, tmp_path_factory, *options: str, env: dict | None = None,
-                port: int | None = None, keep_process: bool = False):
+def run_backend(
+    label_studio,
+    tmp_path_factory,
+    *options: str,
+    env: dict | None = None,
+    port: int | None = None,
+    keep_process: bool = False,
+):
     """`xmem-label serve --engine flow <options>` on a free port (or `port`), in its own
     process group; yields its address (and the process, with keep_process)."""
     executable = xmem_label_command()
     port = port or free_port()
-    environment = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=TOKEN,
-                       OMP_NUM_THREADS="1", MODEL_DIR=str(tmp_path_factory.mktemp("model-dir")),
-                       BASIC_AUTH_USER=BACKEND_AUTH[0], BASIC_AUTH_PASS=BACKEND_AUTH[1])
+    environment = dict(
+        os.environ,
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=TOKEN,
+        OMP_NUM_THREADS="1",
+        MODEL_DIR=str(tmp_path_factory.mktemp("model-dir")),
+        BASIC_AUTH_USER=BACKEND_AUTH[0],
+        BASIC_AUTH_PASS=BACKEND_AUTH[1],
+    )
     environment.update(env or {})
     environment.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # media go over HTTP, as on another host
     log = tmp_path_factory.mktemp("backend") / "backend.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [executable, "serve", "--host", "127.0.0.1", "--port", str(port), "--engine", "flow",
-             "--threads", "4", *options],
-            env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                executable,
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--engine",
+                "flow",
+                "--threads",
+                "4",
+                *options,
+            ],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:

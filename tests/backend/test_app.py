@@ -23,26 +23,41 @@ FRAME_URLS = [f"/data/local-files/?d=chair/frames/frame_{i:06d}.jpg" for i in ra
 
 
 def config(brush: str, label: str) -> str:
-    return (f'<View><Image name="image" valueList="$frames"/><BrushLabels name="{brush}" '
-            f'toName="image"><Label value="{label}"/></BrushLabels></View>')
+    return (
+        f'<View><Image name="image" valueList="$frames"/><BrushLabels name="{brush}" '
+        f'toName="image"><Label value="{label}"/></BrushLabels></View>'
+    )
 
 
 def keyframe_task(task_id: int, brush: str, label: str) -> dict:
     mask = read_label_mask(DATA / "chair" / "masks" / "frame_000000.png") == 1
-    region = {"from_name": brush, "to_name": "image", "type": "brushlabels", "item_index": 0,
-              "original_width": 240, "original_height": 160,
-              "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
-    return {"id": task_id, "data": {"frames": FRAME_URLS},
-            "annotations": [{"id": task_id, "result": [region]}]}
+    region = {
+        "from_name": brush,
+        "to_name": "image",
+        "type": "brushlabels",
+        "item_index": 0,
+        "original_width": 240,
+        "original_height": 160,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+    }
+    return {
+        "id": task_id,
+        "data": {"frames": FRAME_URLS},
+        "annotations": [{"id": task_id, "result": [region]}],
+    }
 
 
 def make_settings(tmp_path: Path, **overrides) -> BackendSettings:
     """Frames from disk (LOCAL_FILES_DOCUMENT_ROOT), the flow engine, a journal in tmp_path."""
-    settings = BackendSettings.from_environment({
-        "LOCAL_FILES_DOCUMENT_ROOT": str(DATA), "MODEL_DIR": str(tmp_path),
-        "XMEM_LABEL_ENGINE": "flow", "LABEL_STUDIO_URL": "http://ls.invalid:8080",
-        "LABEL_STUDIO_API_KEY": "t0123456",
-    })
+    settings = BackendSettings.from_environment(
+        {
+            "LOCAL_FILES_DOCUMENT_ROOT": str(DATA),
+            "MODEL_DIR": str(tmp_path),
+            "XMEM_LABEL_ENGINE": "flow",
+            "LABEL_STUDIO_URL": "http://ls.invalid:8080",
+            "LABEL_STUDIO_API_KEY": "t0123456",
+        }
+    )
     return dataclasses.replace(settings, **overrides)
 
 
@@ -61,8 +76,7 @@ def client(runtime):
     return client
 
 
-def test_health_answers_at_once_and_setup_gives_the_loaded_engines_version(
-        monkeypatch, tmp_path):
+def test_health_answers_at_once_and_setup_gives_the_loaded_engines_version(monkeypatch, tmp_path):
     from xmem_label.model import load_engine
 
     def slow_load(*args, **kwargs):
@@ -86,11 +100,20 @@ def test_health_answers_at_once_and_setup_gives_the_loaded_engines_version(
 def test_projects_are_answered_with_their_own_config(client):
     """Two projects with different configs, asked in turns, each get their own names."""
     replies = {}
-    for project, brush, label in (("1.0", "mask", "Chair"), ("2.0", "paint", "Seat"),
-                                  ("1.0", "mask", "Chair")):
-        reply = client.post("/predict", json={
-            "tasks": [keyframe_task(5, brush, label)], "project": project,
-            "label_config": config(brush, label), "params": {"context": None}})
+    for project, brush, label in (
+        ("1.0", "mask", "Chair"),
+        ("2.0", "paint", "Seat"),
+        ("1.0", "mask", "Chair"),
+    ):
+        reply = client.post(
+            "/predict",
+            json={
+                "tasks": [keyframe_task(5, brush, label)],
+                "project": project,
+                "label_config": config(brush, label),
+                "params": {"context": None},
+            },
+        )
         assert reply.status_code == 200, reply.json
         (prediction,) = reply.json["results"]
         replies[project] = prediction
@@ -114,15 +137,28 @@ def test_slow_propagation_is_stored_through_the_api_when_done(tmp_path, monkeypa
     # answer at once, whatever the propagation takes
     runtime = Runtime(make_settings(tmp_path, sync_seconds=0.0)).start()
     client = create_app(runtime).test_client()
-    client.post("/setup", json={"project": "3.0", "schema": config("mask", "Chair"),
-                                "hostname": "http://attacker.example", "access_token": "x"})
-    reply = client.post("/predict", json={
-        "tasks": [keyframe_task(9, "mask", "Chair")], "project": "3.0",
-        "label_config": config("mask", "Chair"), "params": {"context": None}})
+    client.post(
+        "/setup",
+        json={
+            "project": "3.0",
+            "schema": config("mask", "Chair"),
+            "hostname": "http://attacker.example",
+            "access_token": "x",
+        },
+    )
+    reply = client.post(
+        "/predict",
+        json={
+            "tasks": [keyframe_task(9, "mask", "Chair")],
+            "project": "3.0",
+            "label_config": config("mask", "Chair"),
+            "params": {"context": None},
+        },
+    )
     assert reply.status_code == 200 and reply.json["results"] == [[]]
     assert "stored when done" in reply.json["errors"][0]["reason"]
     assert done.wait(120)
-    (url, task_id, prediction), = stored
+    ((url, task_id, prediction),) = stored
     assert (url, task_id) == ("http://ls.invalid:8080", 9)  # the configured one, not /setup's
     assert len(prediction["result"]) == 8 and prediction["model_version"].startswith("xmem-label")
     runtime.runner.stop()
@@ -131,17 +167,22 @@ def test_slow_propagation_is_stored_through_the_api_when_done(tmp_path, monkeypa
 def test_webhook_events(client, monkeypatch):
     ignored = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})
     assert ignored.status_code == 200 and ignored.json["status"] == "ignored"
-    event = {"action": "ANNOTATION_CREATED",
-             "project": {"id": 9, "label_config": config("mask", "C")},
-             "task": {"id": 4}, "annotation": {"id": 3}}
+    event = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 9, "label_config": config("mask", "C")},
+        "task": {"id": 4},
+        "annotation": {"id": 3},
+    }
     refused = client.post("/webhook", json=event)
     assert refused.status_code == 403 and "not connected" in refused.json["error"]
-    forged = dict(event, project={"id": 1, "label_config": config("mask", "C")},
-                  task={"id": "4; DROP"})
+    forged = dict(
+        event, project={"id": 1, "label_config": config("mask", "C")}, task={"id": "4; DROP"}
+    )
     assert client.post("/webhook", json=forged).status_code == 400
     # Label Studio says annotation 3 belongs to task 5, not 4: refused, nothing queued.
-    monkeypatch.setattr(studio.LabelStudio, "annotation",
-                        lambda self, i: {"id": i, "task": 5, "project": 1})
+    monkeypatch.setattr(
+        studio.LabelStudio, "annotation", lambda self, i: {"id": i, "task": 5, "project": 1}
+    )
     event["project"]["id"] = 1
     reply = client.post("/webhook", json=event)
     assert reply.status_code == 403 and "not an annotation of task 4" in reply.json["error"]
@@ -152,8 +193,13 @@ def test_basic_auth_guards_everything_but_health(tmp_path):
     runtime = Runtime(make_settings(tmp_path, basic_auth=("ls", "secret")), job_threads=0)
     client = create_app(runtime).test_client()
     assert client.get("/health").status_code == 200
-    for method, path in (("post", "/setup"), ("post", "/predict"), ("post", "/webhook"),
-                         ("get", "/metrics"), ("get", "/versions")):
+    for method, path in (
+        ("post", "/setup"),
+        ("post", "/predict"),
+        ("post", "/webhook"),
+        ("get", "/metrics"),
+        ("get", "/versions"),
+    ):
         assert getattr(client, method)(path, json={}).status_code == 401, path
         assert getattr(client, method)(path, json={}, auth=("ls", "wrong")).status_code == 401
     assert client.get("/metrics", auth=("ls", "secret")).status_code == 200
@@ -161,24 +207,29 @@ def test_basic_auth_guards_everything_but_health(tmp_path):
 
 def test_bad_requests_get_reasons(client):
     assert "JSON object" in client.post("/predict", data="x").json["error"]
-    reply = client.post("/predict", json={"tasks": [], "project": "1.0",
-                                          "label_config": config("mask", "Chair")})
+    reply = client.post(
+        "/predict", json={"tasks": [], "project": "1.0", "label_config": config("mask", "Chair")}
+    )
     assert reply.status_code == 400 and "no tasks" in reply.json["error"]
     task = keyframe_task(4, "mask", "Chair")
     task["annotations"][0]["result"][0]["value"]["rle"] = [1, 2, 3]
-    reply = client.post("/predict", json={"tasks": [task], "project": "1.0",
-                                          "label_config": config("mask", "Chair")})
+    reply = client.post(
+        "/predict",
+        json={"tasks": [task], "project": "1.0", "label_config": config("mask", "Chair")},
+    )
     assert reply.status_code == 400 and "malformed brush RLE" in reply.json["error"]
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path):
     # no job thread and no waiting: jobs stay queued
-    runtime = Runtime(make_settings(tmp_path, max_queued_jobs=1, sync_seconds=0.0),
-                      job_threads=0)
+    runtime = Runtime(make_settings(tmp_path, max_queued_jobs=1, sync_seconds=0.0), job_threads=0)
     client = create_app(runtime).test_client()
     client.post("/setup", json={"project": "1.0", "schema": config("mask", "Chair")})
-    body = {"project": "1.0", "label_config": config("mask", "Chair"),
-            "tasks": [keyframe_task(4, "mask", "Chair")]}
+    body = {
+        "project": "1.0",
+        "label_config": config("mask", "Chair"),
+        "tasks": [keyframe_task(4, "mask", "Chair")],
+    }
     assert client.post("/predict", json=body).status_code == 200
     body["tasks"] = [keyframe_task(5, "mask", "Chair")]
     reply = client.post("/predict", json=body)
@@ -188,15 +239,20 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
 
 def test_oversized_body_is_refused(tmp_path):
     runtime = Runtime(make_settings(tmp_path, max_request_bytes=1000), job_threads=0)
-    reply = create_app(runtime).test_client().post("/predict", data=b"{" + b" " * 2000 + b"}",
-                                                    content_type="application/json")
+    reply = (
+        create_app(runtime)
+        .test_client()
+        .post("/predict", data=b"{" + b" " * 2000 + b"}", content_type="application/json")
+    )
     assert reply.status_code == 413 and reply.json["error"]
 
 
 def test_keyframe_is_returned_exactly_as_drawn(client):
     task = keyframe_task(6, "mask", "Chair")
-    reply = client.post("/predict", json={"tasks": [task], "project": "1.0",
-                                          "label_config": config("mask", "Chair")})
+    reply = client.post(
+        "/predict",
+        json={"tasks": [task], "project": "1.0", "label_config": config("mask", "Chair")},
+    )
     (prediction,) = reply.json["results"]
     first = next(r for r in prediction["result"] if r["item_index"] == 0)
     assert first["id"] == "xl1k0"
@@ -211,9 +267,14 @@ def test_missing_weights_answer_503_with_the_reason(monkeypatch, tmp_path):
     client = create_app(runtime).test_client()
     setup = client.post("/setup", json={"project": "1.0", "schema": config("mask", "Chair")})
     assert setup.status_code == 503 and "missing.pth" in setup.json["error"]
-    reply = client.post("/predict", json={
-        "tasks": [keyframe_task(5, "mask", "Chair")], "project": "1.0",
-        "label_config": config("mask", "Chair")})
+    reply = client.post(
+        "/predict",
+        json={
+            "tasks": [keyframe_task(5, "mask", "Chair")],
+            "project": "1.0",
+            "label_config": config("mask", "Chair"),
+        },
+    )
     assert reply.status_code == 503
     assert "missing.pth" in reply.json["error"]
 
@@ -224,16 +285,26 @@ def test_a_webhook_job_whose_annotation_changed_meanwhile_stores_nothing(runtime
     newer one, whichever finishes last."""
     task = keyframe_task(7, "mask", "Chair")
     versions = iter(["2026-12-01T10:00:00Z", "2026-12-01T10:00:03Z"])
-    monkeypatch.setattr(studio.LabelStudio, "project",
-                        lambda self, i: {"id": i, "label_config": config("mask", "Chair")})
+    monkeypatch.setattr(
+        studio.LabelStudio,
+        "project",
+        lambda self, i: {"id": i, "label_config": config("mask", "Chair")},
+    )
     monkeypatch.setattr(studio.LabelStudio, "task", lambda self, p, t: {**task, "annotations": []})
-    monkeypatch.setattr(studio.LabelStudio, "annotation", lambda self, i: {
-        **task["annotations"][0], "task": 7, "updated_at": next(versions)})
+    monkeypatch.setattr(
+        studio.LabelStudio,
+        "annotation",
+        lambda self, i: {**task["annotations"][0], "task": 7, "updated_at": next(versions)},
+    )
     stored = []
-    monkeypatch.setattr(studio.LabelStudio, "store_prediction",
-                        lambda self, task_id, prediction: stored.append(task_id))
-    record, _ = runtime.journal.submit("webhook:1:7:1:v1", "webhook", "1", 7,
-                                       {"project": 1, "task": 7, "annotation": 7}, "store")
+    monkeypatch.setattr(
+        studio.LabelStudio,
+        "store_prediction",
+        lambda self, task_id, prediction: stored.append(task_id),
+    )
+    record, _ = runtime.journal.submit(
+        "webhook:1:7:1:v1", "webhook", "1", 7, {"project": 1, "task": 7, "annotation": 7}, "store"
+    )
     finished = runtime.journal.wait(record.id, 60)
     assert finished.state == "done" and finished.result["superseded"] == 7
     assert stored == []

@@ -24,15 +24,22 @@ VIDEO = """<View>
 
 def region(frame, label, mask, origin="manual", region_id="abc"):
     height, width = mask.shape
-    return {"id": region_id, "from_name": "mask", "to_name": "image", "type": "brushlabels",
-            "item_index": frame, "origin": origin, "original_width": width,
-            "original_height": height,
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
+    return {
+        "id": region_id,
+        "from_name": "mask",
+        "to_name": "image",
+        "type": "brushlabels",
+        "item_index": frame,
+        "origin": origin,
+        "original_width": width,
+        "original_height": height,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+    }
 
 
 def square(x0, y0, size=4, shape=(12, 16)):
     mask = np.zeros(shape, bool)
-    mask[y0:y0 + size, x0:x0 + size] = True
+    mask[y0 : y0 + size, x0 : x0 + size] = True
     return mask
 
 
@@ -40,21 +47,37 @@ def test_parse_sequence_and_video_configs():
     sequence = formats.parse_label_config(SEQUENCE)
     assert isinstance(sequence, formats.SequenceConfig)
     assert (sequence.brush_name, sequence.image_name, sequence.frames_key) == (
-        "mask", "image", "frames")
+        "mask",
+        "image",
+        "frames",
+    )
     assert sequence.labels == ("Chair", "Person") and sequence.prompt_names == ("box",)
     video = formats.parse_label_config(VIDEO)
     assert isinstance(video, formats.VideoConfig)
     assert (video.box_name, video.video_key, video.framerate, video.labels) == (
-        "track", "video", 10.0, ("Chair",))
+        "track",
+        "video",
+        10.0,
+        ("Chair",),
+    )
 
 
-@pytest.mark.parametrize("config, reason", [
-    ("", "no label config"),
-    ("<View><Image name='i' value='$image'/><Choices name='c' toName='i'>"
-     "<Choice value='a'/></Choices></View>", "no supported tag pair"),
-    ("<View><Image name='i' value='$image'/><BrushLabels name='m' toName='i'>"
-     "<Label value='a'/></BrushLabels></View>", "valueList"),
-])
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        ("", "no label config"),
+        (
+            "<View><Image name='i' value='$image'/><Choices name='c' toName='i'>"
+            "<Choice value='a'/></Choices></View>",
+            "no supported tag pair",
+        ),
+        (
+            "<View><Image name='i' value='$image'/><BrushLabels name='m' toName='i'>"
+            "<Label value='a'/></BrushLabels></View>",
+            "valueList",
+        ),
+    ],
+)
 def test_unsupported_configs_say_why(config, reason):
     with pytest.raises(InputError, match=reason):
         formats.parse_label_config(config)
@@ -89,8 +112,9 @@ def test_annotation_without_keyframe_or_with_bad_region():
     with pytest.raises(InputError, match="no keyframe"):
         formats.brush_keyframes([], config, num_frames=3)
     with pytest.raises(InputError, match="no keyframe"):
-        formats.brush_keyframes([region(0, "Chair", square(0, 0), origin="prediction")],
-                                config, num_frames=3)
+        formats.brush_keyframes(
+            [region(0, "Chair", square(0, 0), origin="prediction")], config, num_frames=3
+        )
     with pytest.raises(InputError, match="the task has 3 frames"):
         formats.brush_keyframes([region(5, "Chair", square(0, 0))], config, num_frames=3)
     broken = region(0, "Chair", square(0, 0))
@@ -108,11 +132,20 @@ def test_predicted_brush_region_validates():
 
 def test_video_tracks_and_track_region():
     config = formats.parse_label_config(VIDEO)
-    annotation = [{"from_name": "track", "to_name": "video", "type": "videorectangle",
-                   "value": {"labels": ["Chair"], "sequence": [
-                       {"frame": 2, "enabled": True, "x": 10, "y": 20, "width": 50, "height": 25},
-                       {"frame": 5, "enabled": False, "x": 0, "y": 0, "width": 10, "height": 10},
-                   ]}}]
+    annotation = [
+        {
+            "from_name": "track",
+            "to_name": "video",
+            "type": "videorectangle",
+            "value": {
+                "labels": ["Chair"],
+                "sequence": [
+                    {"frame": 2, "enabled": True, "x": 10, "y": 20, "width": 50, "height": 25},
+                    {"frame": 5, "enabled": False, "x": 0, "y": 0, "width": 10, "height": 10},
+                ],
+            },
+        }
+    ]
     (track,) = formats.video_tracks(annotation, config, (200, 100))
     assert track.label == "Chair"
     assert track.keyframes[0] == formats.BoxKeyframe(1, (20.0, 20.0, 120.0, 45.0), False)

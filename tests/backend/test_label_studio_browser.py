@@ -60,8 +60,14 @@ def browser(label_studio):
         pytest.skip("chromium and chromedriver are not installed")
     options = Options()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
@@ -77,8 +83,11 @@ def browser(label_studio):
 
 def new_task(label_studio, backend) -> tuple[int, int]:
     project_id = label_studio.project("browser", CONFIG)
-    label_studio.api("POST", f"/api/projects/{project_id}/import",
-                     json=[{"frames": clip_urls(label_studio, project_id)}])
+    label_studio.api(
+        "POST",
+        f"/api/projects/{project_id}/import",
+        json=[{"frames": clip_urls(label_studio, project_id)}],
+    )
     (task,) = label_studio.tasks(project_id)
     label_studio.connect(project_id, backend)
     return project_id, task["id"]
@@ -94,8 +103,10 @@ def test_a_stroke_painted_in_the_browser_is_propagated_on_submit(label_studio, b
 
     def at(fx: float, fy: float) -> tuple[int, int]:  # offsets from the stage's centre
         frame, canvas = image.rect, stage.rect
-        return (int(frame["x"] + fx * frame["width"] - canvas["x"] - canvas["width"] / 2),
-                int(frame["y"] + fy * frame["height"] - canvas["y"] - canvas["height"] / 2))
+        return (
+            int(frame["x"] + fx * frame["width"] - canvas["x"] - canvas["width"] / 2),
+            int(frame["y"] + fy * frame["height"] - canvas["y"] - canvas["height"] / 2),
+        )
 
     stroke = ActionChains(browser).move_to_element_with_offset(stage, *at(0.40, 0.10))
     stroke.click_and_hold()
@@ -115,17 +126,22 @@ def test_a_stroke_painted_in_the_browser_is_propagated_on_submit(label_studio, b
     assert len({r["item_index"] for r in prediction["result"]}) > 1
 
 
-def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(label_studio, backend, browser,
-                                                                tmp_path):
+def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(
+    label_studio, backend, browser, tmp_path
+):
     project_id, task_id = new_task(label_studio, backend)
     # The annotation's webhook propagates the keyframe and stores the prediction.
-    annotation = label_studio.api("POST", f"/api/tasks/{task_id}/annotations",
-                                  json={"result": [brush(0, "Chair", chair(0))]})
+    annotation = label_studio.api(
+        "POST", f"/api/tasks/{task_id}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
+    )
     prediction = wait_for_prediction(label_studio, task_id)
     assert any(r["item_index"] == SHOWN_FRAME for r in prediction["result"])
     label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
-    label_studio.api("PATCH", f"/api/projects/{project_id}", json={
-        "show_collab_predictions": True, "model_version": prediction["model_version"]})
+    label_studio.api(
+        "PATCH",
+        f"/api/projects/{project_id}",
+        json={"show_collab_predictions": True, "model_version": prediction["model_version"]},
+    )
 
     browser.get(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
     next_frame = _wait(lambda: browser.find_element(By.CSS_SELECTOR, NEXT_FRAME), "the pager")
@@ -141,7 +157,7 @@ def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(label_studio, ba
 
     screenshot = np.asarray(Image.open(shot).convert("RGB"))
     x0, y0 = int(rect["x"]), int(rect["y"])
-    shown = screenshot[y0:y0 + int(rect["height"]), x0:x0 + int(rect["width"])]
+    shown = screenshot[y0 : y0 + int(rect["height"]), x0 : x0 + int(rect["width"])]
     scale = (rect["width"] / WIDTH) * (rect["height"] / HEIGHT)
     chair_on_screen = chair(SHOWN_FRAME).sum() * scale
     assert magenta_pixels(shown) > 0.3 * chair_on_screen, (magenta_pixels(shown), chair_on_screen)

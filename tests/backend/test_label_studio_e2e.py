@@ -60,10 +60,18 @@ def floor() -> np.ndarray:
 
 
 def brush(frame: int, label: str, mask: np.ndarray, **extra) -> dict:
-    return {"from_name": "mask", "to_name": "image", "type": "brushlabels",
-            "item_index": frame, "original_width": WIDTH, "original_height": HEIGHT,
-            "image_rotation": 0, "origin": "manual",
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}, **extra}
+    return {
+        "from_name": "mask",
+        "to_name": "image",
+        "type": "brushlabels",
+        "item_index": frame,
+        "original_width": WIDTH,
+        "original_height": HEIGHT,
+        "image_rotation": 0,
+        "origin": "manual",
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        **extra,
+    }
 
 
 def engine_labels(source, keyframes: dict[int, dict[int, np.ndarray | None]]) -> list:
@@ -84,8 +92,9 @@ def decoded_labels(result: list[dict], num_frames: int) -> list[np.ndarray]:
     labels = [np.zeros((HEIGHT, WIDTH), np.uint8) for _ in range(num_frames)]
     for region in result:
         object_id = int(region["id"][2:].replace("k", "f").split("f")[0])
-        mask = rle_to_mask(region["value"]["rle"], region["original_width"],
-                           region["original_height"])
+        mask = rle_to_mask(
+            region["value"]["rle"], region["original_width"], region["original_height"]
+        )
         assert not (labels[region["item_index"]] & mask).any(), "regions overlap"
         labels[region["item_index"]][mask] = object_id
     return labels
@@ -126,12 +135,12 @@ def clip_urls(label_studio, project_id: int) -> list[str]:
 
 
 def add_task(label_studio, project: dict, frames: list[str], annotation: list[dict] | None):
-    label_studio.api("POST", f"/api/projects/{project['id']}/import",
-                     json=[{"frames": frames}])
+    label_studio.api("POST", f"/api/projects/{project['id']}/import", json=[{"frames": frames}])
     task = max(label_studio.tasks(project["id"]), key=lambda t: t["id"])
     if annotation is not None:
-        label_studio.api("POST", f"/api/tasks/{task['id']}/annotations",
-                         json={"result": annotation})
+        label_studio.api(
+            "POST", f"/api/tasks/{task['id']}/annotations", json={"result": annotation}
+        )
     return task["id"]
 
 
@@ -144,8 +153,9 @@ def connect(label_studio, project: dict, backend: str) -> int:
 # ----- flow 1: keyframe masks -> brush masks on every frame ------------------------------------
 
 
-def test_retrieve_predictions_propagates_keyframes_to_every_frame(label_studio, backend,
-                                                                  sequence_project):
+def test_retrieve_predictions_propagates_keyframes_to_every_frame(
+    label_studio, backend, sequence_project
+):
     keyframe = [brush(0, "Chair", chair(0)), brush(0, "Floor", floor())]
     task_id = add_task(label_studio, sequence_project, sequence_project["urls"], keyframe)
     connect(label_studio, sequence_project, backend)  # after the annotation: no webhook yet
@@ -159,24 +169,31 @@ def test_retrieve_predictions_propagates_keyframes_to_every_frame(label_studio, 
     for frame, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert np.array_equal(want, have), f"frame {frame} differs"
     assert {r["item_index"] for r in prediction["result"]} == set(range(len(FRAMES)))
-    assert all(r["original_width"] == WIDTH and r["original_height"] == HEIGHT
-               for r in prediction["result"])
+    assert all(
+        r["original_width"] == WIDTH and r["original_height"] == HEIGHT
+        for r in prediction["result"]
+    )
     labels = {r["id"]: r["value"]["brushlabels"] for r in prediction["result"]}
     assert labels["xl1f4"] == ["Chair"] and labels["xl2f4"] == ["Floor"]
     # the keyframe comes back exactly as drawn; scores per region and for the task
-    assert next(r for r in prediction["result"] if r["id"] == "xl1k0")["value"]["rle"] == (
-        keyframe[0]["value"]["rle"])
-    assert prediction["score"] == pytest.approx(min(r["score"] for r in prediction["result"]),
-                                                abs=1e-3)
+    assert (
+        next(r for r in prediction["result"] if r["id"] == "xl1k0")["value"]["rle"]
+        == (keyframe[0]["value"]["rle"])
+    )
+    assert prediction["score"] == pytest.approx(
+        min(r["score"] for r in prediction["result"]), abs=1e-3
+    )
     assert prediction["score"] < 1.0
 
 
-def test_webhook_stores_prediction_then_correction_repropagates(label_studio, backend,
-                                                                sequence_project):
+def test_webhook_stores_prediction_then_correction_repropagates(
+    label_studio, backend, sequence_project
+):
     connect(label_studio, sequence_project, backend)
     task_id = add_task(label_studio, sequence_project, sequence_project["urls"], None)
     annotation = label_studio.api(  # fires ANNOTATION_CREATED -> /webhook
-        "POST", f"/api/tasks/{task_id}/annotations",
+        "POST",
+        f"/api/tasks/{task_id}/annotations",
         json={"result": [brush(0, "Chair", chair(0)), brush(0, "Floor", floor())]},
     )
     first = wait_for_prediction(label_studio, task_id)
@@ -189,13 +206,15 @@ def test_webhook_stores_prediction_then_correction_repropagates(label_studio, ba
     corrected = [dict(region, origin="prediction") for region in first["result"]]
     corrected = [r for r in corrected if r["id"] != "xl1f5"]
     corrected.append(brush(5, "Chair", chair(5), id="xl1f5", origin="prediction-changed"))
-    label_studio.api("PATCH", f"/api/annotations/{annotation['id']}",
-                     json={"result": corrected})  # fires ANNOTATION_UPDATED
+    label_studio.api(
+        "PATCH", f"/api/annotations/{annotation['id']}", json={"result": corrected}
+    )  # fires ANNOTATION_UPDATED
     second = wait_for_prediction(label_studio, task_id, skip_ids={first["id"]})
     assert_valid(SEQUENCE_CONFIG, second)
     floor_on_5 = decoded_labels(first["result"], len(FRAMES))[5] == 2
-    expected = engine_labels(CLIP / "frames", {0: {1: chair(0), 2: floor()},
-                                               5: {1: chair(5), 2: floor_on_5}})
+    expected = engine_labels(
+        CLIP / "frames", {0: {1: chair(0), 2: floor()}, 5: {1: chair(5), 2: floor_on_5}}
+    )
     for want, have in zip(expected, decoded_labels(second["result"], len(FRAMES)), strict=True):
         assert np.array_equal(want, have)
     edited = next(r for r in second["result"] if r["id"] == "xl1k5")
@@ -204,10 +223,15 @@ def test_webhook_stores_prediction_then_correction_repropagates(label_studio, ba
 
 
 def test_propagation_longer_than_the_predict_window_is_stored_through_the_api(
-        label_studio, impatient_backend):
+    label_studio, impatient_backend
+):
     project_id = label_studio.project("impatient", SEQUENCE_CONFIG)
-    task_id = add_task(label_studio, {"id": project_id}, clip_urls(label_studio, project_id),
-                       [brush(0, "Chair", chair(0))])
+    task_id = add_task(
+        label_studio,
+        {"id": project_id},
+        clip_urls(label_studio, project_id),
+        [brush(0, "Chair", chair(0))],
+    )
     label_studio.connect(project_id, impatient_backend)
     started = time.monotonic()
     label_studio.retrieve_predictions(project_id, [task_id])
@@ -215,72 +239,102 @@ def test_propagation_longer_than_the_predict_window_is_stored_through_the_api(
     prediction = wait_for_prediction(label_studio, task_id)
     assert_valid(SEQUENCE_CONFIG, prediction)
     expected = engine_labels(CLIP / "frames", {0: {1: chair(0)}})
-    for want, have in zip(expected, decoded_labels(prediction["result"], len(FRAMES)),
-                          strict=True):
+    for want, have in zip(expected, decoded_labels(prediction["result"], len(FRAMES)), strict=True):
         assert np.array_equal(want, have)
 
 
 # ----- flow 2: smart box prompt -> mask on its frame -> propagated ------------------------------
 
 
-def test_smart_box_prompt_returns_suggestions_for_the_clip(label_studio, backend,
-                                                           sequence_project):
+def test_smart_box_prompt_returns_suggestions_for_the_clip(label_studio, backend, sequence_project):
     ml_id = connect(label_studio, sequence_project, backend)
     task_id = add_task(label_studio, sequence_project, sequence_project["urls"], None)
     ys, xs = np.nonzero(chair(2))
     x0, y0, x1, y1 = xs.min() - 3, ys.min() - 3, xs.max() + 4, ys.max() + 4
-    prompt = {"from_name": "prompt", "to_name": "image", "type": "rectanglelabels",
-              "item_index": 2, "original_width": WIDTH, "original_height": HEIGHT,
-              "origin": "manual", "value": {
-                  "x": 100 * x0 / WIDTH, "y": 100 * y0 / HEIGHT, "width": 100 * (x1 - x0) / WIDTH,
-                  "height": 100 * (y1 - y0) / HEIGHT, "rotation": 0,
-                  "rectanglelabels": ["Chair"]}}
-    reply = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating",
-                             json={"task": task_id, "context": {"result": [prompt]}})
+    prompt = {
+        "from_name": "prompt",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "item_index": 2,
+        "original_width": WIDTH,
+        "original_height": HEIGHT,
+        "origin": "manual",
+        "value": {
+            "x": 100 * x0 / WIDTH,
+            "y": 100 * y0 / HEIGHT,
+            "width": 100 * (x1 - x0) / WIDTH,
+            "height": 100 * (y1 - y0) / HEIGHT,
+            "rotation": 0,
+            "rectanglelabels": ["Chair"],
+        },
+    }
+    reply = label_studio.api(
+        "POST",
+        f"/api/ml/{ml_id}/interactive-annotating",
+        json={"task": task_id, "context": {"result": [prompt]}},
+    )
     suggestion = reply["data"]
     assert_valid(SEQUENCE_CONFIG, suggestion)
     frame_2 = cv2.cvtColor(cv2.imread(str(FRAMES[2])), cv2.COLOR_BGR2RGB)
-    box = (100 * x0 / WIDTH * WIDTH / 100, 100 * y0 / HEIGHT * HEIGHT / 100,
-           100 * x0 / WIDTH * WIDTH / 100 + 100 * (x1 - x0) / WIDTH * WIDTH / 100,
-           100 * y0 / HEIGHT * HEIGHT / 100 + 100 * (y1 - y0) / HEIGHT * HEIGHT / 100)
+    box = (
+        100 * x0 / WIDTH * WIDTH / 100,
+        100 * y0 / HEIGHT * HEIGHT / 100,
+        100 * x0 / WIDTH * WIDTH / 100 + 100 * (x1 - x0) / WIDTH * WIDTH / 100,
+        100 * y0 / HEIGHT * HEIGHT / 100 + 100 * (y1 - y0) / HEIGHT * HEIGHT / 100,
+    )
     mask = mask_from_box(frame_2, box)
     iou = (mask & chair(2)).sum() / (mask | chair(2)).sum()
     assert iou > 0.3, iou
     expected = engine_labels(CLIP / "frames", {2: {1: mask}})
-    for want, have in zip(expected, decoded_labels(suggestion["result"], len(FRAMES)),
-                          strict=True):
+    for want, have in zip(expected, decoded_labels(suggestion["result"], len(FRAMES)), strict=True):
         assert np.array_equal(want, have)
     assert label_studio.predictions(task_id) == []  # suggestions are not stored
 
 
-def test_smart_point_prompt_returns_suggestions_for_the_clip(label_studio, backend,
-                                                             sequence_project):
+def test_smart_point_prompt_returns_suggestions_for_the_clip(
+    label_studio, backend, sequence_project
+):
     ml_id = connect(label_studio, sequence_project, backend)
     task_id = add_task(label_studio, sequence_project, sequence_project["urls"], None)
     ys, xs = np.nonzero(chair(1))
     x, y = float(np.median(xs)), float(np.median(ys))
-    point = {"from_name": "point", "to_name": "image", "type": "keypointlabels",
-             "item_index": 1, "original_width": WIDTH, "original_height": HEIGHT,
-             "origin": "manual", "value": {"x": 100 * x / WIDTH, "y": 100 * y / HEIGHT,
-                                           "width": 0.5, "keypointlabels": ["Chair"]}}
-    reply = label_studio.api("POST", f"/api/ml/{ml_id}/interactive-annotating",
-                             json={"task": task_id, "context": {"result": [point]}})
+    point = {
+        "from_name": "point",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "item_index": 1,
+        "original_width": WIDTH,
+        "original_height": HEIGHT,
+        "origin": "manual",
+        "value": {
+            "x": 100 * x / WIDTH,
+            "y": 100 * y / HEIGHT,
+            "width": 0.5,
+            "keypointlabels": ["Chair"],
+        },
+    }
+    reply = label_studio.api(
+        "POST",
+        f"/api/ml/{ml_id}/interactive-annotating",
+        json={"task": task_id, "context": {"result": [point]}},
+    )
     suggestion = reply["data"]
     assert_valid(SEQUENCE_CONFIG, suggestion)
     frame_1 = cv2.cvtColor(cv2.imread(str(FRAMES[1])), cv2.COLOR_BGR2RGB)
-    mask = mask_from_points(frame_1, [(100 * x / WIDTH * WIDTH / 100,
-                                       100 * y / HEIGHT * HEIGHT / 100)])
+    mask = mask_from_points(
+        frame_1, [(100 * x / WIDTH * WIDTH / 100, 100 * y / HEIGHT * HEIGHT / 100)]
+    )
     expected = engine_labels(CLIP / "frames", {1: {1: mask}})
-    for want, have in zip(expected, decoded_labels(suggestion["result"], len(FRAMES)),
-                          strict=True):
+    for want, have in zip(expected, decoded_labels(suggestion["result"], len(FRAMES)), strict=True):
         assert np.array_equal(want, have)
 
 
 # ----- bad input: 4xx with a reason, nothing stored --------------------------------------------
 
 
-def test_bad_input_is_refused_with_a_reason_and_nothing_is_stored(label_studio, backend,
-                                                                   sequence_project):
+def test_bad_input_is_refused_with_a_reason_and_nothing_is_stored(
+    label_studio, backend, sequence_project
+):
     connect(label_studio, sequence_project, backend)
     urls = sequence_project["urls"]
     wrong_size = brush(0, "Chair", np.ones((HEIGHT + 20, WIDTH), bool))
@@ -289,20 +343,33 @@ def test_bad_input_is_refused_with_a_reason_and_nothing_is_stored(label_studio, 
     malformed["value"]["rle"] = malformed["value"]["rle"][:7]
     cases = {
         "no keyframe": add_task(label_studio, sequence_project, urls, None),
-        "the keyframe masks are 240x180 but the frames are 240x160":
-            add_task(label_studio, sequence_project, urls, [wrong_size]),
+        "the keyframe masks are 240x180 but the frames are 240x160": add_task(
+            label_studio, sequence_project, urls, [wrong_size]
+        ),
         "malformed brush RLE": add_task(label_studio, sequence_project, urls, [malformed]),
-        "Label Studio answered HTTP 404": add_task(label_studio, sequence_project,
-                                    [*urls[:3], urls[3].replace("frame_", "missing_")],
-                                    [brush(0, "Chair", chair(0))]),
-        "has no frames": add_task(label_studio, sequence_project, [],
-                                  [brush(0, "Chair", chair(0))]),
+        "Label Studio answered HTTP 404": add_task(
+            label_studio,
+            sequence_project,
+            [*urls[:3], urls[3].replace("frame_", "missing_")],
+            [brush(0, "Chair", chair(0))],
+        ),
+        "has no frames": add_task(
+            label_studio, sequence_project, [], [brush(0, "Chair", chair(0))]
+        ),
     }
     for reason, task_id in cases.items():
         task = label_studio.api("GET", f"/api/tasks/{task_id}")
-        reply = requests.post(f"{backend}/predict", timeout=120, auth=BACKEND_AUTH, json={
-            "tasks": [task], "project": f"{sequence_project['id']}.0",
-            "label_config": SEQUENCE_CONFIG, "params": {"context": None}})
+        reply = requests.post(
+            f"{backend}/predict",
+            timeout=120,
+            auth=BACKEND_AUTH,
+            json={
+                "tasks": [task],
+                "project": f"{sequence_project['id']}.0",
+                "label_config": SEQUENCE_CONFIG,
+                "params": {"context": None},
+            },
+        )
         assert reply.status_code == 400, (reason, reply.text)
         assert reason in reply.json()["error"], (reason, reply.json())
 
@@ -319,9 +386,16 @@ def test_bad_input_is_refused_with_a_reason_and_nothing_is_stored(label_studio, 
         assert status["from_name"] == "xmem_status" and status["type"] == "textarea"
         assert reason in status["value"]["text"][0], (reason, status)
 
-    unsupported = requests.post(f"{backend}/setup", timeout=10, auth=BACKEND_AUTH, json={
-        "project": "999.0", "schema": "<View><Image name='i' value='$image'/>"
-        "<Choices name='c' toName='i'><Choice value='a'/></Choices></View>"})
+    unsupported = requests.post(
+        f"{backend}/setup",
+        timeout=10,
+        auth=BACKEND_AUTH,
+        json={
+            "project": "999.0",
+            "schema": "<View><Image name='i' value='$image'/>"
+            "<Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
+        },
+    )
     assert unsupported.status_code == 400
     assert "no supported tag pair" in unsupported.json()["error"]
     not_json = requests.post(f"{backend}/predict", data="tasks", timeout=10, auth=BACKEND_AUTH)
@@ -346,12 +420,34 @@ def test_video_keyframe_box_becomes_a_track_on_every_frame(label_studio, backend
     x, y = 100 * (xs.min() - 2) / WIDTH, 100 * (ys.min() - 2) / HEIGHT
     width = 100 * (xs.max() - xs.min() + 5) / WIDTH
     height = 100 * (ys.max() - ys.min() + 5) / HEIGHT
-    track = {"from_name": "box", "to_name": "video", "type": "videorectangle", "origin": "manual",
-             "value": {"framesCount": 8, "duration": 0.8, "labels": ["Chair"], "sequence": [
-                 {"frame": 1, "enabled": True, "rotation": 0, "time": 0.1,
-                  "x": x, "y": y, "width": width, "height": height}]}}
-    label_studio.api("POST", f"/api/projects/{project_id}/import",
-                     json=[{"video": label_studio.url_of(folder / "chair.webm")}])
+    track = {
+        "from_name": "box",
+        "to_name": "video",
+        "type": "videorectangle",
+        "origin": "manual",
+        "value": {
+            "framesCount": 8,
+            "duration": 0.8,
+            "labels": ["Chair"],
+            "sequence": [
+                {
+                    "frame": 1,
+                    "enabled": True,
+                    "rotation": 0,
+                    "time": 0.1,
+                    "x": x,
+                    "y": y,
+                    "width": width,
+                    "height": height,
+                }
+            ],
+        },
+    }
+    label_studio.api(
+        "POST",
+        f"/api/projects/{project_id}/import",
+        json=[{"video": label_studio.url_of(folder / "chair.webm")}],
+    )
     (task,) = label_studio.tasks(project_id)
     label_studio.api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [track]})
     label_studio.connect(project_id, backend)
@@ -365,8 +461,12 @@ def test_video_keyframe_box_becomes_a_track_on_every_frame(label_studio, backend
     capture = cv2.VideoCapture(str(folder / "chair.webm"))
     first = cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB)
     capture.release()
-    box = (x * WIDTH / 100, y * HEIGHT / 100, x * WIDTH / 100 + width * WIDTH / 100,
-           y * HEIGHT / 100 + height * HEIGHT / 100)
+    box = (
+        x * WIDTH / 100,
+        y * HEIGHT / 100,
+        x * WIDTH / 100 + width * WIDTH / 100,
+        y * HEIGHT / 100 + height * HEIGHT / 100,
+    )
     expected = engine_labels(folder / "chair.webm", {0: {1: mask_from_box(first, box)}})
     sequence = region["value"]["sequence"]
     present = [index for index, labels in enumerate(expected) if (labels == 1).any()]
@@ -383,10 +483,16 @@ def test_video_keyframe_box_becomes_a_track_on_every_frame(label_studio, backend
     # A correction through the webhook: a second box on frame 6 that ends the track there.
     annotation = label_studio.api("GET", f"/api/tasks/{task['id']}")["annotations"][0]
     ys, xs = np.nonzero(chair(5))
-    second = {"frame": 6, "enabled": False, "rotation": 0, "time": 0.6,
-              "x": 100 * (xs.min() - 2) / WIDTH, "y": 100 * (ys.min() - 2) / HEIGHT,
-              "width": 100 * (xs.max() - xs.min() + 5) / WIDTH,
-              "height": 100 * (ys.max() - ys.min() + 5) / HEIGHT}
+    second = {
+        "frame": 6,
+        "enabled": False,
+        "rotation": 0,
+        "time": 0.6,
+        "x": 100 * (xs.min() - 2) / WIDTH,
+        "y": 100 * (ys.min() - 2) / HEIGHT,
+        "width": 100 * (xs.max() - xs.min() + 5) / WIDTH,
+        "height": 100 * (ys.max() - ys.min() + 5) / HEIGHT,
+    }
     track["value"]["sequence"].append(second)
     label_studio.api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": [track]})
     corrected = wait_for_prediction(label_studio, task["id"], skip_ids={prediction["id"]})
@@ -394,12 +500,16 @@ def test_video_keyframe_box_becomes_a_track_on_every_frame(label_studio, backend
     capture = cv2.VideoCapture(str(folder / "chair.webm"))
     frame_6 = [cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB) for _ in range(6)][-1]
     capture.release()
-    box_6 = (second["x"] * WIDTH / 100, second["y"] * HEIGHT / 100,
-             second["x"] * WIDTH / 100 + second["width"] * WIDTH / 100,
-             second["y"] * HEIGHT / 100 + second["height"] * HEIGHT / 100)
-    expected = engine_labels(folder / "chair.webm", {0: {1: mask_from_box(first, box)},
-                                                     5: {1: mask_from_box(frame_6, box_6)},
-                                                     6: {1: None}})
+    box_6 = (
+        second["x"] * WIDTH / 100,
+        second["y"] * HEIGHT / 100,
+        second["x"] * WIDTH / 100 + second["width"] * WIDTH / 100,
+        second["y"] * HEIGHT / 100 + second["height"] * HEIGHT / 100,
+    )
+    expected = engine_labels(
+        folder / "chair.webm",
+        {0: {1: mask_from_box(first, box)}, 5: {1: mask_from_box(frame_6, box_6)}, 6: {1: None}},
+    )
     sequence = corrected["result"][0]["value"]["sequence"]
     assert [item["frame"] for item in sequence] == [1, 2, 3, 4, 5, 6]  # absent from frame 7
     assert [item["enabled"] for item in sequence] == [True] * 5 + [False]
@@ -416,9 +526,19 @@ def test_import_videos_creates_image_sequence_tasks(label_studio, backend, tmp_p
     project_id = label_studio.project("imported", SEQUENCE_CONFIG)
     video = tmp_path / "chair.webm"
     write_webm(video)
-    command = [str(Path(sys.executable).parent / "xmem-label"), "import-videos", str(video),
-               "--project", str(project_id), "--url", label_studio.url, "--token", TOKEN,
-               "--document-root", str(label_studio.media_root)]
+    command = [
+        str(Path(sys.executable).parent / "xmem-label"),
+        "import-videos",
+        str(video),
+        "--project",
+        str(project_id),
+        "--url",
+        label_studio.url,
+        "--token",
+        TOKEN,
+        "--document-root",
+        str(label_studio.media_root),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "created 1 task(s)" in done.stdout
@@ -431,18 +551,24 @@ def test_import_videos_creates_image_sequence_tasks(label_studio, backend, tmp_p
     assert image.shape == (HEIGHT, WIDTH, 3)
 
     # The imported task is propagated like any other.
-    label_studio.api("POST", f"/api/tasks/{task['id']}/annotations",
-                     json={"result": [brush(0, "Chair", chair(0))]})
+    label_studio.api(
+        "POST",
+        f"/api/tasks/{task['id']}/annotations",
+        json={"result": [brush(0, "Chair", chair(0))]},
+    )
     label_studio.connect(project_id, backend)
     label_studio.retrieve_predictions(project_id, [task["id"]])
     (prediction,) = label_studio.predictions(task["id"])
     assert_valid(SEQUENCE_CONFIG, prediction)
     written = label_studio.media_root / "xmem-label" / f"project-{project_id}" / "chair"
     expected = engine_labels(written, {0: {1: chair(0)}})
-    for want, have in zip(expected, decoded_labels(prediction["result"], len(FRAMES)),
-                          strict=True):
+    for want, have in zip(expected, decoded_labels(prediction["result"], len(FRAMES)), strict=True):
         assert np.array_equal(want, have)
 
-    again = subprocess.run([*command[:2], str(tmp_path / "missing.mp4"), *command[3:]],
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [*command[:2], str(tmp_path / "missing.mp4"), *command[3:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr

@@ -39,8 +39,7 @@ class Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 outer.requests.append((self.path, self.headers.get("Authorization")))
-                status, headers, body = outer.routes.get(self.path.split("?")[0],
-                                                         (404, {}, b"no"))
+                status, headers, body = outer.routes.get(self.path.split("?")[0], (404, {}, b"no"))
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -85,31 +84,48 @@ def elsewhere():
 
 @pytest.fixture
 def studio(elsewhere):
-    server = Server({
-        "/data/upload/1/frame.png": (200, {}, png(64, 48)),
-        "/data/upload/1/huge.png": (200, {}, png(5000, 4000)),
-        "/data/upload/1/big.bin": (200, {}, b"x" * 5000),
-        "/data/upload/1/slow.png": (200, {}, trickle()),
-        "/data/upload/1/moved.png": (302, {"Location": f"{elsewhere.url}/secret"}, b""),
-        "/tasks/7/resolve/": (303, {"Location": "http://169.254.169.254/latest/meta-data"}, b""),
-    })
+    server = Server(
+        {
+            "/data/upload/1/frame.png": (200, {}, png(64, 48)),
+            "/data/upload/1/huge.png": (200, {}, png(5000, 4000)),
+            "/data/upload/1/big.bin": (200, {}, b"x" * 5000),
+            "/data/upload/1/slow.png": (200, {}, trickle()),
+            "/data/upload/1/moved.png": (302, {"Location": f"{elsewhere.url}/secret"}, b""),
+            "/tasks/7/resolve/": (
+                303,
+                {"Location": "http://169.254.169.254/latest/meta-data"},
+                b"",
+            ),
+        }
+    )
     yield server
     server.close()
 
 
 @pytest.fixture
 def settings(studio, tmp_path):
-    base = BackendSettings.from_environment({
-        "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": "token123",
-        "MODEL_DIR": str(tmp_path), "LOCAL_FILES_DOCUMENT_ROOT": str(DATA),
-    })
-    return dataclasses.replace(base, max_download_bytes=4000, download_timeout=1.0,
-                               max_frame_pixels=4096 * 4096)
+    base = BackendSettings.from_environment(
+        {
+            "LABEL_STUDIO_URL": studio.url,
+            "LABEL_STUDIO_API_KEY": "token123",
+            "MODEL_DIR": str(tmp_path),
+            "LOCAL_FILES_DOCUMENT_ROOT": str(DATA),
+        }
+    )
+    return dataclasses.replace(
+        base, max_download_bytes=4000, download_timeout=1.0, max_frame_pixels=4096 * 4096
+    )
 
 
 def fetch(url, settings, tmp_path, task_id=7):
-    return media.fetch(url, task_id, tmp_path / "out", "frame 0 of task 7", settings,
-                       lambda: {"Authorization": "Token token123"})
+    return media.fetch(
+        url,
+        task_id,
+        tmp_path / "out",
+        "frame 0 of task 7",
+        settings,
+        lambda: {"Authorization": "Token token123"},
+    )
 
 
 def test_a_label_studio_path_is_fetched_with_the_token(settings, studio, tmp_path):
@@ -119,18 +135,22 @@ def test_a_label_studio_path_is_fetched_with_the_token(settings, studio, tmp_pat
     assert fetch(f"{studio.url}/data/upload/1/frame.png", settings, tmp_path).exists()
 
 
-@pytest.mark.parametrize("url", [
-    "{elsewhere}/secret",                      # another port on loopback
-    "http://169.254.169.254/latest/meta-data",  # link-local metadata service
-    "http://localhost:{port}/data/upload/1/frame.png",  # same port, another host name
-    "file:///etc/passwd",
-    "//evil.example/x.png",
-    "ftp://127.0.0.1/x",
-    "",
-    12,
-])
-def test_urls_off_label_studio_are_refused_without_connecting(url, settings, studio, elsewhere,
-                                                             tmp_path):
+@pytest.mark.parametrize(
+    "url",
+    [
+        "{elsewhere}/secret",  # another port on loopback
+        "http://169.254.169.254/latest/meta-data",  # link-local metadata service
+        "http://localhost:{port}/data/upload/1/frame.png",  # same port, another host name
+        "file:///etc/passwd",
+        "//evil.example/x.png",
+        "ftp://127.0.0.1/x",
+        "",
+        12,
+    ],
+)
+def test_urls_off_label_studio_are_refused_without_connecting(
+    url, settings, studio, elsewhere, tmp_path
+):
     if isinstance(url, str):
         url = url.format(elsewhere=elsewhere.url, port=studio.url.rsplit(":", 1)[1])
     with pytest.raises(InputError) as error:

@@ -20,8 +20,9 @@ CONFIG = """<View><Image name="image" valueList="$frames"/>
 
 
 def frame_and_chair(index=0):
-    frame = cv2.cvtColor(cv2.imread(str(CHAIR / "frames" / f"frame_{index:06d}.jpg")),
-                         cv2.COLOR_BGR2RGB)
+    frame = cv2.cvtColor(
+        cv2.imread(str(CHAIR / "frames" / f"frame_{index:06d}.jpg")), cv2.COLOR_BGR2RGB
+    )
     return frame, read_label_mask(CHAIR / "masks" / f"frame_{index:06d}.png") == 1
 
 
@@ -32,16 +33,39 @@ def iou(a, b):
 def test_context_prompts_in_pixels():
     config = formats.parse_label_config(CONFIG)
     assert config.prompt_names == ("box", "point")  # the non-smart tool is no prompt
-    context = {"result": [
-        {"from_name": "box", "type": "rectanglelabels", "item_index": 3, "original_width": 200,
-         "original_height": 100, "value": {"x": 10, "y": 20, "width": 50, "height": 40,
-                                           "rectanglelabels": ["Chair"]}},
-        {"from_name": "point", "type": "keypointlabels", "original_width": 200,
-         "original_height": 100, "is_positive": False,
-         "value": {"x": 50, "y": 50, "width": 1, "keypointlabels": ["Chair"]}},
-        {"from_name": "plain", "type": "rectanglelabels", "original_width": 200,
-         "original_height": 100, "value": {"x": 0, "y": 0, "width": 5, "height": 5}},
-    ]}
+    context = {
+        "result": [
+            {
+                "from_name": "box",
+                "type": "rectanglelabels",
+                "item_index": 3,
+                "original_width": 200,
+                "original_height": 100,
+                "value": {
+                    "x": 10,
+                    "y": 20,
+                    "width": 50,
+                    "height": 40,
+                    "rectanglelabels": ["Chair"],
+                },
+            },
+            {
+                "from_name": "point",
+                "type": "keypointlabels",
+                "original_width": 200,
+                "original_height": 100,
+                "is_positive": False,
+                "value": {"x": 50, "y": 50, "width": 1, "keypointlabels": ["Chair"]},
+            },
+            {
+                "from_name": "plain",
+                "type": "rectanglelabels",
+                "original_width": 200,
+                "original_height": 100,
+                "value": {"x": 0, "y": 0, "width": 5, "height": 5},
+            },
+        ]
+    }
     box, point = formats.prompts_from_context(context, config)
     assert (box.frame, box.label, box.box) == (3, "Chair", (20.0, 20.0, 120.0, 60.0))
     assert (point.frame, point.point, point.positive) == (0, (100.0, 50.0), False)
@@ -52,7 +76,7 @@ def test_box_prompt_finds_the_object_better_than_the_box():
     ys, xs = np.nonzero(chair)
     box = (xs.min() - 4, ys.min() - 4, xs.max() + 5, ys.max() + 5)
     filled = np.zeros_like(chair)
-    filled[box[1]:box[3], box[0]:box[2]] = True
+    filled[box[1] : box[3], box[0] : box[2]] = True
     mask = mask_from_box(frame, box)
     assert iou(mask, chair) > iou(filled, chair)
     assert np.array_equal(mask, mask_from_box(frame, box))  # deterministic

@@ -49,14 +49,26 @@ def project(label_studio, backend):
 
 
 def predict(backend: str, project: dict, task: dict, auth=BACKEND_AUTH, **kwargs):
-    return requests.post(f"{backend}/predict", auth=auth, timeout=60, json={
-        "tasks": [task], "project": f"{project['id']}.0", "label_config": SEQUENCE_CONFIG,
-        "params": {"context": None}}, **kwargs)
+    return requests.post(
+        f"{backend}/predict",
+        auth=auth,
+        timeout=60,
+        json={
+            "tasks": [task],
+            "project": f"{project['id']}.0",
+            "label_config": SEQUENCE_CONFIG,
+            "params": {"context": None},
+        },
+        **kwargs,
+    )
 
 
 def keyframed(frames: list[str], task_id: int = 424242) -> dict:
-    return {"id": task_id, "data": {"frames": frames},
-            "annotations": [{"id": 1, "result": [brush(0, "Chair", chair(0))]}]}
+    return {
+        "id": task_id,
+        "data": {"frames": frames},
+        "annotations": [{"id": 1, "result": [brush(0, "Chair", chair(0))]}],
+    }
 
 
 def test_every_route_but_health_needs_credentials(backend):
@@ -74,12 +86,16 @@ def test_webhook_cannot_move_an_annotation_to_another_task(label_studio, backend
     label_studio.connect(other["id"], backend)
     victim = add_task(label_studio, other, other["urls"], None)
     source = add_task(label_studio, project, project["urls"], None)
-    annotation = label_studio.api("POST", f"/api/tasks/{source}/annotations",
-                                  json={"result": [brush(0, "Chair", chair(0))]})
+    annotation = label_studio.api(
+        "POST", f"/api/tasks/{source}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
+    )
     wait_for_prediction(label_studio, source)  # its own, genuine webhook
-    forged = {"action": "ANNOTATION_UPDATED", "task": {"id": victim},
-              "annotation": {"id": annotation["id"]},
-              "project": {"id": other["id"], "label_config": SEQUENCE_CONFIG}}
+    forged = {
+        "action": "ANNOTATION_UPDATED",
+        "task": {"id": victim},
+        "annotation": {"id": annotation["id"]},
+        "project": {"id": other["id"], "label_config": SEQUENCE_CONFIG},
+    }
     assert requests.post(f"{backend}/webhook", json=forged, timeout=10).status_code == 401
     reply = requests.post(f"{backend}/webhook", json=forged, auth=BACKEND_AUTH, timeout=10)
     assert reply.status_code == 403 and "is not an annotation of task" in reply.json()["error"]
@@ -94,28 +110,41 @@ def test_webhook_cannot_move_an_annotation_to_another_task(label_studio, backend
 def test_setup_cannot_redirect_the_token(label_studio, backend, project, attacker):
     """/setup's hostname and token are ignored: the next saved annotation's job talks to the
     configured Label Studio only."""
-    reply = requests.post(f"{backend}/setup", auth=BACKEND_AUTH, timeout=10, json={
-        "project": f"{project['id']}.0", "schema": SEQUENCE_CONFIG,
-        "hostname": attacker.url, "access_token": "stolen"})
+    reply = requests.post(
+        f"{backend}/setup",
+        auth=BACKEND_AUTH,
+        timeout=10,
+        json={
+            "project": f"{project['id']}.0",
+            "schema": SEQUENCE_CONFIG,
+            "hostname": attacker.url,
+            "access_token": "stolen",
+        },
+    )
     assert reply.status_code == 200
     task = add_task(label_studio, project, project["urls"], [brush(0, "Chair", chair(0))])
     assert wait_for_prediction(label_studio, task)["model_version"].startswith("xmem-label-0")
     assert attacker.requests == []
 
 
-@pytest.mark.parametrize("frame", [
-    "{attacker}/x.jpg",                          # another port on loopback
-    "http://169.254.169.254/latest/meta-data",   # the cloud metadata address
-    "{attacker}/slow.jpg",                       # a frame that trickles in forever
-    "file:///etc/passwd",
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "{attacker}/x.jpg",  # another port on loopback
+        "http://169.254.169.254/latest/meta-data",  # the cloud metadata address
+        "{attacker}/slow.jpg",  # a frame that trickles in forever
+        "file:///etc/passwd",
+    ],
+)
 def test_task_urls_cannot_reach_other_hosts(label_studio, backend, project, attacker, frame):
     frames = [*project["urls"][:3], frame.format(attacker=attacker.url)]
     started = time.monotonic()
     reply = predict(backend, project, keyframed(frames))
     assert reply.status_code == 400
-    assert "not on the configured Label Studio" in reply.json()["error"] or \
-        "unsupported media URL" in reply.json()["error"]
+    assert (
+        "not on the configured Label Studio" in reply.json()["error"]
+        or "unsupported media URL" in reply.json()["error"]
+    )
     assert "refused" not in reply.text.lower() and "127.0.0.1" not in reply.text
     assert time.monotonic() - started < 5 and attacker.requests == []
     # the job threads are free: a good task is predicted right after
@@ -131,9 +160,13 @@ def test_decompression_bomb_and_oversized_body_are_refused(label_studio, backend
     reply = predict(backend, project, keyframed(frames))
     assert reply.status_code == 400
     assert "has more pixels than the backend's limit" in reply.json()["error"]
-    huge = requests.post(f"{backend}/predict", auth=BACKEND_AUTH, timeout=60,
-                         data=b"{" + b" " * (65 << 20) + b"}",
-                         headers={"Content-Type": "application/json"})
+    huge = requests.post(
+        f"{backend}/predict",
+        auth=BACKEND_AUTH,
+        timeout=60,
+        data=b"{" + b" " * (65 << 20) + b"}",
+        headers={"Content-Type": "application/json"},
+    )
     assert huge.status_code == 413
     assert requests.get(f"{backend}/health", timeout=5).status_code == 200
 
@@ -141,27 +174,33 @@ def test_decompression_bomb_and_oversized_body_are_refused(label_studio, backend
 def test_prelabel_on_does_not_deadlock_the_webhook(label_studio, backend, project):
     """With "use predictions to prelabel" on (Label Studio's default), opening a task calls
     /predict; the webhook job reads its task without opening it, so it never waits on itself."""
-    label_studio.api("PATCH", f"/api/projects/{project['id']}",
-                     json={"show_collab_predictions": True})
+    label_studio.api(
+        "PATCH", f"/api/projects/{project['id']}", json={"show_collab_predictions": True}
+    )
     try:
         task = add_task(label_studio, project, project["urls"], None)
         started = time.monotonic()
-        label_studio.api("POST", f"/api/tasks/{task}/annotations",
-                         json={"result": [brush(0, "Chair", chair(0))]})
+        label_studio.api(
+            "POST", f"/api/tasks/{task}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
+        )
         prediction = wait_for_prediction(label_studio, task, seconds=60)
         assert time.monotonic() - started < 30
         assert prediction["model_version"].startswith("xmem-label-0")
         opened = label_studio.api("GET", f"/api/tasks/{task}")  # what the UI does
         assert len(opened["predictions"]) == 1
     finally:
-        label_studio.api("PATCH", f"/api/projects/{project['id']}",
-                         json={"show_collab_predictions": False})
+        label_studio.api(
+            "PATCH", f"/api/projects/{project['id']}", json={"show_collab_predictions": False}
+        )
 
 
 def test_health_answers_while_propagations_queue(label_studio, backend, project):
     frames = project["urls"][:3]
-    label_studio.api("POST", f"/api/projects/{project['id']}/import",
-                     json=[{"frames": frames} for _ in range(20)])
+    label_studio.api(
+        "POST",
+        f"/api/projects/{project['id']}/import",
+        json=[{"frames": frames} for _ in range(20)],
+    )
     ids = sorted(task["id"] for task in label_studio.tasks(project["id"]))[-20:]
     tasks = [keyframed(frames, task_id) for task_id in ids]
     latencies = []
@@ -175,8 +214,10 @@ def test_health_answers_while_propagations_queue(label_studio, backend, project)
             time.sleep(0.1)
         statuses = [reply.result().status_code for reply in replies]
     assert set(statuses) <= {200, 503}, statuses
-    print(f"/health under 20 concurrent /predict: max {max(latencies) * 1000:.0f} ms, "
-          f"median {sorted(latencies)[10] * 1000:.0f} ms")
+    print(
+        f"/health under 20 concurrent /predict: max {max(latencies) * 1000:.0f} ms, "
+        f"median {sorted(latencies)[10] * 1000:.0f} ms"
+    )
     assert max(latencies) < 1.0
 
 
@@ -194,11 +235,13 @@ def test_a_killed_backend_loses_no_job(label_studio, tmp_path_factory):
     version = requests.get(f"{url}/versions", auth=BACKEND_AUTH, timeout=10).json()["versions"]
     long_clip = project["urls"] * 12  # 96 frames: a few seconds of propagation
     task = add_task(label_studio, project, long_clip, None)
-    label_studio.api("POST", f"/api/tasks/{task}/annotations",
-                     json={"result": [brush(0, "Chair", chair(0))]})
+    label_studio.api(
+        "POST", f"/api/tasks/{task}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
+    )
     deadline = time.monotonic() + 30
-    while requests.get(f"{url}/metrics", auth=BACKEND_AUTH,
-                       timeout=5).json()["jobs"]["running"] == 0:
+    while (
+        requests.get(f"{url}/metrics", auth=BACKEND_AUTH, timeout=5).json()["jobs"]["running"] == 0
+    ):
         assert time.monotonic() < deadline, "the webhook job never started"
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
@@ -222,9 +265,13 @@ def test_a_killed_backend_loses_no_job(label_studio, tmp_path_factory):
 
 def test_serve_refuses_an_open_address_without_credentials(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH")}
-    done = subprocess.run([xmem_label_command(), "serve", "--host", "0.0.0.0", "--engine", "flow"],
-                          env=dict(env, MODEL_DIR=str(tmp_path)), capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [xmem_label_command(), "serve", "--host", "0.0.0.0", "--engine", "flow"],
+        env=dict(env, MODEL_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0 without credentials" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -233,9 +280,15 @@ def test_serve_refuses_an_open_address_without_credentials(tmp_path):
 def test_racing_stores_for_one_task_leave_one_prediction(label_studio, project, tmp_path):
     """Two workers storing a prediction of the same version on one task at once: the later
     one stays, every earlier one is deleted."""
-    client = LabelStudio(BackendSettings.from_environment({
-        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
-        "MODEL_DIR": str(tmp_path)}))
+    client = LabelStudio(
+        BackendSettings.from_environment(
+            {
+                "LABEL_STUDIO_URL": label_studio.url,
+                "LABEL_STUDIO_API_KEY": TOKEN,
+                "MODEL_DIR": str(tmp_path),
+            }
+        )
+    )
     task = add_task(label_studio, project, project["urls"][:2], None)
     prediction = {"result": [], "score": 0.5, "model_version": "xmem-label-race"}
     for _ in range(5):

@@ -93,9 +93,7 @@ def video(d: Path) -> Path:
     path = d / "chair.mp4"
     stems = sorted(CHAIR_FRAMES.glob("*.jpg"))
     first = cv2.imread(str(stems[0]))
-    writer = cv2.VideoWriter(
-        str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, first.shape[1::-1]
-    )
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, first.shape[1::-1])
     for stem in stems:
         writer.write(cv2.imread(str(stem)))
     writer.release()
@@ -247,63 +245,112 @@ def xmem(d: Path, *options) -> list:
 CASES: dict[str, tuple[Callable[[Path], list], str]] = {
     # --- data loss: outputs on top of inputs, --force and demo on what the tool did not write
     "out is the source folder, --force": (
-        lambda d: flow(d, "--force", out=frames(d)), "is the SOURCE"),
+        lambda d: flow(d, "--force", out=frames(d)),
+        "is the SOURCE",
+    ),
     "out holds the source and the mask, --force": (
-        lambda d: flow(d, "--force", out=d / "clip"), "holds the SOURCE"),
+        lambda d: flow(d, "--force", out=d / "clip"),
+        "holds the SOURCE",
+    ),
     "out inside the source folder": (
-        lambda d: flow(d, out=frames(d) / "masks"), "lies inside the SOURCE"),
+        lambda d: flow(d, out=frames(d) / "masks"),
+        "lies inside the SOURCE",
+    ),
     "out holds the mask": (
-        lambda d: flow(d, "--force", source=video(d), out=d / "clip"), "holds the keyframe mask"),
+        lambda d: flow(d, "--force", source=video(d), out=d / "clip"),
+        "holds the keyframe mask",
+    ),
     "out is the mask file": (lambda d: flow(d, "--force", out=key(d)), "is the keyframe mask"),
     "out holds the weights file": (
-        lambda d: propagate(d, "--engine", "xmem", "--weights", small_file(d / "w" / "x.pth"),
-                            "--force", out=d / "w"),  # fmt: skip
-        "holds the --weights file"),
+        lambda d: propagate(
+            d,
+            "--engine",
+            "xmem",
+            "--weights",
+            small_file(d / "w" / "x.pth"),
+            "--force",
+            out=d / "w",
+        ),  # fmt: skip
+        "holds the --weights file",
+    ),
     "overlay is the source video, --force": (
         lambda d: flow(d, "--overlay", video(d), "--force", source=d / "chair.mp4"),
-        "--overlay"),
+        "--overlay",
+    ),
     "overlay is the mask": (
-        lambda d: flow(d, "--overlay", d / "clip" / "key.png", "--force"), "is the keyframe mask"),
+        lambda d: flow(d, "--overlay", d / "clip" / "key.png", "--force"),
+        "is the keyframe mask",
+    ),
     "overlay inside the source folder": (
-        lambda d: flow(d, "--overlay", frames(d) / "overlay.gif"), "lies inside the SOURCE"),
+        lambda d: flow(d, "--overlay", frames(d) / "overlay.gif"),
+        "lies inside the SOURCE",
+    ),
     "force on a person's folder": (
-        lambda d: flow(d, "--force", out=foreign_folder(d)), "not written by xmem-label"),
+        lambda d: flow(d, "--force", out=foreign_folder(d)),
+        "not written by xmem-label",
+    ),
     "force on own output with a person's file beside it": (
-        lambda d: flow(d, "--force", out=tool_output(d, extra="notes.txt")), "notes.txt"),
+        lambda d: flow(d, "--force", out=tool_output(d, extra="notes.txt")),
+        "notes.txt",
+    ),
     "force on a person's existing overlay": (
         lambda d: flow(d, "--force", "--overlay", small_file(d / "talk.mp4", b"my video")),
-        "not the overlay"),
+        "not the overlay",
+    ),
     "force on own output with a corrected mask": (
-        lambda d: flow(d, "--force", out=corrected(tool_output(d))), "was changed"),
+        lambda d: flow(d, "--force", out=corrected(tool_output(d))),
+        "was changed",
+    ),
     "no force on own output": (lambda d: flow(d, out=tool_output(d)), "add --force"),
     "demo into a folder with a summary.json": (
         lambda d: ["demo", "--engine", "flow", "--out", foreign_folder(d)],
-        "not written by xmem-label"),
+        "not written by xmem-label",
+    ),
     "demo into a propagate output": (
-        lambda d: ["demo", "--engine", "flow", "--out", tool_output(d)], "propagate"),
+        lambda d: ["demo", "--engine", "flow", "--out", tool_output(d)],
+        "propagate",
+    ),
     "demo into a propagate output with notes": (
         lambda d: ["demo", "--engine", "flow", "--out", tool_output(d, extra="n.txt")],
-        "propagate"),
+        "propagate",
+    ),
     # --- inputs that would change the output silently
     "video damaged mid-stream": (
         lambda d: flow(d, source=damaged_video(d), mask=demo_key(d)),
-        "frame 13 cannot be decoded"),
+        "frame 13 cannot be decoded",
+    ),
     "video damaged mid-stream, out and overlay in new folders": (
-        lambda d: flow(d, "--overlay", d / "new" / "o.mp4", source=damaged_video(d),
-                       mask=demo_key(d), out=d / "made" / "for" / "out"),  # fmt: skip
-        "frame 13 cannot be decoded"),
+        lambda d: flow(
+            d,
+            "--overlay",
+            d / "new" / "o.mp4",
+            source=damaged_video(d),
+            mask=demo_key(d),
+            out=d / "made" / "for" / "out",
+        ),  # fmt: skip
+        "frame 13 cannot be decoded",
+    ),
     "truncated JPEG mid-clip": (
-        lambda d: flow(d, source=frames_with(d, truncate_half)), "frame_000005.jpg"),
+        lambda d: flow(d, source=frames_with(d, truncate_half)),
+        "frame_000005.jpg",
+    ),
     "garbage image mid-clip": (
         lambda d: flow(d, source=frames_with(d, lambda p: p.write_bytes(b"junk"))),
-        "cannot decode image"),
+        "cannot decode image",
+    ),
     "frames of different sizes": (
-        lambda d: flow(d, source=frames_with(d, smaller)), "all frames must have one size"),
+        lambda d: flow(d, source=frames_with(d, smaller)),
+        "all frames must have one size",
+    ),
     "source is a named pipe": (lambda d: flow(d, source=fifo(d / "clip.mp4")), "regular file"),
     "only a pipe and a folder named like frames": (
-        lambda d: flow(d, source=frames_lookalikes(d)), "no image files"),
+        lambda d: flow(d, source=frames_lookalikes(d)),
+        "no image files",
+    ),
     "keyframe mask is a named pipe": (
-        lambda d: flow(d, mask=fifo(d / "key.png")), "not a regular file"),
+        lambda d: flow(d, mask=fifo(d / "key.png")),
+        "not a regular file",
+    ),
     "JPEG keyframe mask": (lambda d: flow(d, mask=jpeg_mask(d)), "JPEG"),
     "XMem weights holding NaN": (None, "NaN"),  # made with the nan_weights fixture below
     "flow sharpen NaN": (lambda d: flow(d, "--set", "sharpen=.nan"), "finite"),
@@ -321,40 +368,103 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
     "mem_every 0": (lambda d: xmem(d, "--set", "mem_every=0"), "at least 1"),
     "deep_update_every 0": (lambda d: xmem(d, "--set", "deep_update_every=0"), "-1"),
     "min_mid_term_frames above max": (
-        lambda d: xmem(d, "--set", "min_mid_term_frames=12"), "must be above"),
+        lambda d: xmem(d, "--set", "min_mid_term_frames=12"),
+        "must be above",
+    ),
     "max_long_term_elements not above num_prototypes": (
-        lambda d: xmem(d, "--set", "max_long_term_elements=128"), "num_prototypes"),
+        lambda d: xmem(d, "--set", "max_long_term_elements=128"),
+        "num_prototypes",
+    ),
     "enable_long_term not a flag": (
-        lambda d: xmem(d, "--set", "enable_long_term=maybe"), "true or false"),
+        lambda d: xmem(d, "--set", "enable_long_term=maybe"),
+        "true or false",
+    ),
     "same setting twice": (
-        lambda d: flow(d, "--set", "preset=fast", "--set", "preset=medium"), "two --set"),
-    "flow refine_radius negative": (
-        lambda d: flow(d, "--set", "refine_radius=-1"), "at least 0"),
+        lambda d: flow(d, "--set", "preset=fast", "--set", "preset=medium"),
+        "two --set",
+    ),
+    "flow refine_radius negative": (lambda d: flow(d, "--set", "refine_radius=-1"), "at least 0"),
     "flow search_px negative": (lambda d: flow(d, "--set", "search_px=-3"), "at least 0"),
     "flow colour_bins 2.5": (lambda d: flow(d, "--set", "colour_bins=2.5"), "whole number"),
     "flow consistency_px 0": (lambda d: flow(d, "--set", "consistency_px=0"), "above 0"),
     "mask frame superscript two": (
-        lambda d: ["propagate", frames(d), "--mask", f"\u00b2={key(d)}", "--out", d / "out",
-                   "--engine", "flow"], "FRAME=PNG"),  # fmt: skip
+        lambda d: [
+            "propagate",
+            frames(d),
+            "--mask",
+            f"\u00b2={key(d)}",
+            "--out",
+            d / "out",
+            "--engine",
+            "flow",
+        ],
+        "FRAME=PNG",
+    ),  # fmt: skip
     "mask frame Arabic-Indic digit": (
-        lambda d: ["propagate", frames(d), "--mask", f"\u0663={key(d)}", "--out", d / "out",
-                   "--engine", "flow"], "FRAME=PNG"),  # fmt: skip
+        lambda d: [
+            "propagate",
+            frames(d),
+            "--mask",
+            f"\u0663={key(d)}",
+            "--out",
+            d / "out",
+            "--engine",
+            "flow",
+        ],
+        "FRAME=PNG",
+    ),  # fmt: skip
     "mask frame negative": (
-        lambda d: ["propagate", frames(d), f"--mask=-1={key(d)}", "--out", d / "out",
-                   "--engine", "flow"], "FRAME=PNG"),  # fmt: skip
+        lambda d: [
+            "propagate",
+            frames(d),
+            f"--mask=-1={key(d)}",
+            "--out",
+            d / "out",
+            "--engine",
+            "flow",
+        ],
+        "FRAME=PNG",
+    ),  # fmt: skip
     "same keyframe twice": (
-        lambda d: ["propagate", frames(d), "--mask", f"0={key(d)}", "--mask", f"00={key(d)}",
-                   "--out", d / "out", "--engine", "flow"], "two --mask"),  # fmt: skip
+        lambda d: [
+            "propagate",
+            frames(d),
+            "--mask",
+            f"0={key(d)}",
+            "--mask",
+            f"00={key(d)}",
+            "--out",
+            d / "out",
+            "--engine",
+            "flow",
+        ],
+        "two --mask",
+    ),  # fmt: skip
     "eval out inside the data": (
         lambda d: ["eval", "--data", frames(d).parent.parent, "--out", d / "clip" / "scores"],
-        "lies inside the --data folder"),
+        "lies inside the --data folder",
+    ),
     "eval force on a person's folder": (
-        lambda d: ["eval", "--data", CHAIR.parent, "--sequences", "chair", "--force",
-                   "--out", foreign_folder(d)], "not written by xmem-label"),  # fmt: skip
+        lambda d: [
+            "eval",
+            "--data",
+            CHAIR.parent,
+            "--sequences",
+            "chair",
+            "--force",
+            "--out",
+            foreign_folder(d),
+        ],
+        "not written by xmem-label",
+    ),  # fmt: skip
     "weights download of a path": (
-        lambda d: ["weights", "download", "/etc/passwd"], "unknown checkpoint"),
+        lambda d: ["weights", "download", "/etc/passwd"],
+        "unknown checkpoint",
+    ),
     "weights verify of a missing file": (
-        lambda d: ["weights", "verify", d / "missing.pth"], "no such file"),
+        lambda d: ["weights", "verify", d / "missing.pth"],
+        "no such file",
+    ),
 }
 
 

@@ -72,114 +72,190 @@ def add_video(ds, tmp_path, name, content: bytes | None):
 CASES = {
     # id: (setup(ds, tmp_path) or None, operator, params, message)
     "missing keyframe field": (
-        None, PROPAGATE, dict(prompt_field="nope"), "no frame field 'frames.nope' in this dataset"
+        None,
+        PROPAGATE,
+        dict(prompt_field="nope"),
+        "no frame field 'frames.nope' in this dataset",
     ),
     "keyframe field of another type": (
         lambda ds, _: set_frame(ds, "cls", fo.Classification(label="chair")),
-        PROPAGATE, dict(prompt_field="cls"), "frames.cls holds Classification; prompts must be",
+        PROPAGATE,
+        dict(prompt_field="cls"),
+        "frames.cls holds Classification; prompts must be",
     ),
     "keyframe past the end": (
         lambda ds, _: set_frame(ds, "late", ds.first().frames[1].gt.copy(), 20),
-        PROPAGATE, dict(prompt_field="late"), "keyframe on frame 20 but the video has 8 frames",
+        PROPAGATE,
+        dict(prompt_field="late"),
+        "keyframe on frame 20 but the video has 8 frames",
     ),
     "keyframe field with no keyframe": (
         lambda ds, _: set_frame(ds, "blank", detections()),
-        PROPAGATE, dict(prompt_field="blank"), "no sample has a keyframe label in frames.blank",
+        PROPAGATE,
+        dict(prompt_field="blank"),
+        "no sample has a keyframe label in frames.blank",
     ),
     "empty instance mask": (
-        lambda ds, _: set_frame(ds, "empty", detections(fo.Detection(
-            label="a", bounding_box=[0.1, 0.1, 0.2, 0.2], mask=np.zeros((5, 5), bool)))),
-        PROPAGATE, dict(prompt_field="empty"), "the mask of 'a' is empty",
+        lambda ds, _: set_frame(
+            ds,
+            "empty",
+            detections(
+                fo.Detection(
+                    label="a", bounding_box=[0.1, 0.1, 0.2, 0.2], mask=np.zeros((5, 5), bool)
+                )
+            ),
+        ),
+        PROPAGATE,
+        dict(prompt_field="empty"),
+        "the mask of 'a' is empty",
     ),
     "mask without a box": (
-        lambda ds, _: set_frame(ds, "nobox", detections(fo.Detection(
-            label="a", mask=np.ones((5, 5), bool)))),
-        PROPAGATE, dict(prompt_field="nobox"), "detection 'a' has no bounding box",
+        lambda ds, _: set_frame(
+            ds, "nobox", detections(fo.Detection(label="a", mask=np.ones((5, 5), bool)))
+        ),
+        PROPAGATE,
+        dict(prompt_field="nobox"),
+        "detection 'a' has no bounding box",
     ),
     "negative object index": (
-        lambda ds, _: set_frame(ds, "neg", detections(
-            fo.Detection.from_mask(square(), label="a", index=-1))),
-        PROPAGATE, dict(prompt_field="neg"), "detection index -1 is negative",
+        lambda ds, _: set_frame(
+            ds, "neg", detections(fo.Detection.from_mask(square(), label="a", index=-1))
+        ),
+        PROPAGATE,
+        dict(prompt_field="neg"),
+        "detection index -1 is negative",
     ),
     "two detections share an index": (
-        lambda ds, _: set_frame(ds, "twice", detections(
-            fo.Detection.from_mask(square(), label="a", index=2),
-            fo.Detection.from_mask(square(box=(0, 0, 20, 20)), label="b", index=2))),
-        PROPAGATE, dict(prompt_field="twice"), "frame 1: two detections share one index",
+        lambda ds, _: set_frame(
+            ds,
+            "twice",
+            detections(
+                fo.Detection.from_mask(square(), label="a", index=2),
+                fo.Detection.from_mask(square(box=(0, 0, 20, 20)), label="b", index=2),
+            ),
+        ),
+        PROPAGATE,
+        dict(prompt_field="twice"),
+        "frame 1: two detections share one index",
     ),
     "more than 255 objects": (
-        lambda ds, _: set_frame(ds, "crowd", detections(*[
-            fo.Detection.from_mask(square(box=(0, i % 200, 2, i % 200 + 2)), index=i)
-            for i in range(256)])),
-        PROPAGATE, dict(prompt_field="crowd"), "256 objects in one video; at most 255",
+        lambda ds, _: set_frame(
+            ds,
+            "crowd",
+            detections(
+                *[
+                    fo.Detection.from_mask(square(box=(0, i % 200, 2, i % 200 + 2)), index=i)
+                    for i in range(256)
+                ]
+            ),
+        ),
+        PROPAGATE,
+        dict(prompt_field="crowd"),
+        "256 objects in one video; at most 255",
     ),
     "RGB segmentation": (
         lambda ds, _: set_frame(ds, "rgb", fo.Segmentation(mask=np.ones((160, 240, 3), np.uint8))),
-        PROPAGATE, dict(prompt_field="rgb"), "RGB segmentation masks are not supported",
+        PROPAGATE,
+        dict(prompt_field="rgb"),
+        "RGB segmentation masks are not supported",
     ),
     "segmentation of another size": (
         lambda ds, _: set_frame(ds, "small", fo.Segmentation(mask=np.ones((10, 10), np.uint8))),
-        PROPAGATE, dict(prompt_field="small"), "is 10x10 but the frame is 240x160",
+        PROPAGATE,
+        dict(prompt_field="small"),
+        "is 10x10 but the frame is 240x160",
     ),
     "segmentation ids above 255": (
-        lambda ds, _: set_frame(ds, "wide", fo.Segmentation(
-            mask=np.full((160, 240), 300, np.uint16))),
-        PROPAGATE, dict(prompt_field="wide"), "mask values must be object ids 0..255",
+        lambda ds, _: set_frame(
+            ds, "wide", fo.Segmentation(mask=np.full((160, 240), 300, np.uint16))
+        ),
+        PROPAGATE,
+        dict(prompt_field="wide"),
+        "mask values must be object ids 0..255",
     ),
     "output equals keyframe field": (
-        None, PROPAGATE, dict(prompt_field="gt", label_field="gt"),
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", label_field="gt"),
         "the output field must differ from the keyframe field",
     ),
     "output not a plain name": (
-        None, PROPAGATE, dict(prompt_field="gt", label_field="a.b"),
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", label_field="a.b"),
         "output field 'a.b' is not a plain field name",
     ),
     "output of another type": (
-        None, PROPAGATE, dict(prompt_field="gt", label_field="frame_number"),
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", label_field="frame_number"),
         "frames.frame_number already holds something other than Detections",
     ),
     "output a person's own Detections": (
-        None, PROPAGATE, dict(prompt_field="gt", label_field="truth"),
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", label_field="truth"),
         "frames.truth was not written by xmem-label and is never replaced",
     ),
     "an output as keyframes, unconfirmed": (
-        add_propagated_output, PROPAGATE, dict(prompt_field="xmem", label_field="again"),
+        add_propagated_output,
+        PROPAGATE,
+        dict(prompt_field="xmem", label_field="again"),
         "frames.xmem was written by xmem-label: every propagated frame would be a keyframe",
     ),
     "unknown engine": (
-        None, PROPAGATE, dict(prompt_field="gt", engine="sam"), "Path: engine",
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", engine="sam"),
+        "Path: engine",
     ),
     "XMem weights missing": (
-        None, PROPAGATE, dict(prompt_field="gt", engine="xmem", checkpoint="/nowhere/XMem.pth"),
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", engine="xmem", checkpoint="/nowhere/XMem.pth"),
         "weights file not found: /nowhere/XMem.pth",
     ),
     "samples per run not a number": (
-        None, PROPAGATE, dict(prompt_field="gt", samples_per_run="many"),
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", samples_per_run="many"),
         "samples per run must be a whole number",
     ),
     "samples per run negative": (
-        None, PROPAGATE, dict(prompt_field="gt", samples_per_run=-2),
+        None,
+        PROPAGATE,
+        dict(prompt_field="gt", samples_per_run=-2),
         "samples per run must be 0 (one run) or more",
     ),
     "video file missing": (
         lambda ds, tmp: add_video(ds, tmp, "gone.mp4", None),
-        PROPAGATE, dict(prompt_field="gt"), "gone.mp4 does not exist",
+        PROPAGATE,
+        dict(prompt_field="gt"),
+        "gone.mp4 does not exist",
     ),
     "video file unreadable": (
         lambda ds, tmp: add_video(ds, tmp, "broken.mp4", b"not a video"),
-        PROPAGATE, dict(prompt_field="gt"), "broken.mp4",
+        PROPAGATE,
+        dict(prompt_field="gt"),
+        "broken.mp4",
     ),
     "review of a field that was not propagated": (
-        None, REVIEW, dict(label_field="nothing_here", k=2),
+        None,
+        REVIEW,
+        dict(label_field="nothing_here", k=2),
         "frames.nothing_here is not a propagated Detections field",
     ),
     "review view over a person's saved view": (
         lambda ds, tmp: (add_propagated_output(ds, tmp), ds.save_view("mine", ds.limit(1))),
-        REVIEW, dict(label_field="xmem", k=2, action="view", tag="mine"),
+        REVIEW,
+        dict(label_field="xmem", k=2, action="view", tag="mine"),
         "a saved view 'mine' exists and was not made by review frames",
     ),
     "review with k below 1": (
-        add_propagated_output, REVIEW, dict(label_field="xmem", k=-1), "Path: k",
+        add_propagated_output,
+        REVIEW,
+        dict(label_field="xmem", k=-1),
+        "Path: k",
     ),
 }
 

@@ -78,8 +78,17 @@ def mongod():
     data = FO_HOME / "mongo"
     data.mkdir()
     process = subprocess.Popen(
-        [binary, "--dbpath", str(data), "--port", str(MONGO_PORT), "--bind_ip", "127.0.0.1",
-         "--logpath", str(FO_HOME / "mongod.log")],
+        [
+            binary,
+            "--dbpath",
+            str(data),
+            "--port",
+            str(MONGO_PORT),
+            "--bind_ip",
+            "127.0.0.1",
+            "--logpath",
+            str(FO_HOME / "mongod.log"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -109,9 +118,24 @@ def chair_mp4(tmp_path_factory) -> Path:
     """The chair clip (8 frames, 240x160) as an H.264 mp4, as users' videos are."""
     path = tmp_path_factory.mktemp("video") / "chair.mp4"
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-framerate", "8", "-start_number", "0",
-         "-i", str(CHAIR / "frames" / "frame_%06d.jpg"),
-         "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-framerate",
+            "8",
+            "-start_number",
+            "0",
+            "-i",
+            str(CHAIR / "frames" / "frame_%06d.jpg"),
+            "-c:v",
+            "libx264",
+            "-crf",
+            "12",
+            "-pix_fmt",
+            "yuv420p",
+            str(path),
+        ],
         check=True,
     )
     return path
@@ -173,8 +197,6 @@ def check_equals_engine(ds, field, engine_labels):
         assert 0 < det.confidence <= 1
 
 
-
-
 def run_operator(uri, ds, selected=None, view=None, **params):
     """Execute like the App does (POST /operators/execute): an ExecutionResult whose
     error_message is what the user sees. Parameters refused by the operator's form before
@@ -187,5 +209,10 @@ def run_operator(uri, ds, selected=None, view=None, **params):
     try:
         return asyncio.run(execute_or_delegate_operator(uri, request, exhaust=True))
     except ExecutionError as refused:
-        return SimpleNamespace(result=None, error=str(refused), error_message=str(refused),
-                               executor=None, delegated=False)
+        return SimpleNamespace(
+            result=None,
+            error=str(refused),
+            error_message=str(refused),
+            executor=None,
+            delegated=False,
+        )

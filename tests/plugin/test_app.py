@@ -34,10 +34,21 @@ WINDOW = (1400, 900)
 
 def screenshot(url: str, path) -> np.ndarray:
     subprocess.run(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--hide-scrollbars", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-         "--virtual-time-budget=20000", f"--screenshot={path}", url],
-        check=True, capture_output=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            f"--window-size={WINDOW[0]},{WINDOW[1]}",
+            "--virtual-time-budget=20000",
+            f"--screenshot={path}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 
@@ -45,11 +56,17 @@ def screenshot(url: str, path) -> np.ndarray:
 def post(url: str, endpoint: str, dataset: fo.Dataset, **params) -> str:
     """POST to the App server's operator endpoint as the App does, for "propagate masks"."""
     body = json.dumps(
-        {"operator_uri": f"{PLUGIN_NAME}/propagate_masks", "dataset_name": dataset.name,
-         "view": [], "params": params, "target": "inputs"}
+        {
+            "operator_uri": f"{PLUGIN_NAME}/propagate_masks",
+            "dataset_name": dataset.name,
+            "view": [],
+            "params": params,
+            "target": "inputs",
+        }
     ).encode()
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/operators/{endpoint}", data=body,
+        f"{url.rstrip('/')}/operators/{endpoint}",
+        data=body,
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -80,8 +97,9 @@ def show(session: fo.Session, view, sample_id: str) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
 def test_app_shows_propagated_masks(dataset, tmp_path):
     sample = dataset.first()
-    dataset.set_values("frames.last", {sample.id: {8: sample.frames[8].truth.copy()}},
-                       key_field="id")
+    dataset.set_values(
+        "frames.last", {sample.id: {8: sample.frames[8].truth.copy()}}, key_field="id"
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -91,8 +109,9 @@ def test_app_shows_propagated_masks(dataset, tmp_path):
         fields = form["type"]["properties"]
         assert {"prompt_field", "label_field", "engine", "delegate"} <= set(fields)
         assert fields["label_field"]["default"] == "xmem"
-        messages = execute_through_app(session.url, dataset, prompt_field="last",
-                                       label_field="xmem")
+        messages = execute_through_app(
+            session.url, dataset, prompt_field="last", label_field="xmem"
+        )
         dataset.reload()
         assert dataset.first().frames[1].xmem.detections[0].keyframe is False
         show(session, dataset.select_fields("frames.xmem"), sample.id)  # modal on frame 1

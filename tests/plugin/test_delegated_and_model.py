@@ -31,8 +31,11 @@ def queue(dataset, view=None, **params):
     """Queue a delegated propagation as a Python caller does; returns the operation id."""
     queued = foo.execute_operator(
         PROPAGATE,
-        ctx=dict(view=dataset.view() if view is None else view, request_delegation=True,
-                 params=dict(engine="flow", **params)),
+        ctx=dict(
+            view=dataset.view() if view is None else view,
+            request_delegation=True,
+            params=dict(engine="flow", **params),
+        ),
     )
     assert queued.delegated
     return queued.result["id"]
@@ -92,8 +95,13 @@ def test_a_killed_worker_is_detected_and_the_run_reruns_cleanly(dataset, tmp_pat
     sample = fo.Sample(filepath=str(clip))
     dataset.add_sample(sample)
     dataset.set_values(
-        "frames.long", {sample.id: {1: fo.Detections(detections=[
-            fo.Detection.from_mask(chair, label="chair", index=1)])}}, key_field="id",
+        "frames.long",
+        {
+            sample.id: {
+                1: fo.Detections(detections=[fo.Detection.from_mask(chair, label="chair", index=1)])
+            }
+        },
+        key_field="id",
     )
     long_view = dataset.select(sample.id)
     op_id = queue(dataset, view=long_view, prompt_field="long", label_field="out")
@@ -109,8 +117,9 @@ def test_a_killed_worker_is_detected_and_the_run_reruns_cleanly(dataset, tmp_pat
     time.sleep(runs.HEARTBEAT_S + 1.5)
     status = run_operator(STATUS, dataset, stale_after_s=600)
     assert status.result["marked_failed"] == []  # not yet dead by the user's measure
-    next_run = run_operator(PROPAGATE, dataset, prompt_field="gt", label_field="xmem",
-                            engine="flow")
+    next_run = run_operator(
+        PROPAGATE, dataset, prompt_field="gt", label_field="xmem", engine="flow"
+    )
     assert next_run.error is None, next_run.error
     notice = next_run.executor.to_json()["requests"][-1]["params"]["message"]
     assert f"marked failed (their worker died): {op_id}" in notice
@@ -133,8 +142,9 @@ def test_a_killed_worker_is_detected_and_the_run_reruns_cleanly(dataset, tmp_pat
 
 
 def test_apply_model_writes_the_engines_masks(dataset, engine_labels):
-    dataset.apply_model(XMemLabelVideoModel(engine="flow"), label_field="xmem",
-                        prompt_field="frames.gt")
+    dataset.apply_model(
+        XMemLabelVideoModel(engine="flow"), label_field="xmem", prompt_field="frames.gt"
+    )
     dataset.reload()
     check_equals_engine(dataset, "xmem", engine_labels)
     assert dataset.get_field("frames.xmem").info[MARKER]["run"] == "apply_model"
@@ -144,8 +154,9 @@ def test_apply_model_refuses_a_frames_prefix_before_running(dataset):
     model = XMemLabelVideoModel(engine="flow")
     started = time.monotonic()
     with pytest.raises(InputError, match="without its 'frames.' prefix"):
-        dataset.apply_model(model, label_field="frames.xmem", prompt_field="frames.gt",
-                            skip_failures=False)
+        dataset.apply_model(
+            model, label_field="frames.xmem", prompt_field="frames.gt", skip_failures=False
+        )
     assert time.monotonic() - started < 5
     dataset.reload()
     assert not dataset.has_frame_field("xmem")

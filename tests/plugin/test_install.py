@@ -21,9 +21,14 @@ FIFTYONE = str(Path(sys.executable).with_name("fiftyone"))
 def test_workers_and_the_app_find_the_plugin_through_the_config_file(mongod, tmp_path):
     # README: the installed package's plugin folder
     plugin_dir = subprocess.run(
-        [sys.executable, "-c",
-         "import os, xmem_label.plugin as p; print(os.path.dirname(p.__file__))"],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import os, xmem_label.plugin as p; print(os.path.dirname(p.__file__))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     assert (Path(plugin_dir) / "fiftyone.yml").is_file()
     plugins = tmp_path / "plugins"

@@ -102,8 +102,7 @@ labels_or_none = st.sampled_from(["cat", "dog", None])
 @given(
     st.dictionaries(
         st.integers(1, 50),
-        st.lists(st.tuples(labels_or_none, st.one_of(st.none(), st.integers(0, 20))),
-                 max_size=5),
+        st.lists(st.tuples(labels_or_none, st.one_of(st.none(), st.integers(0, 20))), max_size=5),
         max_size=4,
     )
 )

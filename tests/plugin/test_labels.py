@@ -147,8 +147,9 @@ def test_a_0_255_png_segmentation_is_object_1_like_the_command_line(tmp_path):
     objects = prompt_objects(fo.Segmentation(mask_path=str(png)), None, FRAME_HW, None, None, "f")
     assert [(o.object_id, o.label) for o in objects] == [(1, "1")]
     np.testing.assert_array_equal(objects[0].mask, read_label_mask(png) == 1)
-    named = prompt_objects(fo.Segmentation(mask_path=str(png)), None, FRAME_HW, None,
-                           {255: "chair"}, "f")
+    named = prompt_objects(
+        fo.Segmentation(mask_path=str(png)), None, FRAME_HW, None, {255: "chair"}, "f"
+    )
     assert named[0].label == "chair"
 
 

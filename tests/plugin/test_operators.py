@@ -61,12 +61,17 @@ def test_an_immediate_run_from_python_returns_its_summary(dataset, engine_labels
     """The App gets a generator (progress as it runs); Python callers get the summary."""
     result = foo.execute_operator(
         PROPAGATE,
-        ctx=dict(dataset=dataset,
-                 params=dict(prompt_field="gt", label_field="xmem", engine="flow")),
+        ctx=dict(
+            dataset=dataset, params=dict(prompt_field="gt", label_field="xmem", engine="flow")
+        ),
     )
     assert result.result == {
-        "samples": 1, "frames": 8, "skipped_samples": 0, "label_field": "frames.xmem",
-        "engine": "flow", "stale_runs_failed": [],
+        "samples": 1,
+        "frames": 8,
+        "skipped_samples": 0,
+        "label_field": "frames.xmem",
+        "engine": "flow",
+        "stale_runs_failed": [],
     }
     dataset.reload()
     check_equals_engine(dataset, "xmem", engine_labels)
@@ -78,8 +83,12 @@ def test_rerun_replaces_and_a_failed_run_keeps_earlier_labels(dataset, engine_la
     dataset.reload()
     assert dataset.count("frames.xmem.detections") == 8  # one per frame, not two
     failed = run(
-        PROPAGATE, dataset, prompt_field="gt", label_field="xmem",
-        engine="xmem", checkpoint="/nonexistent/XMem.pth",
+        PROPAGATE,
+        dataset,
+        prompt_field="gt",
+        label_field="xmem",
+        engine="xmem",
+        checkpoint="/nonexistent/XMem.pth",
     )
     assert failed.error_message
     dataset.reload()
@@ -115,8 +124,11 @@ def test_box_prompt_is_turned_into_a_mask(dataset, chair_truth):
     box = dataset.first().frames[1].gt.detections[0].bounding_box
     dataset.set_values(
         "frames.boxes",
-        {dataset.first().id: {1: fo.Detections(detections=[fo.Detection(label="chair",
-                                                                         bounding_box=box)])}},
+        {
+            dataset.first().id: {
+                1: fo.Detections(detections=[fo.Detection(label="chair", bounding_box=box)])
+            }
+        },
         key_field="id",
     )
     result = run(PROPAGATE, dataset, prompt_field="boxes", label_field="from_box")
@@ -320,8 +332,9 @@ def form(ds, **params) -> dict:
     from fiftyone.operators.executor import resolve_type
     from fiftyone.operators.registry import OperatorRegistry
 
-    request = dict(dataset_name=ds.name, view=ds.view()._serialize(), params=params,
-                   target="inputs")
+    request = dict(
+        dataset_name=ds.name, view=ds.view()._serialize(), params=params, target="inputs"
+    )
     resolved = asyncio.run(resolve_type(OperatorRegistry(), PROPAGATE, request))
     return resolved.to_json()["type"]["properties"]
 
@@ -337,8 +350,12 @@ def test_outputs_are_marked_declared_and_not_the_default_keyframes(dataset):
     assert isinstance(schema["a_out.min_confidence"], fo.FloatField)
     assert isinstance(schema["a_out.detections.keyframe"], fo.BooleanField)
     # declared, so the App's sidebar filters can use them
-    assert dataset.filter_labels("frames.a_out", fo.ViewField("keyframe") == True).count(  # noqa: E712
-        "frames.a_out.detections") == 1
+    assert (
+        dataset.filter_labels("frames.a_out", fo.ViewField("keyframe") == True).count(  # noqa: E712
+            "frames.a_out.detections"
+        )
+        == 1
+    )
     assert dataset.bounds("frames.a_out.min_confidence")[1] == 1.0
 
     inputs = form(dataset)
@@ -353,8 +370,9 @@ def test_outputs_are_marked_declared_and_not_the_default_keyframes(dataset):
     assert "confirm" in inputs["output_as_keyframes"]["error_message"]
     refused = run(PROPAGATE, dataset, prompt_field="a_out", label_field="b_out")
     assert "frames.a_out was written by xmem-label" in refused.error_message
-    confirmed = run(PROPAGATE, dataset, prompt_field="a_out", label_field="b_out",
-                    output_as_keyframes=True)
+    confirmed = run(
+        PROPAGATE, dataset, prompt_field="a_out", label_field="b_out", output_as_keyframes=True
+    )
     assert confirmed.error is None, confirmed.error
     dataset.reload()
     assert all(det.keyframe for det in dataset.values("frames.b_out.detections", unwind=True))

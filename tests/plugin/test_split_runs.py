@@ -28,8 +28,9 @@ def split_run(dataset, workers: int) -> tuple[float, list, list[str]]:
             ctx=dict(
                 dataset=dataset,
                 request_delegation=True,
-                params=dict(prompt_field="gt", label_field="xmem", engine="flow",
-                            samples_per_run=1),
+                params=dict(
+                    prompt_field="gt", label_field="xmem", engine="flow", samples_per_run=1
+                ),
             ),
         )
         parent = queued.result["id"]
@@ -42,9 +43,11 @@ def split_run(dataset, workers: int) -> tuple[float, list, list[str]]:
     first = service.get(parent).queued_at
     for op_id in [parent, *parts]:
         op = service.get(ObjectId(str(op_id)))
-        print(f"{op.label}: queued +{(op.queued_at - first).total_seconds():.1f} s, started "
-              f"+{(op.started_at - first).total_seconds():.1f} s, done "
-              f"+{(op.completed_at - first).total_seconds():.1f} s")
+        print(
+            f"{op.label}: queued +{(op.queued_at - first).total_seconds():.1f} s, started "
+            f"+{(op.started_at - first).total_seconds():.1f} s, done "
+            f"+{(op.completed_at - first).total_seconds():.1f} s"
+        )
     return wall, parts, running.output
 
 

@@ -21,5 +21,4 @@ def test_apply_model_with_the_toy_engine(toy_engine, dataset, chair_truth):
     first = chair_truth[0] == 1
     frames = [sample.frames[number]["toy"] for number in range(1, len(sample.frames) + 1)]
     assert len(frames) == len(chair_truth)
-    assert all((full_frame(detections, hw) == 1).sum() > 0.9 * first.sum()
-               for detections in frames)
+    assert all((full_frame(detections, hw) == 1).sum() > 0.9 * first.sum() for detections in frames)

@@ -71,8 +71,9 @@ def run_config(fixture_dir, weights_path, name: str, **engine_options):
     meta = json.loads((fixture_dir / "fixture_meta.json").read_text())["configs"][name]
     settings = {k: v for k, v in meta["inference_config"].items() if k not in NETWORK_DIMS}
     engine = TraceRecorder(
-        load_engine("xmem", weights=weights_path, size=-1, device="cpu", **settings,
-                    **engine_options)
+        load_engine(
+            "xmem", weights=weights_path, size=-1, device="cpu", **settings, **engine_options
+        )
     )
     labels = np.array(Image.open(fixture_dir / "clip" / "mask_00000.png"))
     with Session(engine, fixture_frames(fixture_dir)) as session:

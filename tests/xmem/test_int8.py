@@ -108,5 +108,4 @@ def test_int8_precision_prepares_the_wide_convolutions(xmem_weights_path):
     assert all(id(conv) in decoder | value_encoder for conv in convs)
     assert not any(conv.winograd_weight is not None for conv in convs)
     with pytest.raises(InputError, match="compile"):
-        load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="int8",
-                    compile=True)
+        load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="int8", compile=True)

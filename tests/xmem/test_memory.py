@@ -33,8 +33,13 @@ def random_frame(generator, objects: int, h: int = 2, w: int = 3):
 
 def manager(**overrides) -> MemoryManager:
     settings = dict(
-        top_k=30, enable_long_term=True, count_long_term_usage=True, min_mid_term_frames=2,
-        max_mid_term_frames=4, num_prototypes=4, max_long_term_elements=10,
+        top_k=30,
+        enable_long_term=True,
+        count_long_term_usage=True,
+        min_mid_term_frames=2,
+        max_mid_term_frames=4,
+        num_prototypes=4,
+        max_long_term_elements=10,
     )
     settings.update(overrides)
     return MemoryManager(**settings)
@@ -46,8 +51,9 @@ def test_similarity_is_the_anisotropic_l2_distance():
     shrinkage, selection = torch.rand(5) + 1, torch.rand(KEY_DIM, 3)
     scores = similarity(similarity_terms(keys, shrinkage), query, selection)
     direct = -(
-        (selection.t().unsqueeze(1) * (keys.t().unsqueeze(0) - query.t().unsqueeze(1)) ** 2)
-        .sum(-1) * shrinkage / math.sqrt(KEY_DIM)
+        (selection.t().unsqueeze(1) * (keys.t().unsqueeze(0) - query.t().unsqueeze(1)) ** 2).sum(-1)
+        * shrinkage
+        / math.sqrt(KEY_DIM)
     )
     assert torch.allclose(scores, direct, atol=1e-5)
 
@@ -76,8 +82,12 @@ def test_read_of_a_tiny_frame_with_fewer_elements_than_top_k():
 
 def test_pruning_exactly_at_the_threshold_removes_nothing():
     store = MemoryStore(count_usage=True)
-    store.add(torch.randn(KEY_DIM, 6), torch.ones(6), None, [(torch.ones(6, dtype=bool),
-                                                                torch.randn(6, VALUE_DIM))])
+    store.add(
+        torch.randn(KEY_DIM, 6),
+        torch.ones(6),
+        None,
+        [(torch.ones(6, dtype=bool), torch.randn(6, VALUE_DIM))],
+    )
     store.prune(6)
     assert store.size == 6
 
@@ -137,9 +147,16 @@ def test_engine_on_tiny_frames_with_aggressive_memory(xmem_weights_path, directi
     """64x64 frames (16 memory elements each, fewer than top_k), an object added mid-video,
     consolidation every few frames and pruning with usage counting off: runs, finite."""
     engine = load_engine(
-        "xmem", weights=xmem_weights_path, size=-1, device="cpu", mem_every=1,
-        min_mid_term_frames=2, max_mid_term_frames=4, num_prototypes=20,
-        max_long_term_elements=40, enable_long_term_count_usage=False,
+        "xmem",
+        weights=xmem_weights_path,
+        size=-1,
+        device="cpu",
+        mem_every=1,
+        min_mid_term_frames=2,
+        max_mid_term_frames=4,
+        num_prototypes=20,
+        max_long_term_elements=40,
+        enable_long_term_count_usage=False,
     )
     generator = np.random.default_rng(0)
     frames = [generator.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(14)]

@@ -28,9 +28,7 @@ def wide_conv(in_channels: int = 200, out_channels: int = 192) -> Conv3x3:
     return conv
 
 
-@pytest.mark.parametrize(
-    "shape", [(1, 200, 16, 16), (3, 200, 13, 17), (2, 200, 5, 9)], ids=str
-)
+@pytest.mark.parametrize("shape", [(1, 200, 16, 16), (3, 200, 13, 17), (2, 200, 5, 9)], ids=str)
 def test_matches_the_direct_convolution(shape):
     conv = wide_conv()
     x = torch.randn(shape)
@@ -89,7 +87,8 @@ def test_narrow_convolutions_stay_direct():
 def test_exact_mode_on_cpu_prepares_the_decoder_and_fast_mode_does_not(xmem_weights_path):
     def prepared(engine) -> list[Conv3x3]:
         return [
-            m for m in engine.network.modules()
+            m
+            for m in engine.network.modules()
             if isinstance(m, Conv3x3) and m.winograd_weight is not None
         ]
 
