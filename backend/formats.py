@@ -23,6 +23,7 @@ import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
 
 from xmem_label.model import InputError
+from xmem_label.model.keyframes import Keyframes, ObjectIds
 
 from .rle import mask_to_rle, rle_to_mask
 
@@ -168,7 +169,7 @@ class BrushKeyframes:
     """Objects drawn by a person: ids 1..N with their labels, and their masks per frame."""
 
     labels: dict[int, str]  # object id -> label
-    masks: dict[int, dict[int, np.ndarray]]  # frame -> object id -> bool mask
+    given: Keyframes  # frame -> object id -> bool mask (model/keyframes.py's rule)
     regions: dict[int, dict[int, dict]]  # frame -> object id -> the person's region, verbatim
     size: tuple[int, int]  # (width, height) the regions were drawn at
 
@@ -178,7 +179,8 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
 
     A frame is a keyframe when a person drew or edited a region on it (origin "manual",
     "prediction-changed" or none, or an `xl<o>k<f>` id); then every region on it counts as
-    given. Raises InputError for a malformed region or an annotation without keyframes.
+    given, and an object of the task with no region there is absent there (model/keyframes.py).
+    Raises InputError for a malformed region or an annotation without keyframes.
     """
     regions = [r for r in results or [] if r.get("from_name") == config.brush_name]
     by_frame: dict[int, list[dict]] = {}
@@ -196,10 +198,9 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
             "person"
         )
 
-    object_keys: dict[tuple, int] = {}
-    result = BrushKeyframes(labels={}, masks={}, regions={}, size=(0, 0))
+    object_ids = ObjectIds()
+    result = BrushKeyframes(labels={}, given=Keyframes(), regions={}, size=(0, 0))
     for frame in keyframes:
-        rank_by_label: dict[str, int] = {}
         for region in by_frame[frame]:
             label, mask, size = _decode_brush_region(region, frame)
             label = label or (config.labels[0] if config.labels else "")  # unlabelled stroke
@@ -210,24 +211,16 @@ def brush_keyframes(results: list[dict], config: SequenceConfig, num_frames: int
                 )
             result.size = size
             predicted = PREDICTED_ID.match(str(region.get("id", "")))
-            if predicted:
-                key = ("predicted", int(predicted.group(1)))
-            else:
-                rank = rank_by_label.get(label, 0)
-                rank_by_label[label] = rank + 1
-                key = ("drawn", label, rank)
-            object_id = object_keys.setdefault(key, len(object_keys) + 1)
-            if object_id > 255:
-                raise InputError("more than 255 objects in one task")
+            object_id = object_ids.id_for(
+                frame, label, int(predicted.group(1)) if predicted else None
+            )
             result.labels.setdefault(object_id, label)
-            frame_masks = result.masks.setdefault(frame, {})
             frame_regions = result.regions.setdefault(frame, {})
-            if object_id in frame_masks:  # two regions of one object: their union, re-encoded
-                frame_masks[object_id] = mask | frame_masks[object_id]
-                frame_regions.pop(object_id, None)
+            if object_id in result.given.masks.get(frame, {}):
+                frame_regions.pop(object_id, None)  # two regions of one object: re-encoded
             else:
-                frame_masks[object_id] = mask
                 frame_regions[object_id] = region
+            result.given.add(frame, object_id, mask)
     return result
 
 

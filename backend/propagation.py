@@ -19,6 +19,7 @@ import numpy as np
 
 from xmem_label.model import Engine, InputError, Session
 from xmem_label.model.frames import RandomAccessSource
+from xmem_label.model.keyframes import Keyframes
 from xmem_label.model.prompts import mask_from_box, mask_from_points
 
 from . import formats, media
@@ -107,12 +108,7 @@ def run_sequence(
                 f"are {width}x{height}"
             )
         with Session(engine, frames) as session:
-            for frame, masks in keyframes.masks.items():
-                for object_id, mask in masks.items():
-                    if mask.any():
-                        session.add_object_mask(frame, object_id, mask)
-                    else:
-                        session.set_absent(frame, object_id)
+            keyframes.given.apply_to(session)
             result, score = _brush_result(session, keyframes, config, timings, progress)
     timings.total = time.perf_counter() - started
     return Outcome(
@@ -154,7 +150,7 @@ def _keyframes_from_prompts(prompts, frames: ImageFiles, config) -> formats.Brus
     label, negative points included)."""
     if not prompts:
         raise InputError("no keyframe: the request has no smart box or point prompt")
-    keyframes = formats.BrushKeyframes(labels={}, masks={}, regions={}, size=(0, 0))
+    keyframes = formats.BrushKeyframes(labels={}, given=Keyframes(), regions={}, size=(0, 0))
     points: dict[tuple[int, str], list[formats.Prompt]] = {}
     for prompt in prompts:
         if not 0 <= prompt.frame < len(frames):
@@ -184,7 +180,7 @@ def _keyframes_from_prompts(prompts, frames: ImageFiles, config) -> formats.Brus
 def _add_prompt_object(keyframes, frame, label, config, mask) -> None:
     object_id = len(keyframes.labels) + 1
     keyframes.labels[object_id] = label if label in config.labels else config.labels[0]
-    keyframes.masks.setdefault(frame, {})[object_id] = mask
+    keyframes.given.add(frame, object_id, mask)
 
 
 def run_video(

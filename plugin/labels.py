@@ -21,10 +21,9 @@ import fiftyone as fo
 import numpy as np
 
 from xmem_label.model import FrameResult, InputError
+from xmem_label.model.keyframes import MAX_OBJECT_ID
 from xmem_label.model.masks import fit_mask_to_frame
 from xmem_label.model.prompts import mask_from_box
-
-MAX_OBJECT_ID = 255
 
 
 @dataclasses.dataclass

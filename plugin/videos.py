@@ -24,6 +24,7 @@ from xmem_label.model import (
     open_frames,
 )
 from xmem_label.model.engine import auto_engine, engine_spec
+from xmem_label.model.keyframes import Keyframes
 
 from .labels import (
     PromptObject,
@@ -190,13 +191,12 @@ def iter_video_labels(
     absent there: a keyframe label is a person's complete say on that frame.
     progress(done, total) is the engine's, called after every step of either pass.
     """
+    keyframes = Keyframes()
+    for index, objects in job.keyframes.items():
+        for obj in objects:
+            keyframes.add(index, obj.object_id, obj.mask)
     with Session(engine, job.filepath) as session:
-        for index, objects in sorted(job.keyframes.items()):
-            given = {obj.object_id for obj in objects}
-            for obj in objects:
-                session.add_object_mask(index, obj.object_id, obj.mask)
-            for object_id in sorted(set(job.names) - given):
-                session.set_absent(index, object_id)
+        keyframes.apply_to(session)
         for result in session.propagate(progress=progress):
             yield (
                 result.index + 1,

@@ -308,3 +308,35 @@ def test_a_webhook_job_whose_annotation_changed_meanwhile_stores_nothing(runtime
     finished = runtime.journal.wait(record.id, 60)
     assert finished.state == "done" and finished.result["superseded"] == 7
     assert stored == []
+
+
+def test_an_object_left_out_of_a_keyframe_is_absent_there(client):
+    """The keyframe rule of model/keyframes.py, as the FiftyOne plugin applies it too: the
+    person painted the chair and a patch of floor on frame 0, then the chair alone on frame 4
+    (the floor region deleted there): the floor is absent on frame 4 and after it."""
+    task = keyframe_task(8, "mask", "Chair")
+    patch = np.zeros((160, 240), bool)
+    patch[120:150, 150:200] = True
+    floor = dict(
+        task["annotations"][0]["result"][0],
+        value={"format": "rle", "rle": mask_to_rle(patch), "brushlabels": ["Chair"]},
+    )
+    chair_4 = read_label_mask(DATA / "chair" / "masks" / "frame_000004.png") == 1
+    on_4 = dict(
+        task["annotations"][0]["result"][0],
+        item_index=4,
+        value={"format": "rle", "rle": mask_to_rle(chair_4), "brushlabels": ["Chair"]},
+    )
+    task["annotations"][0]["result"] += [floor, on_4]
+    reply = client.post(
+        "/predict",
+        json={"tasks": [task], "project": "1.0", "label_config": config("mask", "Chair")},
+    )
+    assert reply.status_code == 200, reply.json
+    (prediction,) = reply.json["results"]
+    objects = {}
+    for region in prediction["result"]:
+        objects.setdefault(region["item_index"], set()).add(region["id"][:4])
+    assert objects[0] == {"xl1k", "xl2k"} and objects[1] == {"xl1f", "xl2f"}
+    assert objects[4] == {"xl1k"}
+    assert all(objects[frame] == {"xl1f"} for frame in (5, 6, 7))

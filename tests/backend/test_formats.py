@@ -100,10 +100,10 @@ def test_keyframes_group_objects_by_predicted_id_then_label_rank():
         region(4, "Person", square(3, 3), origin="prediction-changed", region_id="xl7f4"),
     ]
     keyframes = formats.brush_keyframes(results, config, num_frames=5)
-    assert sorted(keyframes.masks) == [0, 2, 4]  # frame 3 holds only an unchanged prediction
+    assert sorted(keyframes.given.masks) == [0, 2, 4]  # frame 3 holds only an unchanged prediction
     assert keyframes.labels == {1: "Chair", 2: "Chair", 3: "Person"}
-    assert np.array_equal(keyframes.masks[2][1], square(1, 1))
-    assert np.array_equal(keyframes.masks[4][3], square(3, 3))
+    assert np.array_equal(keyframes.given.masks[2][1], square(1, 1))
+    assert np.array_equal(keyframes.given.masks[4][3], square(3, 3))
     assert keyframes.size == (16, 12)
 
 

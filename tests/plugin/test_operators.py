@@ -385,3 +385,32 @@ def test_the_default_output_never_names_a_field_of_someone_else(dataset):
     dataset.reload()
     assert form(dataset)["label_field"]["default"] == "xmem_2"  # ours now: offered again
     assert dataset.count("frames.xmem.detections") == 0
+
+
+def test_an_object_left_out_of_a_keyframe_is_absent_there(dataset, chair_truth):
+    """The keyframe rule of model/keyframes.py, as the Label Studio backend applies it too: a
+    keyframe is the person's complete say on its frame, so the floor, given on frame 1 and left
+    out of the keyframe on frame 5, is absent on frame 5 and propagated again after it only
+    from its own keyframe (backwards before frame 5, never after)."""
+    first = dataset.first()
+    patch = np.zeros_like(chair_truth[0], dtype=bool)
+    patch[110:140, 150:200] = True
+    both = fo.Detections(
+        detections=[
+            fo.Detection.from_mask(chair_truth[0] == 1, label="chair", index=1),
+            fo.Detection.from_mask(patch & (chair_truth[0] != 1), label="floor", index=2),
+        ]
+    )
+    chair_only = fo.Detections(
+        detections=[fo.Detection.from_mask(chair_truth[4] == 1, label="chair", index=1)]
+    )
+    dataset.set_values("frames.kf", {first.id: {1: both, 5: chair_only}}, key_field="id")
+    assert run(PROPAGATE, dataset, prompt_field="kf", label_field="out").error is None
+    dataset.reload()
+    frames = dataset.first().frames
+    labels = {
+        number: {det.label for det in frames[number].out.detections}
+        for number in range(1, len(frames) + 1)
+    }
+    assert labels[1] == labels[2] == {"chair", "floor"}
+    assert all(labels[number] == {"chair"} for number in range(5, len(frames) + 1)), labels
