@@ -61,7 +61,7 @@ def test_input_is_channels_last_and_fast_mode_is_autocast(xmem_weights_path, tin
     assert image.is_contiguous(memory_format=torch.channels_last)
     fast = load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="bf16")
     with fast.network_context():
-        assert torch.is_autocast_cpu_enabled()
+        assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
