@@ -22,7 +22,9 @@ class DisWarpTracker:
     def __init__(self, warp: bool = True):
         self.object_ids: list[int] = []
         self._warp = warp
-        self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        self._flow = cv2.DISOpticalFlow_create(  # type: ignore[attr-defined]
+            cv2.DISOPTICAL_FLOW_PRESET_MEDIUM
+        )
         self._previous_grey: np.ndarray | None = None
         self._masks: dict[int, np.ndarray] = {}
 

@@ -170,7 +170,7 @@ def engine_spec(name: str) -> EngineSpec:
 def auto_engine(weights: str | None = None) -> tuple[EngineSpec, list[str]]:
     """The first registered engine that can run here without downloading anything, and why
     each one before it could not (what "auto" and the demo tell the user)."""
-    reasons = []
+    reasons: list[str] = []
     for spec in registered_engines().values():
         missing = spec.missing(weights)
         if missing is None:

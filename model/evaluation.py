@@ -295,6 +295,7 @@ def compare_clip(clip_dir: Path, exact: Engine, fast: Engine) -> dict[str, float
         ):
             if ours.index == 0:
                 continue
+            assert ours.probs is not None and reference.probs is not None  # with_probs=True
             top_two = np.sort(reference.probs, axis=0)[-2:]
             is_decided = top_two[1] - top_two[0] > DECIDED_MARGIN
             agrees = ours.labels == reference.labels

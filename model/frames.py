@@ -12,8 +12,9 @@ import queue
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar, cast
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ from .errors import InputError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif"}
 _SEEK_CHUNK = 32  # frames decoded per seek when a video is read backward
+T = TypeVar("T")
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
 
 
@@ -57,7 +59,9 @@ class FrameSource:
         """The name an output file for this frame takes: the source stem, else 00000, 00001..."""
         return self.names[index] if self.names else f"{index:05d}"
 
-    def forward(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def forward(
+        self, start: int = 0, stop: int | None = None
+    ) -> Generator[tuple[int, np.ndarray], None, None]:
         """(index, frame) from `start` up to `stop` (exclusive; None = end of clip)."""
         raise NotImplementedError
 
@@ -118,13 +122,14 @@ class ImageFolder(RandomAccessSource):
     def read(self, index: int) -> np.ndarray:
         frame, problem = self._decode(index)
         if problem is None:
+            assert frame is not None  # _decode gives a frame or a problem
             return frame
         if not self.skip_bad_frames:
             raise InputError(f"{problem} (--skip-bad-frames uses the previous frame instead)")
         candidates = [*range(index - 1, -1, -1), *range(index + 1, len(self))]
         for other in candidates:
             frame, other_problem = self._decode(other)
-            if other_problem is None:
+            if frame is not None and other_problem is None:  # (None, problem) otherwise
                 self._skip(index, problem, f"frame {other}")
                 return frame
         raise InputError(f"no frame of {self.folder} can be decoded")
@@ -164,7 +169,7 @@ def _jpeg_problem(data: bytes) -> str | None:
 class ArraySequence(RandomAccessSource):
     """A sequence (list, array) of frames already in memory."""
 
-    def __init__(self, frames: Sequence[np.ndarray]):
+    def __init__(self, frames: Sequence[np.ndarray] | np.ndarray):
         if len(frames) == 0:
             raise InputError("the clip has no frames")
         self.frames = frames
@@ -188,7 +193,7 @@ class SpilledIterator(RandomAccessSource):
         self._count = 0
         self._exhausted = False
 
-    def _pull_until(self, index: int) -> None:
+    def _pull_until(self, index: float) -> None:
         while not self._exhausted and self._count <= index:
             try:
                 frame = next(self._iterator)
@@ -362,13 +367,13 @@ def open_frames(
             raise InputError(f"{path} is not a regular file; give a video file or a folder")
         return VideoFile(path, skip_bad_frames=skip_bad_frames)
     if isinstance(source, (Sequence, np.ndarray)):
-        return ArraySequence(source)
-    return SpilledIterator(source)
+        return ArraySequence(cast(Sequence[np.ndarray], source))
+    return SpilledIterator(cast(Iterable[np.ndarray], source))
 
 
 def prefetch(
-    items: Iterator, depth: int = 4, on_stop: Callable[[], None] | None = None
-) -> Iterator:
+    items: Iterator[T], depth: int = 4, on_stop: Callable[[], None] | None = None
+) -> Generator[T, None, None]:
     """Yield from `items`, produced `depth` ahead by a background thread.
 
     Decoding (OpenCV) and the network (torch) both release the GIL, so reading the next frames

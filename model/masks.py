@@ -57,7 +57,7 @@ def read_label_mask(path: str | Path) -> np.ndarray:
 
 def davis_palette() -> list[int]:
     """The DAVIS colour palette (id 1 red, 2 green, 3 yellow, ...), as PIL wants it."""
-    palette = []
+    palette: list[int] = []
     for index in range(256):
         r = g = b = 0
         value = index

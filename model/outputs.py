@@ -192,7 +192,9 @@ class StagedOutput:
             state="partial",
             pid=os.getpid(),
             host=socket.gethostname(),
-            staged_overlay=str(self.staged_overlay.resolve()) if self._outside_overlay else None,
+            staged_overlay=str(self.staged_overlay.resolve())
+            if self._outside_overlay and self.staged_overlay is not None
+            else None,
         )
         if self.staged_overlay is not None:
             self._made_parents += _make_parents(self.staged_overlay.parent)
@@ -206,14 +208,15 @@ class StagedOutput:
             if path.is_file() and path != self.folder / MARKER
         }
         overlay_record = None
-        if self._outside_overlay:
+        outside = self.staged_overlay if self._outside_overlay else None
+        if outside is not None and self.overlay is not None:
             overlay_record = {
                 "path": str(self.overlay.resolve()),
-                "sha256": sha256_of(self.staged_overlay),
+                "sha256": sha256_of(outside),
             }
         self._write_marker(state="complete", files=files, overlay=overlay_record)
-        if self._outside_overlay:
-            self.staged_overlay.replace(self.overlay)
+        if outside is not None and self.overlay is not None:
+            outside.replace(self.overlay)
         has_old = self.out.exists() and any(self.out.iterdir())
         if has_old and not replace:
             raise InputError(f"--out {self.out} is not empty; choose another folder")
@@ -230,7 +233,7 @@ class StagedOutput:
         if not self.folder.exists():
             return  # committed
         shutil.rmtree(self.folder, ignore_errors=True)
-        if self._outside_overlay:
+        if self._outside_overlay and self.staged_overlay is not None:
             self.staged_overlay.unlink(missing_ok=True)
         for folder in reversed(self._made_parents):  # the folders made for the output, if empty
             with contextlib.suppress(OSError):

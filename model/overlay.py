@@ -58,7 +58,7 @@ class OverlayWriter:
             return
         if self._video is None:
             height, width = picture.shape[:2]
-            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]
             self._video = cv2.VideoWriter(str(self.path), fourcc, self.fps, (width, height))
             if not self._video.isOpened():
                 raise OSError(f"OpenCV cannot write video {self.path}")

@@ -13,6 +13,7 @@ If GrabCut finds nothing (flat colours, tiny box), the box itself (or the discs)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -60,7 +61,7 @@ def mask_from_box(frame: np.ndarray, box: tuple[float, float, float, float]) -> 
 def mask_from_points(
     frame: np.ndarray,
     positive: list[tuple[float, float]],
-    negative: list[tuple[float, float]] = (),
+    negative: Sequence[tuple[float, float]] = (),
 ) -> np.ndarray:
     """The object under the `positive` points (x, y in pixels), not under the `negative` ones."""
     if not positive:

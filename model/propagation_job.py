@@ -250,11 +250,11 @@ def _write_results(
                     raise InputError(f"two frames of {job.source} are named {result.name!r}")
                 names.add(result.name)
                 write_label_mask(folder / f"{result.name}.png", result.labels)
-                if job.save_probs:
+                if result.probs is not None:  # asked for with job.save_probs
                     np.save(
                         folder / "probs" / f"{result.name}.npy", result.probs.astype(np.float16)
                     )
-                if overlay is not None:
+                if overlay is not None and frames_for_overlay is not None:
                     _, frame = next(frames_for_overlay)
                     overlay.add(frame, result.labels)
                 per_frame.append(_frame_summary(result))

@@ -19,6 +19,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from .frames import FrameSource, SpilledIterator, open_frames, prefetch
 from .masks import MAX_OBJECT_ID, fit_mask_to_frame
 from .results import FrameResult, ObjectResult
 
+T = TypeVar("T")
 CONFIDENCE_FLOOR = 0.1  # probabilities below this are noise, not doubt, for the confidence
 DIRECTIONS = ("both", "forward")
 
@@ -315,9 +317,8 @@ class Session:
     def _check_frame(self, frame_index: int) -> None:
         length = self._known_length()
         if frame_index < 0 or (length is not None and frame_index >= length):
-            raise InputError(
-                f"keyframe {frame_index} is outside the clip ({length} frames: 0..{length - 1})"
-            )
+            extent = "" if length is None else f" ({length} frames: 0..{length - 1})"
+            raise InputError(f"keyframe {frame_index} is outside the clip{extent}")
 
     @staticmethod
     def _check_object_id(object_id: int) -> None:
@@ -335,7 +336,7 @@ class _StepCounter:
             self.callback(self.done, max(self.total, self.done))
 
 
-def _with_last_flag(items: Iterator) -> Iterator[tuple[object, bool]]:
+def _with_last_flag(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
     """Pair every item with whether it is the last one (one item of look-ahead)."""
     iterator = iter(items)
     try:

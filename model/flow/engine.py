@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import cv2
 import numpy as np
@@ -105,13 +106,13 @@ class FlowTracker:
     def __init__(self, settings: FlowSettings):
         self.settings = settings
         self.object_ids: list[int] = []
-        self._flow = cv2.DISOpticalFlow_create(PRESETS[settings.preset])
+        self._flow = cv2.DISOpticalFlow_create(PRESETS[settings.preset])  # type: ignore[attr-defined]
         self._previous_grey: np.ndarray | None = None
         self._soft: dict[int, np.ndarray] = {}  # object id -> (h, w) float32 at mask size
         self._colours: dict[int, _ColourModel] = {}
         self._work_size: tuple[int, int] | None = None  # (width, height) of the flow, for cv2
         self._mask_size: tuple[int, int] | None = None  # (width, height) of the masks
-        self._scale = np.ones(2, dtype=np.float32)  # mask size / flow size, (x, y)
+        self._scale: np.ndarray = np.ones(2, dtype=np.float32)  # mask size / flow size, (x, y)
         self._pixel_scale = 1.0  # mask pixels per pixel setting (settings assume work_height)
 
     def step(
@@ -285,7 +286,10 @@ def _displaced_grid(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    grid_x, grid_y = np.meshgrid(
+        np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
+    )
+    return grid_x, grid_y
 
 
 def _logit(p: np.ndarray, certainty: float = 0.99) -> np.ndarray:
@@ -355,7 +359,7 @@ def check_flow_settings(settings: FlowSettings) -> FlowSettings:
         raise InputError(
             f"unknown flow preset {settings.preset!r}; choose one of: {', '.join(PRESETS)}"
         )
-    normalised = {}
+    normalised: dict[str, Any] = {}
     for field in dataclasses.fields(FlowSettings):
         if field.name == "preset":
             continue

@@ -13,11 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def folded_batch_norm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of a batch norm in inference: bn(y) = y * scale + shift per channel."""
+    assert bn.running_var is not None and bn.running_mean is not None  # in every checkpoint
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool) -> Tensor:
     """`bn(conv(x))` (then ReLU) with the normalisation folded into the convolution."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    scale, bias = folded_batch_norm(bn)
     weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = bn.bias - bn.running_mean * scale
     out = F.conv2d(x, weight, bias, conv.stride, conv.padding)
     return F.relu(out) if relu else out
 
@@ -36,7 +42,9 @@ def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequenti
 def _shortcut(x: Tensor, downsample: nn.Sequential | None) -> Tensor:
     if downsample is None:
         return x
-    return conv_bn(x, downsample[0], downsample[1], relu=False)
+    conv, bn = downsample[0], downsample[1]
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)  # see _downsample
+    return conv_bn(x, conv, bn, relu=False)
 
 
 class Bottleneck(nn.Module):

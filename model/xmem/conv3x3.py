@@ -26,7 +26,7 @@ class Conv3x3(nn.Conv2d):
         self.register_buffer("winograd_weight", None, persistent=False)
         self.uses_int8 = False
         # `int8.quantize_weight` per slice of input channels (see `_conv_split`).
-        self._int8_weights: dict[tuple[int | None, int | None], tuple[Tensor, ...]] = {}
+        self._int8_weights: dict[tuple[int | None, int | None], tuple[Tensor, Tensor, Tensor]] = {}
         self._derived_version = -1
 
     def prepare_winograd(self) -> None:
@@ -54,7 +54,7 @@ class Conv3x3(nn.Conv2d):
                 return int8.int8_conv3x3(x, *self._int8_weight(channels), bias)
         return F.conv2d(x, self.weight[:, channels], bias, padding=1)
 
-    def _int8_weight(self, channels: slice) -> tuple[Tensor, ...]:
+    def _int8_weight(self, channels: slice) -> tuple[Tensor, Tensor, Tensor]:
         key = (channels.start, channels.stop)
         if key not in self._int8_weights:
             self._int8_weights[key] = int8.quantize_weight(self.weight[:, channels])

@@ -148,7 +148,7 @@ def load_xmem_engine(
     )
     path = resolve_weights(weights)
     network = build_network(load_state_dict(path)).to(device).eval()
-    network = network.to(memory_format=torch.channels_last)
+    network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     if device.type == "cpu":

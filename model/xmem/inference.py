@@ -148,6 +148,8 @@ class XMemTracker:
             )
         probs = None
         if need_segment:
+            # asked for above (need_selection); the hidden state exists once objects do
+            assert features.selection is not None and self.hidden is not None
             readout = self.memory.read(features.key, features.selection)
             with self.engine.network_context():
                 hidden, _, probs = network.segment(
@@ -157,7 +159,10 @@ class XMemTracker:
                 self.hidden = hidden
         if prompt:
             probs = self._apply_prompt(probs, prompt, new_ids, geometry, image.device)
+        assert probs is not None  # segmented, or every object given by the prompt
         if is_memory_frame:
+            # asked for on memory frames (need_shrinkage); the hidden state exists with objects
+            assert features.shrinkage is not None and self.hidden is not None
             with self.engine.network_context():
                 value, hidden = network.encode_value(
                     image, features.f16, self.hidden, probs[:, 1:], deep_update=is_deep_update

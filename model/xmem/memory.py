@@ -109,6 +109,7 @@ class MemoryStore:
 
     def usage(self) -> Tensor:
         """Average attention each element received per read since it was written."""
+        assert self.use_count is not None and self.life_count is not None  # a non-empty store
         return self.use_count / self.life_count
 
     def add(
@@ -127,9 +128,13 @@ class MemoryStore:
             self.keys, self.shrinkage, self.selection = keys, shrinkage, selection
             self.use_count, self.life_count = zeros, zeros + LIFE_START
         else:
+            # a store with elements has every tensor (selection where its writes carry one)
+            assert self.shrinkage is not None and self.use_count is not None
+            assert self.life_count is not None
             self.keys = torch.cat([self.keys, keys], dim=1)
             self.shrinkage = torch.cat([self.shrinkage, shrinkage])
             if selection is not None:
+                assert self.selection is not None
                 self.selection = torch.cat([self.selection, selection], dim=1)
             self.use_count = torch.cat([self.use_count, zeros])
             self.life_count = torch.cat([self.life_count, zeros + LIFE_START])
@@ -150,11 +155,14 @@ class MemoryStore:
     def record_reads(self, usage: Tensor) -> None:
         """Add one read's attention per element (N,), when this store counts usage."""
         if self.count_usage and self.size:
+            assert self.use_count is not None and self.life_count is not None
             self.use_count += usage
             self.life_count += 1
 
     def keep(self, kept: Tensor) -> None:
         """Keep the elements where `kept` (N,) bool (CPU) is true; drop the others."""
+        assert self.keys is not None and self.shrinkage is not None  # a non-empty store
+        assert self.use_count is not None and self.life_count is not None
         on_device = kept.to(self.keys.device)
         self.keys = self.keys[:, on_device]
         self.shrinkage = self.shrinkage[on_device]
@@ -222,8 +230,8 @@ class MemoryManager:
         if self._terms is None:
             stores = [s for s in (self.long_term, self.working) if s.size]
             self._terms = similarity_terms(
-                torch.cat([s.keys for s in stores], dim=1),
-                torch.cat([s.shrinkage for s in stores]),
+                torch.cat([keys for s in stores if (keys := s.keys) is not None], dim=1),
+                torch.cat([shrink for s in stores if (shrink := s.shrinkage) is not None]),
             )
         scores = similarity(self._terms, query_key, query_selection)
         readouts = []
@@ -259,7 +267,7 @@ class MemoryManager:
             self.group_sizes.append(objects - self.num_objects)
         self.frame_elements = key.shape[-2] * key.shape[-1]
         count = self.frame_elements
-        group_values = []
+        group_values: list[tuple[Tensor, Tensor] | None] = []
         start = 0
         for size in self.group_sizes:
             group_value = value[0, start : start + size].flatten(2)  # (size, Cv, n)
@@ -267,10 +275,12 @@ class MemoryManager:
             group_values.append(
                 (torch.ones(count, dtype=torch.bool), group_value.permute(2, 0, 1).flatten(1))
             )
+        if self.enable_long_term:
+            assert selection is not None  # the tracker asks for it when long-term memory is on
         self.working.add(
             key[0].flatten(1),
             shrinkage.flatten(),
-            selection[0].flatten(1) if self.enable_long_term else None,
+            selection[0].flatten(1) if selection is not None and self.enable_long_term else None,
             group_values,
         )
         self._terms = None
@@ -310,6 +320,8 @@ class MemoryManager:
         first = self.frame_elements
         end = self.working.size - self.min_mid_term_frames * self.frame_elements + first
         work = self.working
+        assert work.keys is not None and work.shrinkage is not None  # full working memory
+        assert work.selection is not None  # written with long-term memory on
         candidates = torch.zeros(work.size, dtype=torch.bool)
         candidates[first:end] = True
         keys, shrinkage = work.keys[:, first:end], work.shrinkage[first:end]
@@ -336,5 +348,6 @@ class MemoryManager:
             if prototype_shrinkage is None:  # group 0: every candidate, every prototype
                 prototype_shrinkage = affinity @ shrinkage
         work.keep(~candidates)
+        assert prototype_shrinkage is not None  # group 0 holds every element
         self.long_term.add(keys[:, chosen], prototype_shrinkage, None, group_values)
         self._terms = None

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import BasicBlock, KeyEncoder, make_stage
+from .backbones import BasicBlock, KeyEncoder, folded_batch_norm, make_stage
 from .conv3x3 import Conv3x3
 
 # Objects that go through the full-resolution half of the networks together. Batching them
@@ -100,6 +100,7 @@ class GroupResBlock(nn.Module):
         """`forward(cat([shared expanded to every object, own], 1))` without the expansion."""
         out = _conv_split(F.relu(shared), F.relu(own), self.conv1)
         out = self.conv2(F.relu(out))
+        assert self.downsample is not None  # split inputs change the channel count
         return out + _conv_split(shared, own, self.downsample)
 
 
@@ -216,9 +217,8 @@ class ValueEncoder(nn.Module):
 
         image: (1, 3, H, W); masks: (K, 2, H, W) object mask and other objects' masks.
         """
-        scale = self.bn1.weight * torch.rsqrt(self.bn1.running_var + self.bn1.eps)
+        scale, bias = folded_batch_norm(self.bn1)
         weight = self.conv1.weight * scale.view(-1, 1, 1, 1)
-        bias = self.bn1.bias - self.bn1.running_mean * scale
         rgb = F.conv2d(image, weight[:, :3], bias, stride=2, padding=3)
         x = F.conv2d(masks, weight[:, 3:], None, stride=2, padding=3) + rgb
         # XMem pools before the ReLU; both orders give the same result.
