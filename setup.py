@@ -56,6 +56,7 @@ DEV = [
     "selenium>=4.20",
     "matplotlib>=3.7",
     "hypothesis>=6.100",
+    "mypy>=1.10",
 ]
 
 setup(

@@ -8,7 +8,7 @@
 #    checkout as it is edited.
 # 3. .venv-ls: the Label Studio 1.23.2 server for the end-to-end tests. It is a separate
 #    program we talk to over HTTP, and its pins (Django, ...) are not ours to share a venv with.
-# 4. ruff (lint and format check), then pytest.
+# 4. ruff (lint and format check), mypy on model/, then pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${XMEM_LABEL_VENV:-$ROOT/.venv}"
@@ -40,9 +40,10 @@ export LABEL_STUDIO_BIN="$LS_VENV/bin/label-studio"
 
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
-step "ruff"
+step "ruff, mypy"
 ruff check .
 ruff format --check .
+mypy  # model/, configured in pyproject.toml
 step "pytest"
 python -m pytest "$@"
 step "done"
