@@ -82,9 +82,7 @@ class EngineHolder:
         engine.describe(): weights' sha256 and every setting). Waits for the engine to load."""
         description = self.get().describe()
         checkpoint = Path(description.weights).stem if description.weights else "no-weights"
-        digest = hashlib.sha256(
-            json.dumps(description.as_dict(), sort_keys=True, default=str).encode()
-        ).hexdigest()[:8]
+        digest = _digest(description.as_dict())[:8]
         return f"xmem-label-{VERSION}-{description.engine}-{checkpoint}-{digest}"
 
 
@@ -101,7 +99,6 @@ class Runtime:
             lease_seconds=settings.job_lease_seconds,
             max_attempts=settings.job_attempts,
         )
-        self.configs: dict[tuple[str, str], formats.ProjectConfig] = {}
         # /predict requests that may wait for their jobs at once: the other HTTP threads stay
         # free for /health and for requests that answer at once.
         self.reply_slots = threading.BoundedSemaphore(max(1, settings.http_threads - 2))
@@ -117,14 +114,6 @@ class Runtime:
         self.engines.warm_up()
         self.runner.start()
         return self
-
-    def config(self, project: str, label_config: str) -> formats.ProjectConfig:
-        """The parsed config, kept per (project, config hash): a project whose config changed
-        gets a fresh parse, and no project is answered with another's config."""
-        key = (project, hashlib.sha256((label_config or "").encode()).hexdigest())
-        if key not in self.configs:
-            self.configs[key] = formats.parse_label_config(label_config)
-        return self.configs[key]
 
     # ----- jobs (called by the runner, in any process sharing the journal) ---------------------
 
@@ -177,7 +166,7 @@ class Runtime:
         if label_config is None:
             label_config = self.studio.project(record.payload["project"]).get("label_config")
         try:
-            config = self.config(record.project, label_config or "")
+            config = formats.parse_label_config(label_config or "")
         except InputError:
             config = None
         self.studio.store_failure(
@@ -202,8 +191,9 @@ def _id(value: Any, what: str) -> int:
     return value
 
 
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+def _digest(value: Any) -> str:
+    """sha256 of a JSON value (keys sorted), for model versions and idempotency keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class XMemLabelModel:
@@ -213,7 +203,9 @@ class XMemLabelModel:
         self.runtime = runtime
         self.project_id = project_key(project_id)
         self.label_config = label_config
-        self.config = runtime.config(self.project_id, label_config)
+        # Parsed per config text (cached in formats): a project whose config changed gets a
+        # fresh parse, and no project is answered with another's config.
+        self.config = formats.parse_label_config(label_config)
         self.model_version = ""
 
     def setup(self) -> None:
@@ -248,13 +240,15 @@ class XMemLabelModel:
                 self.propagation(task, context)  # checks the input now; runs nothing
                 task_id = task.get("id")
                 key = "predict:" + _digest(
-                    self.project_id,
-                    task_id,
-                    self.label_config,
-                    version,
-                    task.get("data"),
-                    task.get("annotations"),
-                    context,
+                    [
+                        self.project_id,
+                        task_id,
+                        self.label_config,
+                        version,
+                        task.get("data"),
+                        task.get("annotations"),
+                        context,
+                    ]
                 )
                 payload = {"label_config": self.label_config, "task": task, "context": context}
                 record, _ = journal.submit(
