@@ -112,6 +112,13 @@ class EngineSpec:
         return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
     @property
+    def takes_any_setting(self) -> bool:
+        """Whether the loader also takes settings by keyword beyond its named options (XMem's
+        memory settings, which its check validates)."""
+        parameters = inspect.signature(self.load_function()).parameters.values()
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    @property
     def needs_weights(self) -> bool:
         return "weights" in self.options()
 

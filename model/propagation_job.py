@@ -9,7 +9,6 @@ does the work.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import sys
 import time
@@ -162,10 +161,12 @@ def _engine_options(job: PropagationJob) -> dict[str, Any]:
 def _flags_taken(spec: EngineSpec) -> set[str]:
     """The engine flags an engine accepts: its loader's named options, and --size (a setting)
     when the loader takes settings by keyword."""
-    parameters = inspect.signature(spec.load_function()).parameters.values()
-    named = {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    takes_settings = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    return {name for name in ENGINE_FLAGS if name in named or (takes_settings and name == "size")}
+    named = spec.options()
+    return {
+        name
+        for name in ENGINE_FLAGS
+        if name in named or (spec.takes_any_setting and name == "size")
+    }
 
 
 def _typed_settings(engine: str, settings: dict[str, str]) -> dict[str, Any]:
@@ -174,18 +175,13 @@ def _typed_settings(engine: str, settings: dict[str, str]) -> dict[str, Any]:
     Parameters with a number or flag default get that type; anything else (for XMem, the
     memory settings, which the engine checks itself) is read as a YAML scalar.
     """
-    parameters = inspect.signature(engine_spec(engine).load_function()).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    named = {
-        name: p.default
-        for name, p in parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ENGINE_FLAGS
-    }
+    spec = engine_spec(engine)
+    named = {name: default for name, default in spec.options().items() if name not in ENGINE_FLAGS}
     typed: dict[str, Any] = {}
     for key, text in settings.items():
         if key in ENGINE_FLAGS:
             raise InputError(f"give {key} as --{key}, not --set")
-        if key not in named and not takes_any:
+        if key not in named and not spec.takes_any_setting:
             raise InputError(
                 f"unknown {engine} setting {key!r}; known settings: {', '.join(sorted(named))}"
             )
