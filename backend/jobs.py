@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xmem_label.model import XMemLabelError
+from xmem_label.model.errors import one_line
 
 from .journal import JobRecord, Journal
 
@@ -100,7 +101,7 @@ class JobRunner:
             log.warning(
                 "job %s (%s) attempt %s failed: %s", record.id, record.key, record.attempts, exc
             )
-            self._fail(record, worker, one_line(exc), retry=True)
+            self._fail(record, worker, short_reason(exc), retry=True)
         finally:
             renewing.set()
             renewer.join()
@@ -123,11 +124,12 @@ class JobRunner:
             self.report(record, reason)
         except Exception as exc:  # Label Studio unreachable: the log is all that is left
             log.error(
-                "job %s: could not report its failure to Label Studio: %s", record.id, one_line(exc)
+                "job %s: could not report its failure to Label Studio: %s",
+                record.id,
+                short_reason(exc),
             )
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one line for a person: its message, or its type when it has none."""
-    text = " ".join(str(exc).split())
-    return text[:300] if text else type(exc).__name__
+def short_reason(exc: BaseException) -> str:
+    """An exception as one line of at most 300 characters, for the journal and the log."""
+    return one_line(exc)[:300]

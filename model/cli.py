@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .engine import auto_engine, registered_engines
-from .errors import InputError, WeightsError, XMemLabelError
+from .errors import InputError, WeightsError, XMemLabelError, one_line
 from .evaluation import add_eval_command
 from .propagation_job import PropagationJob, run_propagation
 from .session import DIRECTIONS
@@ -74,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _usage(parser)
             return handler(args)
         except (XMemLabelError, OSError) as error:
-            message = " ".join(str(error).split()) or type(error).__name__
-            print(f"{PROG}: error: {message}", file=sys.stderr)
+            print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as interrupt:
             signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT

@@ -15,3 +15,9 @@ class InputError(XMemLabelError, ValueError):
 
 class WeightsError(XMemLabelError):
     """Weights that cannot be found, downloaded, verified or loaded."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line for a person: its message with white space folded, or its type
+    when it has none."""
+    return " ".join(str(error).split()) or type(error).__name__
