@@ -55,8 +55,8 @@ import requests
 
 from benchmarks.label_studio import (
     BACKEND_AUTH,
-    DEFAULT_LS_BIN,
     TOKEN,
+    add_label_studio_options,
     backend_environment,
     connect,
     free_port,
@@ -871,15 +871,7 @@ def main() -> None:
         default=240.0,
         help="seconds to wait for the jobs after the requests",
     )
-    parser.add_argument(
-        "--ls-bin",
-        default=DEFAULT_LS_BIN,
-        help="label-studio 1.23.2 binary: $LABEL_STUDIO_BIN, else "
-        ".venv-ls/bin/label-studio in the repository",
-    )
-    parser.add_argument("--ls-url", help="use this running Label Studio instead of starting one")
-    parser.add_argument("--token", default=TOKEN, help="its legacy API token (with --ls-url)")
-    parser.add_argument("--document-root", help="its LOCAL_FILES_DOCUMENT_ROOT (with --ls-url)")
+    add_label_studio_options(parser)
     args = parser.parse_args()
     ks = [int(k) for k in args.k.split(",") if k.strip()]
     if args.ls_url and not args.document_root:

@@ -369,11 +369,8 @@ def end_to_end_figures(args, work: Path) -> None:
         stop(ls_process)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
-    parser.add_argument("--frames", type=int, default=50)
-    parser.add_argument("--repeat", type=int, default=3, help="tasks timed end to end")
+def add_label_studio_options(parser: argparse.ArgumentParser) -> None:
+    """Where the benchmarks find Label Studio: a binary to start, or a running server."""
     parser.add_argument(
         "--ls-bin",
         default=DEFAULT_LS_BIN,
@@ -381,8 +378,16 @@ def main() -> None:
         ".venv-ls/bin/label-studio in the repository)",
     )
     parser.add_argument("--ls-url", help="use this running Label Studio instead of starting one")
-    parser.add_argument("--token", default=TOKEN, help="its legacy API token")
-    parser.add_argument("--document-root", help="its LOCAL_FILES_DOCUMENT_ROOT")
+    parser.add_argument("--token", default=TOKEN, help="its legacy API token (with --ls-url)")
+    parser.add_argument("--document-root", help="its LOCAL_FILES_DOCUMENT_ROOT (with --ls-url)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=3, help="tasks timed end to end")
+    add_label_studio_options(parser)
     parser.add_argument("--skip-server", action="store_true", help="RLE figures only")
     args = parser.parse_args()
     mask = read_label_mask(sorted((args.clip / "masks").iterdir())[0]) == 1
