@@ -92,8 +92,9 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "worker",
         help="run the Label Studio backend's jobs without serving HTTP",
-        description="Take propagation jobs from the backend's job journal (MODEL_DIR) and run "
-        "them; use beside `xmem-label serve --job-threads 0`.",
+        description="Take propagation jobs from the backend's job journal (MODEL_DIR) or, with "
+        "--queue-url, from the Redis queue (any host), and run them; use beside `xmem-label "
+        "serve --job-threads 0` (or serve with the same --queue-url).",
     )
     _add_engine_options(parser)
     parser.set_defaults(run=_worker)
@@ -118,6 +119,13 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="jobs that may wait; more are refused with 503 (default from manifest.yml)",
     )
+    parser.add_argument(
+        "--queue-url",
+        default=None,
+        help="Redis address of the job queue shared by web and worker processes on any hosts "
+        "(redis://[:password@]host:6379/0; default $XMEM_LABEL_QUEUE_URL, else the embedded "
+        "SQLite journal in MODEL_DIR, for one machine)",
+    )
 
 
 def _configure(args: argparse.Namespace, *, minimum_job_threads: int) -> BackendSettings:
@@ -131,6 +139,8 @@ def _configure(args: argparse.Namespace, *, minimum_job_threads: int) -> Backend
     os.environ["XMEM_LABEL_JOB_THREADS"] = str(args.job_threads)
     if args.queue is not None:
         os.environ["XMEM_LABEL_QUEUE"] = str(args.queue)
+    if args.queue_url is not None:
+        os.environ["XMEM_LABEL_QUEUE_URL"] = args.queue_url
     return BackendSettings.from_environment()
 
 
@@ -151,6 +161,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"xmem-label: no credentials set (BASIC_AUTH_USER, BASIC_AUTH_PASS): every route "
             f"is open to whoever reaches {args.host}:{args.port}",
+            file=sys.stderr,
+        )
+    if settings.queue_url:
+        print(
+            "xmem-label: jobs go to the Redis queue; `xmem-label worker` processes with the "
+            "same --queue-url run them (this server runs none)",
             file=sys.stderr,
         )
     if not settings.label_studio_url or not settings.api_key:
@@ -175,6 +191,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     settings = _configure(args, minimum_job_threads=1)
+    if settings.queue_url:
+        if args.job_threads != 1:
+            raise InputError("with --queue-url a worker runs one job at a time: start more workers")
+        from .queues import run_worker
+
+        runtime = Runtime(settings).start()
+        print("xmem-label worker: taking jobs from the Redis queue", file=sys.stderr)
+        run_worker(runtime)  # until SIGTERM / SIGINT; RQ lets the running job finish
+        return 0
     runtime = Runtime(settings).start()
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -92,16 +92,7 @@ class JobRunner:
         )
         renewer.start()
         try:
-            result = self.execute(record)
-            if self.journal.complete(record.id, worker, result) == "store":
-                self.journal.mark_stored(record.id, worker, self.store(record, result))
-        except XMemLabelError as exc:
-            self._fail(record, worker, str(exc), retry=False)
-        except Exception as exc:
-            log.warning(
-                "job %s (%s) attempt %s failed: %s", record.id, record.key, record.attempts, exc
-            )
-            self._fail(record, worker, short_reason(exc), retry=True)
+            run_job(self.journal, record, worker, self.execute, self.store, self.report)
         finally:
             renewing.set()
             renewer.join()
@@ -111,23 +102,69 @@ class JobRunner:
             if not self.journal.renew(job_id, worker):
                 return
 
-    def _fail(self, record: JobRecord, worker: str, reason: str, *, retry: bool) -> None:
-        self.journal.fail(record.id, worker, reason, retry=retry)
-        final = self.journal.get(record.id)
-        if final.state == "failed":
-            log.warning("job %s (%s) failed: %s", record.id, record.key, reason)
-            if final.deliver == "store":
-                self._report(final, reason)
-
     def _report(self, record: JobRecord, reason: str) -> None:
-        try:
-            self.report(record, reason)
-        except Exception as exc:  # Label Studio unreachable: the log is all that is left
-            log.error(
-                "job %s: could not report its failure to Label Studio: %s",
-                record.id,
-                short_reason(exc),
-            )
+        report_safely(self.report, record, reason)
+
+
+def run_job(
+    queue: Any,
+    record: JobRecord,
+    worker: str,
+    execute: Callable[[JobRecord], dict[str, Any]],
+    store: Callable[[JobRecord, dict[str, Any]], dict[str, Any] | None],
+    report: Callable[[JobRecord, str], None],
+) -> str:
+    """Run one claimed job to its outcome: the one job-execution path of every back-end (the
+    journal's threads here, the Redis queue's RQ workers in queues.py).
+
+    `queue` is the job's store (a Journal or a RedisQueue: `complete`, `mark_stored`, `fail`,
+    `get`, `max_attempts`). Returns "done", "retry" (failed, attempts left: run it again),
+    "failed" (final; reported when nobody waits for it) or "lost" (no longer this worker's)."""
+    try:
+        result = execute(record)
+        delivery = queue.complete(record.id, worker, result)
+        if delivery == "store":
+            queue.mark_stored(record.id, worker, store(record, result))
+        return "lost" if delivery == "lost" else "done"
+    except XMemLabelError as exc:
+        return _fail(queue, record, worker, str(exc), retry=False, report=report)
+    except Exception as exc:
+        log.warning(
+            "job %s (%s) attempt %s failed: %s", record.id, record.key, record.attempts, exc
+        )
+        return _fail(queue, record, worker, short_reason(exc), retry=True, report=report)
+
+
+def _fail(
+    queue: Any,
+    record: JobRecord,
+    worker: str,
+    reason: str,
+    *,
+    retry: bool,
+    report: Callable[[JobRecord, str], None],
+) -> str:
+    if not queue.fail(record.id, worker, reason, retry=retry):
+        return "lost"
+    if retry and record.attempts < queue.max_attempts:
+        return "retry"
+    log.warning("job %s (%s) failed: %s", record.id, record.key, reason)
+    if queue.get(record.id).deliver == "store":  # else the waiting request answers with it
+        report_safely(report, record, reason)
+    return "failed"
+
+
+def report_safely(report: Callable[[JobRecord, str], None], record: JobRecord, reason: str) -> None:
+    """Leave a failed job's reason on its task; when Label Studio cannot be reached, the log
+    is all that is left (a failing report must not fail the worker)."""
+    try:
+        report(record, reason)
+    except Exception as exc:
+        log.error(
+            "job %s: could not report its failure to Label Studio: %s",
+            record.id,
+            short_reason(exc),
+        )
 
 
 def short_reason(exc: BaseException) -> str:

@@ -83,9 +83,10 @@ class JobNotFound(KeyError):
 
 @dataclasses.dataclass(frozen=True)
 class JobRecord:
-    """One row of the journal, as read at one moment."""
+    """One row of the journal, as read at one moment (or one RQ job: then `id` is RQ's job id,
+    a string)."""
 
-    id: int
+    id: int | str
     key: str
     kind: str
     project: str

@@ -94,11 +94,27 @@ class Runtime:
         self.studio = LabelStudio(settings)
         self.engines = EngineHolder(settings.engine)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(
-            settings.journal_path,
-            lease_seconds=settings.job_lease_seconds,
-            max_attempts=settings.job_attempts,
-        )
+        # The job store: the embedded SQLite journal (one machine, no server), or RQ on Redis
+        # (XMEM_LABEL_QUEUE_URL: web replicas and workers on any hosts). Both offer the same
+        # calls, and both run jobs through jobs.run_job.
+        self.journal: Any
+        if settings.queue_url:
+            from .queues import RedisQueue  # rq and redis are needed only then
+
+            self.journal = RedisQueue(
+                settings.queue_url,
+                lease_seconds=settings.job_lease_seconds,
+                max_attempts=settings.job_attempts,
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+            )
+            job_threads = 0  # jobs run in `xmem-label worker` processes (queues.run_worker)
+        else:
+            self.journal = Journal(
+                settings.journal_path,
+                lease_seconds=settings.job_lease_seconds,
+                max_attempts=settings.job_attempts,
+            )
         # /predict requests that may wait for their jobs at once: the other HTTP threads stay
         # free for /health and for requests that answer at once.
         self.reply_slots = threading.BoundedSemaphore(max(1, settings.http_threads - 2))

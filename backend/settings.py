@@ -23,6 +23,8 @@ class BackendSettings:
     /health requires (BASIC_AUTH_USER, BASIC_AUTH_PASS); None only when the operator ran
     without credentials on loopback. local_files_root: LOCAL_FILES_DOCUMENT_ROOT, to read
     /data/local-files/ media from disk. state_dir: MODEL_DIR, the job journal and work files.
+    queue_url: XMEM_LABEL_QUEUE_URL, a Redis address (redis://, rediss://, unix://) when jobs
+    go through RQ to workers on any host; empty for the embedded SQLite journal (one machine).
     """
 
     label_studio_url: str
@@ -43,6 +45,7 @@ class BackendSettings:
     job_lease_seconds: float = 30.0
     job_attempts: int = 3
     max_queued_jobs: int = 64
+    queue_url: str = ""
 
     @property
     def label_studio_origin(self) -> tuple[str, str, int]:
@@ -100,7 +103,22 @@ class BackendSettings:
             max_queued_jobs=_number(
                 env, "XMEM_LABEL_QUEUE", limits["max_queued_jobs"], int, minimum=1
             ),
+            queue_url=queue_url(env.get("XMEM_LABEL_QUEUE_URL", "")),
         )
+
+
+def queue_url(url: str) -> str:
+    """A Redis address for the job queue, or "" (the embedded journal); InputError for anything
+    else, at start-up rather than at the first job."""
+    url = url.strip()
+    scheme = urllib.parse.urlsplit(url).scheme
+    if url and scheme not in ("redis", "rediss", "unix"):
+        # The address is not echoed: it may carry the Redis password.
+        raise InputError(
+            f"XMEM_LABEL_QUEUE_URL must be a redis://, rediss:// or unix:// address "
+            f"(scheme {scheme[:16]!r})"
+        )
+    return url
 
 
 def origin_of(url: str) -> tuple[str, str, int]:
