@@ -42,6 +42,10 @@ STUDIO = [
     "gunicorn>=22",
     "requests>=2.31",
     "label-studio-sdk==2.1.2",
+    # The job queue past one machine (XMEM_LABEL_QUEUE_URL); backend/queues.py relies on RQ 3's
+    # StartedJobRegistry.cleanup retrying abandoned jobs.
+    "rq>=3.0,<4",
+    "redis>=5",
 ]
 FIFTYONE = [
     "fiftyone>=1.22,<1.23",

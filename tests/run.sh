@@ -2,7 +2,8 @@
 # Install everything the test suite needs, then run it:   bash tests/run.sh [pytest args]
 #
 # 1. Debian packages: ffmpeg (FiftyOne reads video metadata with it), chromium + chromedriver
-#    (the two browser checks). Installed with apt-get when missing (root, or sudo).
+#    (the two browser checks), redis-server (the backend's job queue past one machine,
+#    tests/backend/test_queue_redis.py). Installed with apt-get when missing (root, or sudo).
 # 2. .venv: torch 2.13.0 first (a CPU build from local disk on our machines), then this
 #    package with all extras, installed editable (PEP 660), so the tests run the code in this
 #    checkout as it is edited.
@@ -21,6 +22,7 @@ missing=()
 command -v ffmpeg >/dev/null || missing+=(ffmpeg)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
   sudo=""; [[ "$(id -u)" == 0 ]] || sudo="sudo"
   $sudo apt-get update -qq
