@@ -85,12 +85,14 @@ class RandomAccessSource(FrameSource):
     def read(self, index: int) -> np.ndarray:
         raise NotImplementedError
 
-    def forward(self, start=0, stop=None):
+    def forward(
+        self, start: int = 0, stop: int | None = None
+    ) -> Generator[tuple[int, np.ndarray], None, None]:
         stop = len(self) if stop is None else min(stop, len(self))
         for index in range(start, stop):
             yield index, self.read(index)
 
-    def backward(self, start, stop=-1):
+    def backward(self, start: int, stop: int = -1) -> Iterator[tuple[int, np.ndarray]]:
         for index in range(min(start, len(self) - 1), stop, -1):
             yield index, self.read(index)
 
@@ -216,7 +218,9 @@ class SpilledIterator(RandomAccessSource):
             raise IndexError(index)
         return np.load(self._path(index))
 
-    def forward(self, start=0, stop=None):
+    def forward(
+        self, start: int = 0, stop: int | None = None
+    ) -> Generator[tuple[int, np.ndarray], None, None]:
         index = start
         while stop is None or index < stop:
             self._pull_until(index)
@@ -323,10 +327,12 @@ class VideoFile(FrameSource):
         finally:
             capture.release()
 
-    def forward(self, start=0, stop=None):
+    def forward(
+        self, start: int = 0, stop: int | None = None
+    ) -> Generator[tuple[int, np.ndarray], None, None]:
         yield from self._decode(start, len(self) if stop is None else min(stop, len(self)))
 
-    def backward(self, start, stop=-1):
+    def backward(self, start: int, stop: int = -1) -> Iterator[tuple[int, np.ndarray]]:
         chunk_stop = min(start, len(self) - 1) + 1
         while chunk_stop - 1 > stop:
             chunk_start = max(stop + 1, chunk_stop - _SEEK_CHUNK)

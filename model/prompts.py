@@ -101,7 +101,9 @@ def mask_from_points(
     return mask
 
 
-def _resize(image: np.ndarray, scale: float, interpolation: int, size=None) -> np.ndarray:
+def _resize(
+    image: np.ndarray, scale: float, interpolation: int, size: tuple[int, int] | None = None
+) -> np.ndarray:
     if scale == 1.0 and size is None:
         return image
     if size is None:
@@ -109,11 +111,14 @@ def _resize(image: np.ndarray, scale: float, interpolation: int, size=None) -> n
     return cv2.resize(image, size, interpolation=interpolation).astype(image.dtype)
 
 
-def _grabcut(frame: np.ndarray, labels: np.ndarray, rect=None) -> None:
+def _grabcut(
+    frame: np.ndarray, labels: np.ndarray, rect: tuple[int, int, int, int] | None = None
+) -> None:
     """Run GrabCut in place on `labels` (from a rectangle, or from the labels as given)."""
     bgr = np.ascontiguousarray(frame[:, :, ::-1])
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     mode = cv2.GC_INIT_WITH_RECT if rect is not None else cv2.GC_INIT_WITH_MASK
+    no_rect = (0, 0, 0, 0)  # what OpenCV reads for None; unused when starting from the labels
     cv2.setRNGSeed(0)  # GrabCut seeds its colour models with k-means: same prompt, same mask
     with contextlib.suppress(cv2.error):  # one colour only on a side: keep the labels as given
-        cv2.grabCut(bgr, labels, rect, background, foreground, ITERATIONS, mode)
+        cv2.grabCut(bgr, labels, rect or no_rect, background, foreground, ITERATIONS, mode)

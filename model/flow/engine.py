@@ -211,7 +211,13 @@ class FlowTracker:
             ).astype(np.float32)
         return outputs
 
-    def _fuse(self, warped, reliability, codes, colours: _ColourModel) -> np.ndarray:
+    def _fuse(
+        self,
+        warped: np.ndarray,
+        reliability: np.ndarray,
+        codes: np.ndarray,
+        colours: _ColourModel,
+    ) -> np.ndarray:
         """Log-odds of the warped mask, scaled by the flow's reliability, plus the colour's."""
         flow_logit = (
             _logit(warped, FLOW_CERTAINTY) * reliability

@@ -109,7 +109,7 @@ class KeyEncoder(nn.Module):
     Layer 1 is called `res2` in XMem checkpoints.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

@@ -11,6 +11,8 @@ kept out of the state dict and derived again when the weight changes (`load_stat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,7 +70,7 @@ class Conv3x3(nn.Conv2d):
         self._derived_version = self.weight._version
 
 
-def _prepare_wide(module: nn.Module, min_channels: int, prepare) -> int:
+def _prepare_wide(module: nn.Module, min_channels: int, prepare: Callable[[Conv3x3], None]) -> int:
     prepared = 0
     for conv in module.modules():
         if isinstance(conv, Conv3x3) and min(conv.in_channels, conv.out_channels) >= min_channels:

@@ -124,7 +124,7 @@ class ChannelGate(nn.Module):
 class SpatialGate(nn.Module):
     """CBAM spatial attention: a 7x7 convolution on the channel-wise max and mean."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.spatial = nn.ModuleDict({"conv": nn.Conv2d(2, 1, 7, padding=3)})
 
@@ -148,7 +148,9 @@ class CBAM(nn.Module):
 class FeatureFusionBlock(nn.Module):
     """Fuses the frame's f16 with per-object features: res block, `g + CBAM(g)`, res block."""
 
-    def __init__(self, frame_channels: int, object_channels: int, mid_channels: int, out_channels):
+    def __init__(
+        self, frame_channels: int, object_channels: int, mid_channels: int, out_channels: int
+    ):
         super().__init__()
         self.block1 = GroupResBlock(frame_channels + object_channels, mid_channels)
         self.attention = CBAM(mid_channels)
