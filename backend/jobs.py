@@ -1,6 +1,8 @@
-"""Running the journal's jobs: threads that claim a job, run it while renewing its lease, and
-hand the outcome on. They run inside each `xmem-label serve` process (the embedded default,
-`--job-threads`) and in `xmem-label worker` processes; all share one journal (journal.py).
+"""Running jobs: `run_job`, the one path every job takes (execute, deliver or store, fail or
+retry, report), and `JobRunner`, the threads that claim the embedded journal's jobs and run
+them while renewing their lease. The threads run inside each `xmem-label serve` process (the
+embedded default, `--job-threads`) and in `xmem-label worker` processes; all share one journal
+(journal.py). Past one machine, RQ workers run the same `run_job` (queues.py).
 
 What a job means is the caller's: `execute(record)` computes a result, `store(record, result)`
 stores it through Label Studio when no request waits for it, and `report(record, reason)`
@@ -16,7 +18,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from xmem_label.model import XMemLabelError
 from xmem_label.model.errors import one_line
@@ -26,6 +28,28 @@ from .journal import JobRecord, Journal
 log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 0.2
+
+
+class JobStore(Protocol):
+    """The small interface model.py and run_job use, with two implementations:
+    journal.Journal (embedded SQLite, one machine, the default) and queues.RedisQueue (RQ on
+    Redis, web replicas and workers on any hosts). Job logic lives in run_job, once."""
+
+    max_attempts: int
+
+    def submit(
+        self, key: str, kind: str, project: str, task_id: int | None, payload: dict, deliver: str
+    ) -> tuple[JobRecord, bool]: ...
+    def get(self, job_id: Any) -> JobRecord: ...
+    def wait(self, job_id: Any, timeout: float, poll: float = 0.1) -> JobRecord: ...
+    def hand_over(self, job_id: Any) -> bool: ...
+    def complete(self, job_id: Any, worker: str, result: dict) -> str: ...
+    def mark_stored(self, job_id: Any, worker: str, result: dict | None = None) -> bool: ...
+    def fail(self, job_id: Any, worker: str, error: str, *, retry: bool = False) -> bool: ...
+    def counts(self) -> dict[str, int]: ...
+    def latest_result(self) -> dict | None: ...
+    def register_project(self, project: str) -> None: ...
+    def is_project_registered(self, project: str) -> bool: ...
 
 
 class QueueFull(Exception):
@@ -107,7 +131,7 @@ class JobRunner:
 
 
 def run_job(
-    queue: Any,
+    queue: JobStore,
     record: JobRecord,
     worker: str,
     execute: Callable[[JobRecord], dict[str, Any]],
@@ -117,8 +141,7 @@ def run_job(
     """Run one claimed job to its outcome: the one job-execution path of every back-end (the
     journal's threads here, the Redis queue's RQ workers in queues.py).
 
-    `queue` is the job's store (a Journal or a RedisQueue: `complete`, `mark_stored`, `fail`,
-    `get`, `max_attempts`). Returns "done", "retry" (failed, attempts left: run it again),
+    Returns "done", "retry" (failed, attempts left: run it again),
     "failed" (final; reported when nobody waits for it) or "lost" (no longer this worker's)."""
     try:
         result = execute(record)
@@ -136,7 +159,7 @@ def run_job(
 
 
 def _fail(
-    queue: Any,
+    queue: JobStore,
     record: JobRecord,
     worker: str,
     reason: str,

@@ -22,7 +22,7 @@ from typing import Any
 from xmem_label.model import Engine, InputError, XMemLabelError, load_engine
 
 from . import formats
-from .jobs import JobRunner, QueueFull
+from .jobs import JobRunner, JobStore, QueueFull
 from .journal import JobRecord, Journal
 from .propagation import SequenceRequest, VideoRequest, run_sequence, run_video
 from .settings import BackendSettings
@@ -97,7 +97,7 @@ class Runtime:
         # The job store: the embedded SQLite journal (one machine, no server), or RQ on Redis
         # (XMEM_LABEL_QUEUE_URL: web replicas and workers on any hosts). Both offer the same
         # calls, and both run jobs through jobs.run_job.
-        self.journal: Any
+        self.journal: JobStore
         if settings.queue_url:
             from .queues import RedisQueue  # rq and redis are needed only then
 

@@ -236,6 +236,28 @@ def test_a_crashing_job_is_tried_three_times_then_reported(queue, redis_url):
         stop_all(workers)
 
 
+def test_a_job_that_kills_every_worker_is_reported_once(queue, redis_url):
+    """Three workers killed in turn while running one job: RQ's cleanup (run by the next
+    worker's sweep) fails it instead of a fourth run, and its reason is reported once."""
+    record, _ = queue.submit("deadly", "webhook", "1", 1, {"sleep": 60}, "store")
+    for attempt in range(1, 4):
+        (worker,) = start_fake_workers(redis_url, 1)
+        wait_until(lambda: len(ran(queue, "deadly")) == attempt, 30, f"run {attempt}")  # noqa: B023
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    sweeper = start_fake_workers(redis_url, 1)
+    try:
+        done = wait_until(
+            lambda: (r := queue.get(record.id)).state == "failed" and r, 30, "job failed"
+        )
+        assert done.error == "the worker running it stopped 3 times" and done.attempts == 3
+        wait_until(lambda: reported(queue, "deadly"), 10, "failure reported")
+        time.sleep(LEASE)
+        assert reported(queue, "deadly") == [done.error] and len(ran(queue, "deadly")) == 3
+    finally:
+        stop_all(sweeper)
+
+
 # ----- the product: Label Studio, two web replicas, two workers --------------------------------
 
 
