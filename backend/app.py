@@ -143,6 +143,21 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def unavailable(exc):
         return jsonify(error=str(exc)), 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
+    if settings.queue_url:
+        from redis.exceptions import ConnectionError as QueueDown
+        from redis.exceptions import TimeoutError as QueueSlow
+
+        @app.errorhandler(QueueDown)
+        @app.errorhandler(QueueSlow)
+        def queue_unreachable(exc):
+            # Nothing was accepted: the caller retries (the address may hold a password).
+            log.error("%s %s: the job queue (Redis) is unreachable", request.method, request.path)
+            return (
+                jsonify(error="the job queue is unreachable; retry later"),
+                503,
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+
     @app.errorhandler(StudioError)
     def studio_failed(exc):
         return jsonify(error=str(exc)), 502

@@ -425,3 +425,32 @@ def test_a_failed_job_leaves_its_reason_on_the_task(label_studio, cluster):
     assert "Label Studio answered HTTP 404" in status["value"]["text"][0], status
     failed = cluster["queue"].queue.failed_job_registry.get_job_ids()
     assert [cluster["queue"].get(job_id).task_id for job_id in failed] == [task]
+
+
+def test_an_unreachable_queue_is_a_503_with_retry_after(tmp_path):
+    """Redis down: /predict and /webhook accept nothing and say when to retry; /health still
+    answers (it touches no queue)."""
+    import dataclasses
+
+    from xmem_label.backend.app import create_app
+    from xmem_label.backend.model import Runtime
+
+    from .test_app import config, keyframe_task, make_settings
+
+    settings = dataclasses.replace(
+        make_settings(tmp_path), queue_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    client = create_app(Runtime(settings).start()).test_client()
+    assert client.get("/health").status_code == 200
+    setup = client.post("/setup", json={"project": "1.0", "schema": config("mask", "Chair")})
+    predict = client.post(
+        "/predict",
+        json={
+            "tasks": [keyframe_task(1, "mask", "Chair")],
+            "project": "1.0",
+            "label_config": config("mask", "Chair"),
+        },
+    )
+    for reply in (setup, predict):
+        assert reply.status_code == 503 and reply.headers["Retry-After"] == "30"
+        assert reply.json == {"error": "the job queue is unreachable; retry later"}
