@@ -22,18 +22,18 @@ from pathlib import Path
 from .engine import auto_engine, registered_engines
 from .errors import InputError, WeightsError, XMemLabelError, one_line
 from .evaluation import add_eval_command
+from .outputs import sha256_of
 from .propagation_job import PropagationJob, run_propagation
 from .session import DIRECTIONS
 from .settings import manifest
-from .weights import (
+from .xmem.allocator import keep_freed_memory
+from .xmem.weights import (
     cache_folder,
     checkpoints,
     default_checkpoint,
     resolve_weights,
-    sha256_of,
     verify_checkpoint,
 )
-from .xmem.allocator import keep_freed_memory
 
 PROG = "xmem-label"
 PLUGIN_COMMANDS = "xmem_label.commands"  # entry-point group of commands from other parts

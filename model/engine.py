@@ -13,13 +13,13 @@ import importlib.metadata
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .errors import InputError, WeightsError
-from .weights import resolve_weights
 
 
 class Tracker(Protocol):
@@ -89,22 +89,32 @@ class EngineSpec:
 
     loader: "module:function" returning an Engine, imported only when the engine is used. Its
     keyword-only parameters are the engine's options (the CLI's flags and --set, the plugin's
-    checkpoint and device); a `weights` parameter means the engine needs a checkpoint, which is
-    resolved (and may be downloaded) before loading, and which "auto" requires to be on the
-    machine already. check: "module:function" taking the same options and refusing bad ones
-    without loading anything; None when loading is cheap and is the check.
+    checkpoint and device). check: "module:function" taking the same options and refusing bad
+    ones without loading anything; None when loading is cheap and is the check.
+    find_weights: "module:function" of an engine that needs a checkpoint, called as
+    `find_weights(weights, download=...)` with its `weights` option (a path, a name, or None for
+    the default): returns the file to load, or raises WeightsError saying what is missing and
+    where to put it. The checkpoint is found (and may be downloaded) before loading, and "auto"
+    requires it to be on the machine already. None for an engine without weights.
     """
 
     name: str
     description: str  # a noun phrase: "weight-free flow engine (...)"
     loader: str
     check: str | None = None
+    find_weights: str | None = None
 
     def load_function(self) -> Callable[..., Engine]:
         return _import(self.loader, self.name)
 
     def check_function(self) -> Callable[..., Any]:
         return _import(self.check, self.name) if self.check else self.load_function()
+
+    def find_weights_function(self) -> Callable[..., Path]:
+        """The engine's checkpoint finder (see `find_weights`); only for `needs_weights`."""
+        if self.find_weights is None:
+            raise ValueError(f"the {self.name} engine takes no weights")
+        return _import(self.find_weights, self.name)
 
     def options(self) -> dict[str, Any]:
         """The loader's keyword-only options and their defaults."""
@@ -120,14 +130,14 @@ class EngineSpec:
 
     @property
     def needs_weights(self) -> bool:
-        return "weights" in self.options()
+        return self.find_weights is not None
 
     def missing(self, weights: str | None = None) -> str | None:
         """Why the engine cannot run here without a download (None: it can)."""
         if not self.needs_weights:
             return None
         try:
-            resolve_weights(weights, download=False)
+            self.find_weights_function()(weights, download=False)
         except WeightsError as error:
             return str(error)
         return None
@@ -139,6 +149,7 @@ BUILT_IN_ENGINES = (
         "XMem engine (Cheng & Schwing, ECCV 2022) with an official checkpoint",
         "xmem_label.model.xmem.engine:load_xmem_engine",
         check="xmem_label.model.xmem.engine:check_xmem_options",
+        find_weights="xmem_label.model.xmem.weights:resolve_weights",
     ),
     EngineSpec(
         "flow",

@@ -12,6 +12,7 @@ is ever deleted or overwritten.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,10 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .weights import sha256_of
 
 MARKER = ".xmem-label.json"
 TOOL = "xmem-label"
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (overlays in the marker, weights in summaries)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_apart(out: Path, overlay: Path | None, inputs: Iterable[tuple[str, Path]]) -> None:

@@ -30,15 +30,13 @@ from .outputs import (
     check_overlay_replaceable,
     check_replaceable,
     remove_stale_partials,
+    sha256_of,
     staged_output,
 )
 from .overlay import OverlayWriter, check_overlay_path
 from .results import FrameResult
 from .session import Session
-from .weights import (
-    resolve_weights,
-    sha256_of,
-)
+from .xmem.weights import resolve_weights
 
 OUTPUT_QUEUE_FRAMES = 4  # finished frames waiting to be written
 FOLDER_FPS = 15.0  # overlay frame rate for image folders, which carry none (the demo clip's)

@@ -9,13 +9,13 @@ import threading
 
 import pytest
 
-from xmem_label.model import weights as weights_module
 from xmem_label.model.errors import WeightsError
+from xmem_label.model.outputs import sha256_of
 from xmem_label.model.settings import manifest
-from xmem_label.model.weights import (
+from xmem_label.model.xmem import weights as weights_module
+from xmem_label.model.xmem.weights import (
     download_checkpoint,
     resolve_weights,
-    sha256_of,
     verify_checkpoint,
 )
 

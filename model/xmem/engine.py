@@ -12,14 +12,15 @@ import torch
 
 from ..engine import EngineDescription, pick_device
 from ..errors import InputError
-from ..settings import XMemSettings, xmem_settings
-from ..weights import resolve_weights, sha256_of
+from ..outputs import sha256_of
 from .allocator import keep_freed_memory
 from .checkpoint import build_network, load_state_dict
 from .conv3x3 import use_int8, use_winograd
 from .inference import IMAGENET_MEAN, IMAGENET_STD, FrameGeometry, XMemTracker
 from .int8 import int8_available
 from .network import XMemNetwork
+from .settings import XMemSettings, xmem_settings
+from .weights import resolve_weights
 
 # Precisions per device type: "fp32" is exact mode; bf16/fp16 autocast is fast mode, and "int8"
 # (CPU) is bf16 autocast with the wide 3x3 convolutions in 8-bit integers.
@@ -136,7 +137,7 @@ def load_xmem_engine(
     """Load XMem.
 
     weights: a checkpoint path or name from manifest.yml (None: the default one), resolved as
-    `xmem_label.model.weights.resolve_weights` does (path, environment, cache, download).
+    `xmem_label.model.xmem.weights.resolve_weights` does (path, environment, cache, download).
     device: None picks CUDA, then MPS, then CPU. precision: "fp32" (exact), "bf16"/"fp16"
     autocast (fast), or "int8" (fastest, CPU). compile: wrap the three networks in
     torch.compile (not with int8, whose kernels run eagerly).

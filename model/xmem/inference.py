@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..settings import XMemSettings
 from .memory import MemoryManager
 from .network import XMemNetwork, soft_aggregate
+from .settings import XMemSettings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

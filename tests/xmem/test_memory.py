@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from xmem_label.model import Session, load_engine
-from xmem_label.model.settings import xmem_settings
 from xmem_label.model.xmem.memory import (
     MemoryManager,
     MemoryStore,
@@ -18,6 +17,7 @@ from xmem_label.model.xmem.memory import (
     sparse_read,
     top_k_softmax,
 )
+from xmem_label.model.xmem.settings import xmem_settings
 
 KEY_DIM, VALUE_DIM = 8, 6
 

@@ -22,8 +22,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .errors import WeightsError
-from .settings import manifest
+from ..errors import WeightsError
+from ..outputs import sha256_of
+from ..settings import manifest
 
 CHUNK_BYTES = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60
@@ -67,15 +68,6 @@ def cache_folder(folder: str | Path | None = None) -> Path:
         settings = manifest()["weights"]
         folder = os.environ.get(settings["cache_env_var"]) or settings["cache_dir"]
     return Path(folder).expanduser()
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def recorded_sha256_path(name: str, folder: str | Path | None = None) -> Path:
