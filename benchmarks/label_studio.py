@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +37,7 @@ import numpy as np
 import requests
 from label_studio_sdk.converter.brush import mask2rle
 
+from xmem_label.backend import devserver
 from xmem_label.backend.rle import mask_to_rle
 from xmem_label.model import read_label_mask
 
@@ -137,85 +135,43 @@ def prompt_figures(data: Path) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return devserver.free_port()
 
 
 def wait_up(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} did not come up in {seconds} s")
+    try:
+        devserver.wait_up(url, seconds)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def start_label_studio(binary: str, work: Path) -> tuple[subprocess.Popen, str, Path]:
     """Label Studio on a free loopback port with a fresh data dir, a legacy token (TOKEN),
-    local files served from work/media, and the settings that let it call a loopback backend."""
-    if not Path(binary).is_file():
+    local files served from work/media, and the settings that let it call a loopback backend
+    (xmem_label.backend.devserver, shared with the tests)."""
+    try:
+        return devserver.start_label_studio(
+            binary, work, TOKEN, user="bench@example.com", password="bench-password-123"
+        )
+    except FileNotFoundError:
         raise SystemExit(
             f"no Label Studio at {binary}: give --ls-bin or set LABEL_STUDIO_BIN "
             "(label-studio 1.23.2), or --ls-url of a running one"
-        )
-    media = work / "media"
-    media.mkdir(parents=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "DEBUG")}
-    env.update(
-        {
-            "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"),
-            "LOCAL_FILES_SERVING_ENABLED": "true",
-            "LOCAL_FILES_DOCUMENT_ROOT": str(media),
-            "LABEL_STUDIO_USERNAME": "bench@example.com",
-            "LABEL_STUDIO_PASSWORD": "bench-password-123",
-            "LABEL_STUDIO_USER_TOKEN": TOKEN,
-            "ML_BLOCK_LOCAL_IP": "false",
-            "SSRF_PROTECTION_ENABLED": "false",
-            "LATEST_VERSION_CHECK": "false",
-            "COLLECT_ANALYTICS": "false",
-        }
-    )
-    process = subprocess.Popen(
-        [
-            binary,
-            "start",
-            "--no-browser",
-            "--internal-host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--enable-legacy-api-token",
-        ],
-        env=env,
-        stdout=open(work / "label-studio.log", "w"),  # noqa: SIM115 (lives on)
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_up(f"{url}/health", 300)
-    return process, url, media
+        ) from None
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    devserver.stop(process)
 
 
 def xmem_label_command() -> str:
     """The `xmem-label` console script of this Python's environment."""
-    executable = shutil.which("xmem-label", path=str(Path(sys.executable).parent))
-    if executable is None:
-        raise SystemExit("the xmem-label console script is not installed (pip install -e .)")
-    return executable
+    try:
+        return devserver.xmem_label_command()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def backend_environment(ls_url: str, token: str, **extra: str) -> dict[str, str]:

@@ -14,16 +14,14 @@ way (token TOKEN) instead of booting one (about a minute).
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from xmem_label.backend import devserver
+from xmem_label.backend.devserver import free_port, stop, xmem_label_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "xmemlabel0123456789abcdef0123456789abcd"
@@ -34,34 +32,8 @@ LS_CANDIDATES = [
 BACKEND_AUTH = ("label-studio", "backend-secret-7f3a")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {seconds} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    devserver.wait_up(url, seconds, process, log)
 
 
 class LabelStudioServer:
@@ -160,54 +132,18 @@ def label_studio(tmp_path_factory) -> LabelStudioServer:
     binary = next((c for c in LS_CANDIDATES if c and Path(c).is_file()), None)
     if binary is None:
         pytest.skip("label-studio 1.23.2 not installed (set LABEL_STUDIO_BIN)")
-    work = tmp_path_factory.mktemp("label-studio")
-    media = work / "media"
-    media.mkdir()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "DEBUG")}
-    env.update(
-        {
-            "LABEL_STUDIO_BASE_DATA_DIR": str(work / "data"),
-            "LOCAL_FILES_SERVING_ENABLED": "true",
-            "LOCAL_FILES_DOCUMENT_ROOT": str(media),
-            "LABEL_STUDIO_USERNAME": "e2e@example.com",
-            "LABEL_STUDIO_PASSWORD": "e2e-password-123",
-            "LABEL_STUDIO_USER_TOKEN": TOKEN,
-            "ML_BLOCK_LOCAL_IP": "false",
-            "SSRF_PROTECTION_ENABLED": "false",
-            "LATEST_VERSION_CHECK": "false",
-            "COLLECT_ANALYTICS": "false",
-        }
+    process, url, media = devserver.start_label_studio(
+        binary,
+        tmp_path_factory.mktemp("label-studio"),
+        TOKEN,
+        user="e2e@example.com",
+        password="e2e-password-123",
+        seconds=240,
     )
-    log = work / "label-studio.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [
-                binary,
-                "start",
-                "--no-browser",
-                "--internal-host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--enable-legacy-api-token",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{url}/health", process, 240, log)
         yield LabelStudioServer(url, media)
     finally:
         stop(process)
-
-
-def xmem_label_command() -> str:
-    executable = shutil.which("xmem-label", path=str(Path(sys.executable).parent))
-    assert executable, "the xmem-label console script is not installed"
-    return executable
 
 
 def run_backend(

@@ -25,6 +25,7 @@ import pytest
 import redis
 import requests
 
+from xmem_label.backend import devserver
 from xmem_label.backend.queues import RedisQueue
 
 from .conftest import BACKEND_AUTH, TOKEN, free_port, run_backend, stop, xmem_label_command
@@ -45,27 +46,9 @@ LEASE = 2.0
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     """A private redis-server: no persistence, loopback only."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (tests/run.sh installs it: apt redis-server)")
-    work = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(work)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert process.poll() is None and time.monotonic() < deadline, "redis-server failed"
-            time.sleep(0.1)
+    process, url = devserver.start_redis(tmp_path_factory.mktemp("redis"))
     try:
         yield url
     finally:
