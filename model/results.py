@@ -14,6 +14,10 @@ class ObjectResult:
     confidence: in [0, 1]; the soft IoU between the object's probability map and its final mask,
     ignoring probabilities below 0.1 (see README); 1.0 on a person's keyframe and for an object
     confidently absent. box: (x0, y0, x1, y1) in pixels, x1 and y1 exclusive; None when absent.
+    source: where the mask comes from: "keyframe" (the person's, verbatim), "forward" or
+    "backward" (one pass from a keyframe), "fused" (both passes between two keyframes), "none"
+    (before the object's first keyframe in the forward-only mode); keyframes: the frames it comes
+    from (the keyframe itself, the pass's keyframe, or the two around a fused frame).
     """
 
     object_id: int
@@ -21,6 +25,8 @@ class ObjectResult:
     area: int
     box: tuple[int, int, int, int] | None
     keyframe: bool
+    source: str = "forward"
+    keyframes: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

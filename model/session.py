@@ -6,20 +6,49 @@ In the spirit of SAM 2's video predictor:
     session.add_mask(0, label_mask)            # objects 1..N on frame 0
     for result in session.propagate():         # FrameResult per frame, in order
         ...
+    session.add_mask(40, corrected)            # a person fixes frame 40
+    for result in session.propagate():         # re-runs only the segments around frame 40
+        ...
+    session.suggest(5)                         # the frames to check next, with reasons
 
-Keyframes are per object: on a keyframe, each object the person gave is set to that mask there
-and the frame is memorised; other objects keep being propagated. Frames before an object's first
-keyframe are filled by a backward pass from it (unless direction="forward").
+A *statement* is what a person said about one object on one frame: its mask, or that it is
+absent there. A keyframe is a frame with at least one statement. Objects have their own
+keyframes; the platforms' keyframes state every object (`keyframes.py`).
+
+Reconciled two-way propagation (direction="both", the default). From every keyframe a, a forward
+pass and a backward pass run over the objects with a mask on a, each until the objects' next
+statement (or the clip's end). For object o on a frame t between two of its statements a < t < b
+the two passes are fused:
+
+    p = (w_f p_f + w_b p_b) / (w_f + w_b),   w_f = c_f (b - t),   w_b = c_b (t - a)
+
+where p_f is o's probability in the forward pass from a (0 when o is absent on a), p_b in the
+backward pass from b, and c the pass's confidence on t (the soft IoU of p with p > 0.5, as
+`ObjectResult.confidence`): each keyframe dominates near itself, and a pass that has lost its
+certainty yields to the other. Before o's first statement only the backward pass from it counts,
+after its last only the forward pass. The objects' probabilities become a frame's labels as one
+distribution (background = the product of 1 - p), and a person's masks are returned verbatim.
+
+The invariant that makes corrections cheap: a pass's output depends only on the engine, the clip,
+its direction, its start frame and the masks given there (never on where it stops, `passes.py`),
+and o's result on t only on the passes from its nearest statements around t. Passes are kept on
+disk (float16) between propagations, so after `add_mask(k, ...)` the next `propagate()` runs the
+network only for the passes from k (and any pass that must now reach further than it was run);
+every other frame is recomputed from stored passes, bit for bit as a from-scratch run of the same
+keyframes gives. direction="forward" is one forward pass from the first keyframe through every
+later one (the official evaluation's protocol); it keeps nothing between propagations.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dataclasses
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,13 +57,17 @@ from .engine import Engine, Tracker
 from .errors import InputError, XMemLabelError
 from .frames import FrameSource, SpilledIterator, open_frames, prefetch
 from .masks import MAX_OBJECT_ID, fit_mask_to_frame
+from .passes import BACKWARD, FORWARD, PassPlan, PassStore, pass_key
 from .results import FrameResult, ObjectResult
+from .suggest import FrameReview, Suggestion, suggest_frames
 
 T = TypeVar("T")
 CONFIDENCE_FLOOR = 0.1  # probabilities below this are noise, not doubt, for the confidence
+MIN_PASS_WEIGHT = 1e-3  # a pass with no confidence left still counts a little (no 0/0)
 DIRECTIONS = ("both", "forward")
 
 ProgressCallback = Callable[[int, int], None]
+PromptFor = Callable[[Tracker, int], "dict[int, np.ndarray] | None"]
 
 
 class PropagationCancelled(XMemLabelError):
@@ -59,20 +92,49 @@ class _FramePrompt:
     def masks(self) -> dict[int, np.ndarray]:
         return {obj: self.labels == obj for obj in sorted(self.object_ids)}
 
+    def present(self) -> dict[int, np.ndarray]:
+        """The objects given with a mask here (not those declared absent)."""
+        return {obj: mask for obj, mask in self.masks().items() if mask.any()}
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The passes one reconciled propagation reads, and each object's statement frames."""
+
+    statements: dict[int, list[int]]
+    forward: dict[int, PassPlan]  # start frame -> pass
+    backward: dict[int, PassPlan]
+
+    def all(self) -> list[PassPlan]:
+        return [*self.backward.values(), *self.forward.values()]
+
 
 class Session:
-    """Keyframes for one clip, and the propagation that turns them into every frame's masks."""
+    """Keyframes for one clip, and the propagation that turns them into every frame's masks.
+
+    cache_dir: where reconciled passes are kept between propagations. Given, it is kept after
+    `close()`, so a later session of the same clip reuses it (one folder per clip: the frames
+    are not part of a pass's key); by default a temporary folder, deleted by `close()`.
+    """
 
     def __init__(
         self,
         engine: Engine,
         source: str | Path | FrameSource | Iterable[np.ndarray],
+        *,
+        cache_dir: str | Path | None = None,
     ):
         self.engine = engine
         self.frames = open_frames(source)
         self.frame_hw = self.frames.size()
         self._prompts: dict[int, _FramePrompt] = {}
         self._cancelled = threading.Event()
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        self._store: PassStore | None = None
+        self._engine_key: dict[str, Any] | None = None
+        self._reviews: dict[int, FrameReview] = {}
+        self.network_steps = 0  # network steps of the last propagation (frames computed)
 
     # ----- keyframes -------------------------------------------------------------------------
 
@@ -126,49 +188,215 @@ class Session:
     ) -> Iterator[FrameResult]:
         """Yield a FrameResult for every frame of the clip, in order.
 
-        direction "both" fills frames before an object's first keyframe by a backward pass
-        from that keyframe; "forward" leaves them empty, like the official evaluation.
-        progress(done, total) is called after every network step. spill_dir: where the
-        backward pass's probabilities are spilled (default: the system's temporary folder); the
-        CLI puts them inside its partial output, so even a killed run leaves them in one place.
-        Frames of another size than the first, and probabilities that are NaN or infinite, are
-        errors naming the frame.
+        direction "both": reconciled two-way propagation (see the module's docstring);
+        "forward": one forward pass from the first keyframe, frames before it empty, like the
+        official evaluation. progress(done, total) is called after every network step.
+        spill_dir: where the session's temporary pass folder goes when it has none yet (default:
+        the system's temporary folder); the CLI puts it inside its partial output, so even a
+        killed run leaves it in one place. Frames of another size than the first, and
+        probabilities that are NaN or infinite, are errors naming the frame.
         """
         if direction not in DIRECTIONS:
             raise InputError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
-        first = self._first_keyframes()
-        if not first:
+        if not self._first_keyframes():
             raise InputError("no keyframe: add at least one object mask before propagating")
-        num_frames = self._known_length()
-        forward_start = min(first.values())
-        backward_start = max(first.values()) if direction == "both" else 0
-        total = (num_frames - forward_start if num_frames else 0) + backward_start
-        steps = _StepCounter(progress, total)
-
         self._cancelled.clear()
-        with tempfile.TemporaryDirectory(prefix="xmem-label-backward-", dir=spill_dir) as spill:
-            backward = self._backward_pass(backward_start, num_frames, Path(spill), steps)
-            forward = self._pass(self.frames.forward(forward_start), num_frames, steps)
-            for index, frame_probs in self._merge(backward, forward, forward_start, first):
-                yield self._result(index, frame_probs, with_probs)
+        self._reviews = {}
+        self.network_steps = 0
+        if direction == "forward":
+            return self._propagate_forward(with_probs, progress)
+        return self._propagate_reconciled(with_probs, progress, self._pass_store(spill_dir))
 
-    def run(self, **options) -> list[FrameResult]:
+    def run(self, **options: Any) -> list[FrameResult]:
         """Propagate the whole clip and return every frame's result (all masks in memory)."""
         return list(self.propagate(**options))
 
+    def suggest(self, count: int) -> list[Suggestion]:
+        """The `count` frames a person should check next, with the reasons, spread over the
+        clip; from the last propagation (which must have run to its end)."""
+        if not self._reviews:
+            raise InputError("nothing to suggest yet: propagate the clip first")
+        return suggest_frames(list(self._reviews.values()), count)
+
+    def stored_pass_bytes(self) -> tuple[int, int]:
+        """(bytes, frames) of the passes kept on disk for the next propagation."""
+        if self._store is None:
+            return 0, 0
+        return self._store.disk_bytes(), self._store.stored_frames()
+
     def cancel(self) -> None:
         """Stop a running propagation at its next network step (from any thread): it raises
-        PropagationCancelled there, and its spilled probabilities are deleted."""
+        PropagationCancelled there, and the pass it was computing is deleted."""
         self._cancelled.set()
 
     def close(self) -> None:
+        """Release the frames, and delete the passes unless they live in a given cache_dir."""
         self.frames.close()
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary, self._store = None, None
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ----- forward only -----------------------------------------------------------------------
+
+    def _propagate_forward(
+        self, with_probs: bool, progress: ProgressCallback | None
+    ) -> Iterator[FrameResult]:
+        statements = self._statements()
+        forward_start = min(self._first_keyframes().values())
+        num_frames = self._known_length()
+        total = num_frames - forward_start if num_frames else 0
+        steps = _StepCounter(progress, total, self)
+        empty: tuple[list[int], torch.Tensor] = ([], torch.ones((1, *self.frame_hw)))
+        for index in range(forward_start):
+            result = self._result(index, empty, with_probs, _forward_provenance(statements, index))
+            self._reviews[index] = FrameReview.of(result, {})
+            yield result
+        passed = self._pass(self.frames.forward(forward_start), num_frames, steps, self._prompt_for)
+        for index, ids, probs in passed:
+            provenance = _forward_provenance(statements, index)
+            result = self._result(index, (ids, probs), with_probs, provenance)
+            self._reviews[index] = FrameReview.of(result, {})
+            yield result
+
+    # ----- reconciled -------------------------------------------------------------------------
+
+    def _propagate_reconciled(
+        self, with_probs: bool, progress: ProgressCallback | None, store: PassStore
+    ) -> Iterator[FrameResult]:
+        num_frames = self._known_length()
+        plan = self._plan(num_frames)
+        todo = [p for p in plan.all() if not store.covers(p)]
+        steps = _StepCounter(progress, sum(p.frames_needed(num_frames) for p in todo), self)
+        for pass_plan in todo:
+            if pass_plan.direction == BACKWARD:
+                for _ in self._compute(pass_plan, store, num_frames, steps):
+                    pass
+        forward_todo = sorted((p for p in todo if p.direction == FORWARD), key=lambda p: p.start)
+        next_frame = 0
+        for number, pass_plan in enumerate(forward_todo):
+            # Frames before the next pass's start need no pass still to run once this one has
+            # reached them: yield them as they come (the first masks before the last).
+            limit = forward_todo[number + 1].start if number + 1 < len(forward_todo) else None
+            for index in self._compute(pass_plan, store, num_frames, steps):
+                ready = index + 1 if limit is None else min(limit, index + 1)
+                while next_frame < ready:
+                    yield self._fused_result(next_frame, plan, store, with_probs)
+                    next_frame += 1
+        while next_frame < len(self.frames):
+            yield self._fused_result(next_frame, plan, store, with_probs)
+            next_frame += 1
+        store.keep_only(p.key for p in plan.all())
+
+    def _plan(self, num_frames: int | None) -> _Plan:
+        """From each keyframe, a forward pass to the furthest next statement of its objects
+        (or the clip's end) and a backward pass to the furthest previous one (or frame 0)."""
+        statements = self._statements()
+        forward: dict[int, PassPlan] = {}
+        backward: dict[int, PassPlan] = {}
+        for frame in sorted(self._prompts):
+            present = self._prompts[frame].present()
+            if not present:
+                continue
+            object_ids = tuple(sorted(present))
+            nexts = [_after(statements[obj], frame) for obj in object_ids]
+            stop = None if None in nexts else max(n for n in nexts if n is not None)
+            if stop is None and num_frames is not None:
+                stop = num_frames
+            if stop is None or stop > frame + 1:
+                key = pass_key(self._engine_description(), num_frames, FORWARD, frame, present)
+                forward[frame] = PassPlan(FORWARD, frame, stop, object_ids, key)
+            previous = [_before(statements[obj], frame) for obj in object_ids]
+            back_stop = min(-1 if p is None else p for p in previous)
+            if back_stop < frame - 1:
+                key = pass_key(self._engine_description(), num_frames, BACKWARD, frame, present)
+                backward[frame] = PassPlan(BACKWARD, frame, back_stop, object_ids, key)
+        return _Plan(statements, forward, backward)
+
+    def _compute(
+        self, plan: PassPlan, store: PassStore, num_frames: int | None, steps: _StepCounter
+    ) -> Iterator[int]:
+        """Run one planned pass, storing each frame after its start; yields the frame index."""
+        masks = self._prompts[plan.start].present()
+
+        def prompt_for(tracker: Tracker, index: int) -> dict[int, np.ndarray] | None:
+            return masks if index == plan.start else None
+
+        frames: Iterator[tuple[int, np.ndarray]]
+        if plan.direction == FORWARD:
+            frames = self.frames.forward(plan.start, plan.stop)
+        else:
+            frames = self.frames.backward(plan.start, -1 if plan.stop is None else plan.stop)
+        writer = store.writer(plan)
+        try:
+            for index, ids, probs in self._pass(frames, num_frames, steps, prompt_for):
+                if index != plan.start:
+                    channels = [ids.index(obj) + 1 for obj in plan.object_ids]
+                    writer.add(index, probs[channels].cpu().numpy())
+                    yield index
+            writer.commit(plan.stop)
+        except BaseException:
+            writer.discard()
+            raise
+
+    def _fused_result(
+        self, index: int, plan: _Plan, store: PassStore, with_probs: bool
+    ) -> FrameResult:
+        """Frame `index` from the stored passes, by the fusion rule of the module's docstring."""
+        loaded: dict[str, np.ndarray] = {}
+
+        def pass_probs(pass_plan: PassPlan | None, object_id: int) -> np.ndarray:
+            if pass_plan is None or object_id not in pass_plan.object_ids:
+                return np.zeros(self.frame_hw, np.float32)  # absent on that keyframe
+            if pass_plan.key not in loaded:
+                loaded[pass_plan.key] = store.load(pass_plan.key, index)
+            return loaded[pass_plan.key][pass_plan.object_ids.index(object_id)]
+
+        prompt = self._prompts.get(index)
+        ids = self.object_ids
+        foreground = []
+        provenance: dict[int, tuple[str, tuple[int, ...]]] = {}
+        disagreement: dict[int, float] = {}
+        for object_id in ids:
+            frames = plan.statements[object_id]
+            if prompt is not None and object_id in prompt.object_ids:
+                foreground.append((prompt.labels == object_id).astype(np.float32))
+                provenance[object_id] = ("keyframe", (index,))
+                continue
+            before, after = _before(frames, index), _after(frames, index)
+            forward = None if before is None else pass_probs(plan.forward.get(before), object_id)
+            backward = None if after is None else pass_probs(plan.backward.get(after), object_id)
+            if forward is not None and backward is not None:
+                assert before is not None and after is not None
+                w_forward = max(_pass_confidence(forward), MIN_PASS_WEIGHT) * (after - index)
+                w_backward = max(_pass_confidence(backward), MIN_PASS_WEIGHT) * (index - before)
+                fused = (w_forward * forward + w_backward * backward) / (w_forward + w_backward)
+                foreground.append(fused)
+                provenance[object_id] = ("fused", (before, after))
+                # how much the passes disagree, counted where neither dominates the fusion
+                balance = 2 * min(w_forward, w_backward) / (w_forward + w_backward)
+                iou = _mask_iou(forward > 0.5, backward > 0.5)
+                disagreement[object_id] = (1.0 - iou) * balance
+            elif forward is not None:
+                assert before is not None
+                foreground.append(forward)
+                provenance[object_id] = ("forward", (before,))
+            else:
+                assert backward is not None and after is not None
+                foreground.append(backward)
+                provenance[object_id] = ("backward", (after,))
+        objects = torch.from_numpy(np.stack(foreground))
+        background = torch.prod(1 - objects, dim=0, keepdim=True)
+        combined = torch.cat([background, objects])
+        probs = combined / combined.sum(dim=0, keepdim=True).clamp_min(1e-7)
+        result = self._result(index, (ids, probs), with_probs, provenance)
+        self._reviews[index] = FrameReview.of(result, disagreement)
+        return result
 
     # ----- internals --------------------------------------------------------------------------
 
@@ -177,6 +405,7 @@ class Session:
         frames: Iterator[tuple[int, np.ndarray]],
         num_frames: int | None,
         steps: _StepCounter,
+        prompt_for: PromptFor,
     ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
         """Run one tracker over `frames`, yielding (index, object_ids, probs) per frame."""
         tracker = self.engine.new_tracker(num_frames)
@@ -191,50 +420,16 @@ class Session:
                         f"frame is {self.frame_hw[1]}x{self.frame_hw[0]}; all frames must have "
                         "one size"
                     )
-                probs = tracker.step(frame, self._prompt_for(tracker, index), last=is_last)
+                probs = tracker.step(frame, prompt_for(tracker, index), last=is_last)
                 steps.advance()
                 yield index, list(tracker.object_ids), probs
 
-    def _backward_pass(
-        self, start: int, num_frames: int | None, spill: Path, steps: _StepCounter
-    ) -> dict[int, tuple[list[int], Path]]:
-        """Run the backward pass from `start` to frame 0 and spill each frame's probabilities
-        (float16) to `spill`; returns index -> (object_ids, file). Empty when start is 0."""
-        stored: dict[int, tuple[list[int], Path]] = {}
-        if start == 0:
-            return stored
-        for index, object_ids, probs in self._pass(self.frames.backward(start), num_frames, steps):
-            if index < start:
-                path = spill / f"{index:08d}.npy"
-                np.save(path, probs.to(torch.float16).cpu().numpy())
-                stored[index] = (object_ids, path)
-        return stored
-
-    def _merge(self, backward, forward, forward_start, first):
-        """Per frame, take each object from the pass that has seen its first keyframe: the
-        forward pass from that keyframe on, the backward pass before it."""
-        forward = iter(forward)
-        for index in range(self._known_length() or 2**62):
-            backward_probs = None
-            if index in backward:
-                ids, path = backward.pop(index)
-                backward_probs = (ids, torch.from_numpy(np.load(path)).float())
-            if index < forward_start:
-                if backward_probs is None:
-                    if index >= len(self.frames):
-                        return
-                    backward_probs = ([], torch.ones((1, *self.frame_hw)))
-                yield index, _select(first, index, None, backward_probs)
-                continue
-            try:
-                forward_index, ids, probs = next(forward)
-            except StopIteration:
-                return
-            assert forward_index == index, (forward_index, index)
-            yield index, _select(first, index, (ids, probs), backward_probs)
-
     def _result(
-        self, index: int, probs_by_id: tuple[list[int], torch.Tensor], with_probs: bool
+        self,
+        index: int,
+        probs_by_id: tuple[list[int], torch.Tensor],
+        with_probs: bool,
+        provenance: Mapping[int, tuple[str, tuple[int, ...]]],
     ) -> FrameResult:
         """Labels, keyframe overrides and per-object statistics of one frame."""
         ids, probs = self._in_session_order(*probs_by_id)
@@ -251,7 +446,7 @@ class Session:
                 if object_id in ids:
                     labels[prompt_labels == object_id] = ids.index(object_id) + 1
                     keyframe_ids.add(object_id)
-        labels_np, objects, finite = _summarise(labels, probs, ids, keyframe_ids)
+        labels_np, objects, finite = _summarise(labels, probs, ids, keyframe_ids, provenance)
         if not finite:
             raise InputError(
                 f"{self.frames.where(index)}: the engine produced NaN or infinite probabilities "
@@ -266,7 +461,9 @@ class Session:
             probs=probs.cpu().numpy() if with_probs else None,
         )
 
-    def _in_session_order(self, ids: list[int], probs: torch.Tensor):
+    def _in_session_order(
+        self, ids: list[int], probs: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor]:
         """Reorder channels to the session's object ids (absent objects get zero channels)."""
         session_ids = self.object_ids
         if ids == session_ids:
@@ -287,6 +484,15 @@ class Session:
         masks = {obj: mask for obj, mask in prompt.masks().items() if obj in known or mask.any()}
         return masks or None
 
+    def _statements(self) -> dict[int, list[int]]:
+        """object id -> the frames where a person said something of it, ascending."""
+        statements: dict[int, list[int]] = {obj: [] for obj in self.object_ids}
+        for index in sorted(self._prompts):
+            for object_id in self._prompts[index].object_ids:
+                if object_id in statements:
+                    statements[object_id].append(index)
+        return statements
+
     def _first_keyframes(self) -> dict[int, int]:
         """object id -> first frame where a person gave a non-empty mask for it."""
         first: dict[int, int] = {}
@@ -296,6 +502,22 @@ class Session:
                 if object_id not in first and (prompt.labels == object_id).any():
                     first[object_id] = index
         return first
+
+    def _pass_store(self, spill_dir: str | Path | None) -> PassStore:
+        if self._store is None:
+            if self._cache_dir is not None:
+                self._store = PassStore(self._cache_dir)
+            else:
+                self._temporary = tempfile.TemporaryDirectory(
+                    prefix="xmem-label-passes-", dir=spill_dir
+                )
+                self._store = PassStore(self._temporary.name)
+        return self._store
+
+    def _engine_description(self) -> dict[str, Any]:
+        if self._engine_key is None:
+            self._engine_key = self.engine.describe().as_dict()
+        return self._engine_key
 
     def _known_length(self) -> int | None:
         if isinstance(self.frames, SpilledIterator):
@@ -327,13 +549,55 @@ class Session:
 
 
 class _StepCounter:
-    def __init__(self, callback: ProgressCallback | None, total: int):
+    def __init__(self, callback: ProgressCallback | None, total: int, session: Session):
         self.callback, self.total, self.done = callback, total, 0
+        self.session = session
 
     def advance(self) -> None:
         self.done += 1
+        self.session.network_steps += 1
         if self.callback is not None:
             self.callback(self.done, max(self.total, self.done))
+
+
+def _before(frames: list[int], index: int) -> int | None:
+    """The last of the sorted `frames` before `index`."""
+    position = bisect.bisect_left(frames, index)
+    return frames[position - 1] if position > 0 else None
+
+
+def _after(frames: list[int], index: int) -> int | None:
+    """The first of the sorted `frames` after `index`."""
+    position = bisect.bisect_right(frames, index)
+    return frames[position] if position < len(frames) else None
+
+
+def _forward_provenance(
+    statements: dict[int, list[int]], index: int
+) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """Provenance in the forward-only mode: the person's, or forward from the last statement."""
+    provenance: dict[int, tuple[str, tuple[int, ...]]] = {}
+    for object_id, frames in statements.items():
+        if index in frames:
+            provenance[object_id] = ("keyframe", (index,))
+        else:
+            before = _before(frames, index)
+            provenance[object_id] = ("none", ()) if before is None else ("forward", (before,))
+    return provenance
+
+
+def _pass_confidence(probs: np.ndarray) -> float:
+    """One pass's confidence in one object on one frame: the soft IoU of its probabilities
+    (below CONFIDENCE_FLOOR ignored) with their own p > 0.5 mask; 1 when it sees nothing."""
+    counted = np.where(probs >= CONFIDENCE_FLOOR, probs, 0)
+    mask = probs > 0.5
+    union = np.maximum(counted, mask).sum()
+    return 1.0 if union == 0 else float((counted * mask).sum() / union)
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def _with_last_flag(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
@@ -349,29 +613,13 @@ def _with_last_flag(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
     yield current, True
 
 
-def _select(first, index, forward, backward) -> tuple[list[int], torch.Tensor]:
-    """Combine one frame's passes: object o from the forward pass when `index` >= its first
-    keyframe, from the backward pass before it. A single contributing pass is used as is."""
-    sources = {}
-    for object_id, first_index in first.items():
-        source = forward if index >= first_index else backward
-        if source is not None and object_id in source[0]:
-            sources[object_id] = source
-    used = {id(source) for source in sources.values()}
-    for candidate in (forward, backward):
-        if candidate is not None and used <= {id(candidate)} and set(candidate[0]) == set(sources):
-            return candidate
-    ids = sorted(sources)
-    device = next(iter(sources.values()))[1].device
-    foreground = torch.stack(
-        [sources[obj][1][sources[obj][0].index(obj) + 1].to(device) for obj in ids]
-    )
-    background = torch.prod(1 - foreground, dim=0, keepdim=True)
-    combined = torch.cat([background, foreground])
-    return ids, combined / combined.sum(dim=0, keepdim=True).clamp_min(1e-7)
-
-
-def _summarise(labels: torch.Tensor, probs: torch.Tensor, ids: list[int], keyframe_ids: set):
+def _summarise(
+    labels: torch.Tensor,
+    probs: torch.Tensor,
+    ids: list[int],
+    keyframe_ids: set[int],
+    provenance: Mapping[int, tuple[str, tuple[int, ...]]],
+) -> tuple[np.ndarray, dict[int, ObjectResult], bool]:
     """Copy the labels to the host once, with area, box and confidence of every object, and
     whether every probability is finite (read in the same copy: no extra device sync)."""
     channels = torch.arange(1, len(ids) + 1, device=labels.device).view(-1, 1, 1)
@@ -396,12 +644,15 @@ def _summarise(labels: torch.Tensor, probs: torch.Tensor, ids: list[int], keyfra
     )
     labels_np, stats_np = labels.cpu().numpy(), stats.cpu().numpy()
     finite = not stats_np[:, 7].any()
-    objects = {}
+    objects: dict[int, ObjectResult] = {}
     for object_id, (area, inter, uni, y0, y1, x0, x1, _) in zip(ids, stats_np, strict=True):
         keyframe = object_id in keyframe_ids
         confidence = 1.0 if keyframe or uni == 0 else float(inter / uni)
         box = (int(x0), int(y0), int(x1) + 1, int(y1) + 1) if area > 0 else None
-        objects[object_id] = ObjectResult(object_id, confidence, int(area), box, keyframe)
+        source, keyframes = provenance.get(object_id, ("none", ()))
+        objects[object_id] = ObjectResult(
+            object_id, confidence, int(area), box, keyframe, source, keyframes
+        )
     return labels_np, objects, finite
 
 

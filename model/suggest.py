@@ -1,0 +1,166 @@
+"""Which frames a person should check next, and why.
+
+After a propagation every frame gets a review score from what the session saw there, per object
+(the worst object counts):
+- low confidence: 1 - the object's confidence;
+- disagreement: 1 - IoU of the forward and backward passes' masks on fused frames, times how
+  evenly the fusion weighs them (near a keyframe its own pass decides, whatever the other says);
+- area drift: |log| of the ratio of the object's area to its area on the nearest keyframe
+  (sudden changes of size or shape show up as a jump of this);
+- distance: how far the frame is from the object's nearest keyframe, as a share of the clip.
+
+The score is a weighted sum of the four. Frames are picked greedily by score, and each pick
+lowers the score of its neighbours (within a radius that grows as fewer frames are asked for), so
+n suggestions spread over the clip instead of marking n neighbours of one bad moment. Keyframes
+are never suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+from .results import FrameResult
+
+WEIGHTS = {"confidence": 1.0, "disagreement": 1.0, "area": 0.5, "distance": 0.5}
+AREA_SMOOTHING = 50  # pixels added to both areas, so a tiny object's jitter is not a drift
+REASON_THRESHOLDS = {"confidence": 0.3, "disagreement": 0.2, "area": math.log(1.5), "distance": 0.1}
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectReview:
+    confidence: float
+    area: int
+    source: str
+    keyframes: tuple[int, ...]
+    disagreement: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameReview:
+    """What the session saw on one frame, kept for `suggest` (no masks)."""
+
+    index: int
+    name: str
+    keyframe: bool
+    objects: dict[int, ObjectReview]
+
+    @classmethod
+    def of(cls, result: FrameResult, disagreement: Mapping[int, float]) -> FrameReview:
+        return cls(
+            index=result.index,
+            name=result.name,
+            keyframe=result.is_keyframe,
+            objects={
+                object_id: ObjectReview(
+                    obj.confidence, obj.area, obj.source, obj.keyframes, disagreement.get(object_id)
+                )
+                for object_id, obj in result.objects.items()
+            },
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Suggestion:
+    """A frame to check: its review score and the reasons, worst first."""
+
+    index: int
+    name: str
+    score: float
+    reasons: list[str]
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def suggest_frames(reviews: list[FrameReview], count: int) -> list[Suggestion]:
+    """The `count` frames with the highest review scores, spread over the clip (see module)."""
+    if count < 1:
+        return []
+    by_index = {review.index: review for review in reviews}
+    length = max(by_index) + 1 if by_index else 0
+    scored = {
+        review.index: _score(review, by_index, length)
+        for review in reviews
+        if not review.keyframe or _has_propagated_object(review)
+    }
+    radius = max(1.0, length / (4 * count))
+    chosen: list[Suggestion] = []
+    remaining = dict(scored)
+    while remaining and len(chosen) < count:
+        index = max(remaining, key=lambda i: (_discounted(remaining[i][0], i, chosen, radius), -i))
+        score, reasons = remaining.pop(index)
+        chosen.append(Suggestion(index, by_index[index].name, round(score, 4), reasons))
+    return chosen
+
+
+def _has_propagated_object(review: FrameReview) -> bool:
+    return any(obj.source != "keyframe" for obj in review.objects.values())
+
+
+def _discounted(score: float, index: int, chosen: list[Suggestion], radius: float) -> float:
+    """The score, lowered near frames already chosen (to half at `radius` frames)."""
+    for suggestion in chosen:
+        distance = abs(index - suggestion.index)
+        score *= 1 - 0.5 ** (distance / radius)
+    return score
+
+
+def _score(
+    review: FrameReview, by_index: Mapping[int, FrameReview], length: int
+) -> tuple[float, list[str]]:
+    """The frame's review score (its worst object's) and the reasons behind it."""
+    best: tuple[float, list[str]] = (0.0, [])
+    for object_id, obj in review.objects.items():
+        if obj.source == "keyframe":
+            continue
+        parts = _parts(review.index, object_id, obj, by_index, length)
+        score = sum(WEIGHTS[name] * value for name, value in parts.items())
+        if score > best[0] or not best[1]:
+            best = (score, _reasons(object_id, obj, parts))
+    return best
+
+
+def _parts(
+    index: int,
+    object_id: int,
+    obj: ObjectReview,
+    by_index: Mapping[int, FrameReview],
+    length: int,
+) -> dict[str, float]:
+    nearest = min(obj.keyframes, key=lambda k: abs(k - index)) if obj.keyframes else None
+    parts = {
+        "confidence": 1.0 - obj.confidence,
+        "disagreement": obj.disagreement or 0.0,
+        "area": 0.0,
+        "distance": 0.0,
+    }
+    if nearest is not None:
+        parts["distance"] = abs(index - nearest) / max(length, 1)
+        keyframe = by_index.get(nearest)
+        if keyframe is not None and object_id in keyframe.objects:
+            key_area = keyframe.objects[object_id].area
+            parts["area"] = abs(math.log((obj.area + AREA_SMOOTHING) / (key_area + AREA_SMOOTHING)))
+    return parts
+
+
+def _reasons(object_id: int, obj: ObjectReview, parts: Mapping[str, float]) -> list[str]:
+    """The parts above their thresholds, worst first, in words."""
+    words = {
+        "confidence": f"object {object_id}: low confidence {obj.confidence:.2f}",
+        "disagreement": (
+            f"object {object_id}: forward and backward passes disagree "
+            f"({parts['disagreement']:.2f})"
+        ),
+        "area": (
+            f"object {object_id}: area {math.exp(parts['area']):.1f}x away from "
+            "its nearest keyframe's"
+        ),
+        "distance": (
+            f"object {object_id}: far from its keyframes ({', '.join(map(str, obj.keyframes))})"
+        ),
+    }
+    ranked = sorted(parts, key=lambda name: WEIGHTS[name] * parts[name], reverse=True)
+    reasons = [words[name] for name in ranked if parts[name] >= REASON_THRESHOLDS[name]]
+    return reasons or [words[ranked[0]]]
