@@ -14,7 +14,9 @@ What this module adds to RQ, and only this:
 - a short lease: RQ's forking worker renews a running job's registry entry every
   `job_monitoring_interval`, but for `interval + 60` s, so a killed worker's job waits a
   minute at least. `LeasedWorker` (RQ's SimpleWorker: the engine is loaded once per process and
-  jobs run in it, no fork of a process holding torch's thread pools) renews it every lease/3
+  jobs run in it; forking per job is no option here: measured, a child forked from a process
+  that had run one torch op on CPU hangs in its first op, libgomp's pool does not survive
+  fork) renews it every lease/3
   from a thread, for `XMEM_LABEL_JOB_LEASE` seconds, and every worker calls RQ's registry
   cleanup every lease/2 (one at a time, under RQ's maintenance key): a killed worker's job runs
   again on another worker about one lease after the kill;
@@ -25,9 +27,11 @@ What this module adds to RQ, and only this:
   (`hand_over`), decided by one `HSETNX` so the worker and the request never both (or neither)
   deliver it. The job's state is RQ's status plus this small hash (result, error, delivery).
 
-Jobs are serialized as JSON (never pickle: whoever can write to Redis must not be able to run
-code in the workers). Keep Redis private to the backend's hosts and give it a password
-(`redis://:<password>@host:6379/0`); every call has connect and read timeouts.
+Jobs are serialized as JSON, not pickle (no code runs when a job is read), and a worker runs
+only jobs that call `run_queued_job` (RQ imports whatever function a job names: anything else
+is failed unrun). Still, whoever can write to Redis can queue work with the backend's Label
+Studio token: keep Redis private to the backend's hosts, with a password
+(`redis://:<password>@host:6379/0`). Every call has connect and read timeouts.
 """
 
 from __future__ import annotations
@@ -352,6 +356,9 @@ class LeasedWorker(SimpleWorker):
         return max(1, math.ceil(self.lease_seconds))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if not is_ours(job):
+            self._refuse(job, queue)
+            return
         execution = self.prepare_execution(job)
         done = threading.Event()
 
@@ -370,6 +377,28 @@ class LeasedWorker(SimpleWorker):
             done.set()
             renewer.join()
         self.set_state(WorkerStatus.IDLE)
+
+    def _refuse(self, job: Job, queue: Queue) -> None:
+        log.error("refused job %s: it names %r, not %s", job.id, job.func_name[:100], RUN_JOB)
+        job.retries_left = 0
+        job._failure_callback_name = None  # run nothing it names
+        execution = self.prepare_execution(job)
+        self.handle_job_failure(
+            job, queue, exc_string="refused: not an xmem-label job", execution=execution
+        )
+        self.set_state(WorkerStatus.IDLE)
+
+
+def is_ours(job: Job) -> bool:
+    """RQ stores the name of the function a job calls, and the worker imports whatever it
+    names: a job that names anything but run_queued_job (and its failure callback) was not
+    enqueued by the backend, and is failed without running it."""
+    return (
+        job.func_name == RUN_JOB
+        and getattr(job, "_failure_callback_name", None) in (None, ON_FAILURE)
+        and getattr(job, "_success_callback_name", None) is None
+        and getattr(job, "_stopped_callback_name", None) is None
+    )
 
 
 def run_queued_job(
@@ -431,6 +460,9 @@ def run_worker(runtime: Any) -> None:
         connection=queue.redis,
         serializer=JSONSerializer,
         name=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+        # Redis read timeout of the worker's connection: RQ sets it to its blocking wait
+        # (worker_ttl - 15 s) + 10 s; 60 keeps every call under a minute.
+        worker_ttl=60,
     )
     worker.lease_seconds = queue.lease_seconds
     try:

@@ -1,17 +1,24 @@
-"""A bounded load test of the Label Studio ML backend on one machine (backend/README.md, "Jobs
-survive crashes").
+"""A bounded load test of the Label Studio ML backend (backend/README.md, "Jobs survive
+crashes" and "Many machines").
 
     python -m benchmarks.backend_load [--clip tests/data/vos/chair] [--frames N] [--k 1,2]
+                                      [--start-redis | --queue-url redis://...]
                                       [--ls-bin PATH | --ls-url URL --token T --document-root D]
+
+Two job back-ends: the embedded SQLite journal (default: web and worker processes share one
+MODEL_DIR), or, with `--start-redis` (a private `redis-server` on a free loopback port) or
+`--queue-url` (a Redis the benchmark may empty: it flushes the database before each run), the
+RQ queue: web and worker processes then share nothing but Redis and Label Studio (each worker
+has its own MODEL_DIR, as on other hosts).
 
 Against a real Label Studio 1.23.2 (started here, or `--ls-url` of a running one) and real
 backend processes, engine `flow`:
 
 1. For each K in `--k` (fresh project, fresh MODEL_DIR): `xmem-label serve --workers 2
    --job-threads 0` (two web processes, no job threads) plus K `xmem-label worker` processes
-   sharing one job journal, connected by `xmem-label connect` (credentials on the model and the
-   webhook). The project uses backend/README.md's config; every task holds the clip's frames and
-   a brush keyframe (its ground-truth mask) on frame 0.
+   sharing one job journal (or `--queue-url` on both), connected by `xmem-label connect`
+   (credentials on the model and the webhook). The project uses backend/README.md's config;
+   every task holds the clip's frames and a brush keyframe (its ground-truth mask) on frame 0.
 2. Load: `--predicts` /predict requests with credentials, shaped as Label Studio sends them,
    `--concurrency` at a time, and at the same time `--webhooks` annotations created through
    Label Studio's API (each fires the real webhook), while /health is polled every
@@ -51,6 +58,7 @@ import threading
 import time
 from pathlib import Path
 
+import redis
 import requests
 
 from benchmarks.label_studio import (
@@ -65,6 +73,7 @@ from benchmarks.label_studio import (
     wait_up,
     xmem_label_command,
 )
+from xmem_label.backend import devserver
 from xmem_label.backend.rle import mask_to_rle
 from xmem_label.model import read_label_mask
 
@@ -194,8 +203,16 @@ class Backend:
         lease: float,
         queue: int | None,
         sync_seconds: float,
+        queue_url: str | None = None,
     ):
         self.work = work
+        self.queue_url = queue_url
+        self.redis_queue = None
+        if queue_url:
+            from xmem_label.backend.queues import RedisQueue
+
+            redis.Redis.from_url(queue_url, socket_timeout=10).flushdb()  # a fresh run
+            self.redis_queue = RedisQueue(queue_url, lease_seconds=lease)
         self.model_dir = work / "model-dir"
         self.journal_path = self.model_dir / "xmem-label-jobs.sqlite"
         port = free_port()
@@ -208,6 +225,8 @@ class Backend:
             OMP_NUM_THREADS="1",
         )
         queue_options = ["--queue", str(queue)] if queue else []
+        if queue_url:
+            queue_options += ["--queue-url", queue_url]
         self.serve_log = work / "serve.log"
         self.serve = self._start(
             [
@@ -232,17 +251,20 @@ class Backend:
             self._start(
                 ["worker", "--engine", "flow", "--job-threads", "1", *queue_options],
                 work / f"worker-{number}.log",
+                # with Redis, nothing on disk is shared: each worker as on a host of its own
+                MODEL_DIR=str(work / f"worker-{number}-model-dir") if queue_url else None,
             )
             for number in range(workers)
         ]
         self.http = requests.Session()
         self.http.auth = BACKEND_AUTH
 
-    def _start(self, arguments: list[str], log: Path) -> subprocess.Popen:
+    def _start(self, arguments: list[str], log: Path, **env: str | None) -> subprocess.Popen:
+        environment = dict(self.env, **{k: v for k, v in env.items() if v is not None})
         with open(log, "w") as out:
             return subprocess.Popen(
                 [xmem_label_command(), *arguments],
-                env=self.env,
+                env=environment,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -258,7 +280,8 @@ class Backend:
         deadline = time.monotonic() + seconds
         for number, worker in enumerate(self.workers):
             log = self.work / f"worker-{number}.log"
-            while "job thread" not in log.read_text():
+            ready = "Listening on" if self.queue_url else "job thread"  # RQ's line, or ours
+            while ready not in log.read_text():
                 if worker.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"worker {number} did not start:\n{log.read_text()[-2000:]}")
                 time.sleep(0.2)
@@ -314,6 +337,9 @@ class Backend:
         return total_kb / 1024
 
     def journal(self) -> list[dict]:
+        """Every job: the journal's rows, or the RQ queue's jobs in the same shape."""
+        if self.redis_queue is not None:
+            return self._redis_jobs()
         conn = sqlite3.connect(self.journal_path, timeout=30)
         try:
             conn.row_factory = sqlite3.Row
@@ -326,6 +352,38 @@ class Backend:
             ]
         finally:
             conn.close()
+
+    def _redis_jobs(self) -> list[dict]:
+        from xmem_label.backend.journal import JobNotFound
+
+        queue = self.redis_queue.queue
+        ids = {
+            *queue.get_job_ids(),
+            *queue.started_job_registry.get_job_ids(cleanup=False),
+            *queue.finished_job_registry.get_job_ids(cleanup=False),
+            *queue.failed_job_registry.get_job_ids(cleanup=False),
+        }
+        rows = []
+        for job_id in ids:
+            try:
+                record = self.redis_queue.get(job_id)
+            except JobNotFound:
+                continue
+            rows.append(
+                {
+                    "id": record.id,
+                    "kind": record.kind,
+                    "task_id": record.task_id,
+                    "state": record.state,
+                    "deliver": record.deliver,
+                    "attempts": record.attempts,
+                    "worker": record.worker,
+                    "error": record.error,
+                    "created": record.created,
+                    "updated": record.updated,
+                }
+            )
+        return sorted(rows, key=lambda row: row["created"])
 
     def access_counts(self) -> dict[str, collections.Counter]:
         """Status counts per route from gunicorn's access log."""
@@ -457,6 +515,7 @@ def load_run(args, studio: Studio, clip: Clip, workers: int, work: Path) -> dict
         lease=args.lease,
         queue=args.queue,
         sync_seconds=args.sync_seconds,
+        queue_url=args.queue_url,
     )
     try:
         backend.wait_ready()
@@ -708,6 +767,7 @@ def kill_run(args, studio: Studio, clip: Clip, work: Path) -> dict:
         lease=args.lease,
         queue=args.queue,
         sync_seconds=args.sync_seconds,
+        queue_url=args.queue_url,
     )
     try:
         backend.wait_ready()
@@ -730,7 +790,7 @@ def kill_run(args, studio: Studio, clip: Clip, work: Path) -> dict:
             raise SystemExit(
                 f"job {job['id']} is held by {job['worker']}, not by a worker started here"
             )
-        os.kill(victim, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # the worker's whole process group
         killed = time.monotonic()
         process.wait()
         at_kill = next(r for r in backend.journal() if r["id"] == job["id"])
@@ -782,6 +842,15 @@ def kill_run(args, studio: Studio, clip: Clip, work: Path) -> dict:
         raise
     finally:
         backend.stop()
+
+
+def peak_rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        status = Path(f"/proc/{pid}/status").read_text()
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        if match:
+            return int(match.group(1)) / 1024
+    return 0.0
 
 
 # ----- main ----------------------------------------------------------------------------------
@@ -865,6 +934,18 @@ def main() -> None:
         help="seconds between seeing the job running and the SIGKILL",
     )
     parser.add_argument("--no-kill", action="store_true", help="skip the kill run")
+    queue_choice = parser.add_mutually_exclusive_group()
+    queue_choice.add_argument(
+        "--queue-url",
+        default=None,
+        help="run the jobs through RQ on this Redis (emptied before each run) instead of the "
+        "embedded journal",
+    )
+    queue_choice.add_argument(
+        "--start-redis",
+        action="store_true",
+        help="start a private redis-server (loopback, no persistence) and use it as --queue-url",
+    )
     parser.add_argument(
         "--drain-timeout",
         type=float,
@@ -888,10 +969,14 @@ def main() -> None:
         f"webhooks per run; K = {ks}; lease {args.lease:g} s; {os.cpu_count()} CPUs, load "
         f"average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
-    ls_process = None
+    ls_process = redis_process = None
     with tempfile.TemporaryDirectory(prefix="xmem-label-load-") as temporary:
         work = Path(temporary)
         try:
+            if args.start_redis:
+                redis_process, args.queue_url = devserver.start_redis(work / "redis")
+            if args.queue_url:
+                print("job back-end: RQ on Redis (--queue-url); workers share no MODEL_DIR")
             if args.ls_url:
                 studio = Studio(args.ls_url, args.token, Path(args.document_root).resolve())
             else:
@@ -907,6 +992,9 @@ def main() -> None:
                 (work / "kill").mkdir()
                 killed = kill_run(args, studio, clip, work / "kill")
         finally:
+            if redis_process is not None:
+                print(f"redis-server peak RSS (VmHWM): {peak_rss_mb(redis_process.pid):.0f} MB")
+            stop(redis_process)
             stop(ls_process)
 
     print("\n=== summary ===")

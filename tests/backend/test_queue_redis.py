@@ -241,6 +241,21 @@ def test_a_job_that_kills_every_worker_is_reported_once(queue, redis_url):
         stop_all(sweeper)
 
 
+def test_a_worker_runs_only_the_backends_jobs(queue, redis_url, tmp_path):
+    """A job written straight into the queue that names another function is failed unrun."""
+    victim = tmp_path / "keep-me"
+    victim.write_text("x")
+    foreign = queue.queue.enqueue_call("os.remove", args=[str(victim)])
+    workers = start_fake_workers(redis_url, 1)
+    try:
+        wait_until(lambda: foreign.get_status(refresh=True) == "failed", 20, "refused")
+        assert victim.exists()
+        record, _ = queue.submit("after", "webhook", "1", 1, {}, "store")
+        assert queue.wait(record.id, 20).state == "done"  # the worker goes on
+    finally:
+        stop_all(workers)
+
+
 # ----- the product: Label Studio, two web replicas, two workers --------------------------------
 
 
