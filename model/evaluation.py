@@ -240,11 +240,34 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--sequences", help="comma-separated clip names (default: all)")
     parser.add_argument("--keyframe", type=int, default=0, help="keyframe index (default: 0)")
+    effort = parser.add_argument_group(
+        "simulated annotator",
+        "With --rounds R: round 0 keys each object's first frame; each round a strategy picks "
+        "a frame, its ground truth becomes a keyframe and the clip is re-propagated "
+        "(incrementally). Prints J&F per round, its area, the corrections to reach 0.85 and "
+        "each round's seconds against a from-scratch run.",
+    )
+    effort.add_argument("--rounds", type=int, help="corrections per clip")
+    effort.add_argument(
+        "--strategy",
+        default="suggested",
+        choices=("suggested", "uniform", "random", "worst"),
+        help="how the annotator picks the frame to correct (worst: the oracle, by true J&F)",
+    )
+    effort.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
+    effort.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    effort.add_argument(
+        "--no-scratch", action="store_true", help="skip the from-scratch runs (time only)"
+    )
     parser.set_defaults(run=_run_eval)
     return parser
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.rounds is not None:
+        from .effort import run_effort  # effort.py builds on this module's scores
+
+        return run_effort(args)
     out = args.out
     if out is not None:  # the same rules as propagate's --out: see outputs.py
         check_apart(out, None, [("--data folder", Path(args.data))])

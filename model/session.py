@@ -32,7 +32,7 @@ distribution (background = the product of 1 - p), and a person's masks are retur
 The invariant that makes corrections cheap: a pass's output depends only on the engine, the clip,
 its direction, its start frame and the masks given there (never on where it stops, `passes.py`),
 and o's result on t only on the passes from its nearest statements around t. Passes are kept on
-disk (float16) between propagations, so after `add_mask(k, ...)` the next `propagate()` runs the
+disk (compressed, in steps of 1/255) between propagations, so after `add_mask(k, ...)` the next `propagate()` runs the
 network only for the passes from k (and any pass that must now reach further than it was run);
 every other frame is recomputed from stored passes, bit for bit as a from-scratch run of the same
 keyframes gives. direction="forward" is one forward pass from the first keyframe through every
@@ -337,7 +337,10 @@ class Session:
             for index, ids, probs in self._pass(frames, num_frames, steps, prompt_for):
                 if index != plan.start:
                     channels = [ids.index(obj) + 1 for obj in plan.object_ids]
-                    writer.add(index, probs[channels].cpu().numpy())
+                    kept = probs[channels].cpu().numpy()
+                    if not np.isfinite(kept).all():
+                        raise InputError(self._not_finite(index))
+                    writer.add(index, kept)
                     yield index
             writer.commit(plan.stop)
         except BaseException:
@@ -354,7 +357,8 @@ class Session:
             if pass_plan is None or object_id not in pass_plan.object_ids:
                 return np.zeros(self.frame_hw, np.float32)  # absent on that keyframe
             if pass_plan.key not in loaded:
-                loaded[pass_plan.key] = store.load(pass_plan.key, index)
+                shape = (len(pass_plan.object_ids), *self.frame_hw)
+                loaded[pass_plan.key] = store.load(pass_plan.key, index, shape)
             return loaded[pass_plan.key][pass_plan.object_ids.index(object_id)]
 
         prompt = self._prompts.get(index)
@@ -448,10 +452,7 @@ class Session:
                     keyframe_ids.add(object_id)
         labels_np, objects, finite = _summarise(labels, probs, ids, keyframe_ids, provenance)
         if not finite:
-            raise InputError(
-                f"{self.frames.where(index)}: the engine produced NaN or infinite probabilities "
-                "(damaged weights or a setting out of range); nothing was written"
-            )
+            raise InputError(self._not_finite(index))
         id_lookup = np.array([0, *ids], dtype=np.uint8)
         return FrameResult(
             index=index,
@@ -459,6 +460,12 @@ class Session:
             labels=id_lookup[labels_np],
             objects=objects,
             probs=probs.cpu().numpy() if with_probs else None,
+        )
+
+    def _not_finite(self, index: int) -> str:
+        return (
+            f"{self.frames.where(index)}: the engine produced NaN or infinite probabilities "
+            "(damaged weights or a setting out of range); nothing was written"
         )
 
     def _in_session_order(

@@ -9,7 +9,9 @@ After a propagation every frame gets a review score from what the session saw th
   (sudden changes of size or shape show up as a jump of this);
 - distance: how far the frame is from the object's nearest keyframe, as a share of the clip.
 
-The score is a weighted sum of the four. Frames are picked greedily by score, and each pick
+Each part is standardised over the clip's propagated frames (clips differ in how confident an
+engine is everywhere; what stands out within the clip is what a person should see), and the
+score is their weighted sum. Frames are picked greedily by score, and each pick
 lowers the score of its neighbours (within a radius that grows as fewer frames are asked for), so
 n suggestions spread over the clip instead of marking n neighbours of one bad moment. Keyframes
 are never suggested.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+
+import numpy as np
 
 from .results import FrameResult
 
@@ -80,46 +84,48 @@ def suggest_frames(reviews: list[FrameReview], count: int) -> list[Suggestion]:
         return []
     by_index = {review.index: review for review in reviews}
     length = max(by_index) + 1 if by_index else 0
-    scored = {
-        review.index: _score(review, by_index, length)
+    parts = {
+        (review.index, object_id): _parts(review.index, object_id, obj, by_index, length)
         for review in reviews
-        if not review.keyframe or _has_propagated_object(review)
+        for object_id, obj in review.objects.items()
+        if obj.source != "keyframe"
     }
+    scale = _spread(parts.values())
+    scores: dict[int, tuple[float, list[str]]] = {}
+    for (index, object_id), values in parts.items():
+        score = sum(
+            WEIGHTS[name] * (value - scale[name][0]) / scale[name][1]
+            for name, value in values.items()
+        )
+        if index not in scores or score > scores[index][0]:
+            obj = by_index[index].objects[object_id]
+            scores[index] = (score, _reasons(object_id, obj, values))
     radius = max(1.0, length / (4 * count))
     chosen: list[Suggestion] = []
-    remaining = dict(scored)
-    while remaining and len(chosen) < count:
-        index = max(remaining, key=lambda i: (_discounted(remaining[i][0], i, chosen, radius), -i))
-        score, reasons = remaining.pop(index)
+    while scores and len(chosen) < count:
+        index = max(scores, key=lambda i: (_discounted(scores[i][0], i, chosen, radius), -i))
+        score, reasons = scores.pop(index)
         chosen.append(Suggestion(index, by_index[index].name, round(score, 4), reasons))
     return chosen
 
 
-def _has_propagated_object(review: FrameReview) -> bool:
-    return any(obj.source != "keyframe" for obj in review.objects.values())
+def _spread(values: Iterable[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
+    """Mean and standard deviation of each part over the clip (1 when it does not vary)."""
+    rows = list(values)
+    spread = {}
+    for name in WEIGHTS:
+        column = np.array([row[name] for row in rows]) if rows else np.zeros(1)
+        deviation = float(column.std())
+        spread[name] = (float(column.mean()), deviation if deviation > 1e-9 else 1.0)
+    return spread
 
 
 def _discounted(score: float, index: int, chosen: list[Suggestion], radius: float) -> float:
     """The score, lowered near frames already chosen (to half at `radius` frames)."""
     for suggestion in chosen:
         distance = abs(index - suggestion.index)
-        score *= 1 - 0.5 ** (distance / radius)
+        score -= abs(score) * 0.5 ** (distance / radius)
     return score
-
-
-def _score(
-    review: FrameReview, by_index: Mapping[int, FrameReview], length: int
-) -> tuple[float, list[str]]:
-    """The frame's review score (its worst object's) and the reasons behind it."""
-    best: tuple[float, list[str]] = (0.0, [])
-    for object_id, obj in review.objects.items():
-        if obj.source == "keyframe":
-            continue
-        parts = _parts(review.index, object_id, obj, by_index, length)
-        score = sum(WEIGHTS[name] * value for name, value in parts.items())
-        if score > best[0] or not best[1]:
-            best = (score, _reasons(object_id, obj, parts))
-    return best
 
 
 def _parts(

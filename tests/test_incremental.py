@@ -77,12 +77,11 @@ def test_a_changed_keyframe_replaces_its_passes_and_the_old_ones_are_deleted(cop
     mask[0:2, 0:2] = True
     session.add_object_mask(0, 1, mask)
     session.run()
-    bytes_before, frames_before = session.stored_pass_bytes()
-    assert frames_before == 5
+    assert session.stored_pass_bytes()[1] == 5
     session.add_object_mask(0, 1, np.roll(mask, 3, axis=1))
     results = session.run()
     assert session.network_steps == 6  # the forward pass from 0 again: its mask changed
-    assert session.stored_pass_bytes() == (bytes_before, frames_before)  # the old pass is gone
+    assert session.stored_pass_bytes()[1] == 5  # the old pass is gone
     assert results[5].objects[1].box == (3, 0, 5, 2)
 
 
