@@ -155,8 +155,15 @@ def _add_propagate_command(subparsers: argparse._SubParsersAction) -> None:
         "--direction",
         choices=DIRECTIONS,
         default="both",
-        help="both: also fill frames before an object's first keyframe (default); "
-        "forward: leave them empty",
+        help="both: every keyframe's forward and backward passes, fused between keyframes "
+        "(default); forward: one forward pass from the first keyframe, frames before it empty",
+    )
+    parser.add_argument(
+        "--suggest",
+        type=int,
+        default=5,
+        metavar="N",
+        help="list the N frames to check next, with reasons, in summary.json (default: 5)",
     )
     parser.add_argument(
         "--save-probs",
@@ -234,7 +241,10 @@ def _run_propagate(args: argparse.Namespace) -> int:
         overlay=args.overlay,
         force=args.force,
         skip_bad_frames=args.skip_bad_frames,
+        suggest=args.suggest,
     )
+    if args.suggest < 0:
+        raise InputError(f"--suggest takes 0 or more frames, not {args.suggest}")
     summary = run_propagation(job)
     timings = summary["timings"]
     print(
@@ -243,6 +253,13 @@ def _run_propagate(args: argparse.Namespace) -> int:
     )
     if job.overlay is not None:
         print(f"overlay: {job.overlay}")
+    if summary["suggestions"]:
+        print("check next:")
+        for suggestion in summary["suggestions"]:
+            print(
+                f"  frame {suggestion['index']} ({suggestion['name']}): "
+                + "; ".join(suggestion["reasons"])
+            )
     return 0
 
 

@@ -61,6 +61,7 @@ class PropagationJob:
     save_probs: bool = False
     overlay: Path | None = None
     force: bool = False  # replace this tool's own earlier output at `out` and `overlay`
+    suggest: int = 5  # frames to check next, in summary.json (0: none)
     download_weights: bool = True
     skip_bad_frames: bool = False  # replace undecodable frames by the previous one, with a warning
     command: str = "propagate"  # recorded in the output's marker; demo replaces only its own
@@ -98,6 +99,7 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
                 finished = time.perf_counter()
                 summary = _summary(job, session, engine, per_frame, started, loaded, finished)
                 (staged.folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+                session.close()  # its passes live in the staging folder: not part of the output
     finally:
         frames.close()
     return summary
@@ -287,6 +289,8 @@ def _frame_summary(result: FrameResult) -> dict[str, Any]:
                 "area": obj.area,
                 "box": list(obj.box) if obj.box is not None else None,
                 "keyframe": obj.keyframe,
+                "source": obj.source,
+                "keyframes": list(obj.keyframes),
             }
             for object_id, obj in result.objects.items()
         },
@@ -335,5 +339,6 @@ def _summary(
             "probs": "probs/<frame>.npy" if job.save_probs else None,
             "overlay": str(job.overlay) if job.overlay is not None else None,
         },
+        "suggestions": [s.as_dict() for s in session.suggest(job.suggest)] if job.suggest else [],
         "frames": per_frame,
     }

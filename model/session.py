@@ -32,11 +32,12 @@ distribution (background = the product of 1 - p), and a person's masks are retur
 The invariant that makes corrections cheap: a pass's output depends only on the engine, the clip,
 its direction, its start frame and the masks given there (never on where it stops, `passes.py`),
 and o's result on t only on the passes from its nearest statements around t. Passes are kept on
-disk (compressed, in steps of 1/255) between propagations, so after `add_mask(k, ...)` the next `propagate()` runs the
-network only for the passes from k (and any pass that must now reach further than it was run);
-every other frame is recomputed from stored passes, bit for bit as a from-scratch run of the same
-keyframes gives. direction="forward" is one forward pass from the first keyframe through every
-later one (the official evaluation's protocol); it keeps nothing between propagations.
+disk (compressed, in steps of 1/255) between propagations, so after `add_mask(k, ...)` the next
+`propagate()` runs the network only for the passes from k (and any pass that must now reach
+further than it was run); every other frame is recomputed from stored passes, bit for bit as a
+from-scratch run of the same keyframes gives. direction="forward" is one forward pass from the
+first keyframe through every later one (the official evaluation's protocol); it keeps nothing
+between propagations.
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ class Session:
         self._cancelled.set()
 
     def close(self) -> None:
-        """Release the frames, and delete the passes unless they live in a given cache_dir."""
+        """Release the frames, and delete the passes unless they live in a given cache_dir.
+        Calling it again does nothing more."""
         self.frames.close()
         if self._temporary is not None:
             self._temporary.cleanup()

@@ -94,6 +94,11 @@ def test_propagate_folder_writes_masks_summary_probs_and_gif(tmp_path, capsys):
     assert 0 <= later["confidence"] <= 1 and later["area"] > 0 and not later["keyframe"]
     x0, y0, x1, y1 = later["box"]
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    assert (later["source"], later["keyframes"]) == ("forward", [0])
+    suggestions = summary["suggestions"]
+    assert len(suggestions) == 5 and all(s["reasons"] and s["index"] != 0 for s in suggestions)
+    assert "check next:" in stdout and f"frame {suggestions[0]['index']} " in stdout
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["probs"]  # no passes kept
 
     probs = np.load(out / "probs" / f"{STEMS[5]}.npy")
     assert probs.dtype == np.float16 and probs.shape == (2, height, width)
