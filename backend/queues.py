@@ -94,7 +94,9 @@ def _text(value: bytes | str | None) -> str | None:
 
 class RedisQueue:
     """The journal's interface (submit, wait, hand_over, get, counts, ...; and complete,
-    mark_stored, fail for `jobs.run_job`) on an RQ queue in Redis."""
+    mark_stored, fail for `jobs.run_job`) on an RQ queue in Redis. Finished jobs, their
+    payloads and idempotency keys are kept `keep_seconds` (a day: Redis holds them in memory,
+    where the journal keeps a week on disk)."""
 
     def __init__(
         self,
@@ -102,7 +104,7 @@ class RedisQueue:
         *,
         lease_seconds: float = 30.0,
         max_attempts: int = 3,
-        keep_seconds: float = 7 * 86400.0,
+        keep_seconds: float = 86400.0,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
     ):
