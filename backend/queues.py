@@ -58,7 +58,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
 from .jobs import report_safely, run_job
-from .journal import DELIVERIES, ERROR_LENGTH, JobNotFound, JobRecord
+from .journal import DELIVERIES, JobNotFound, JobRecord, _one_line
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,6 @@ class JobFailed(Exception):
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _one_line(error: str) -> str:
-    line = " ".join(str(error).split())
-    return line if len(line) <= ERROR_LENGTH else line[: ERROR_LENGTH - 3] + "..."
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -354,36 +354,42 @@ class Backend:
             conn.close()
 
     def _redis_jobs(self) -> list[dict]:
-        from xmem_label.backend.journal import JobNotFound
-
         queue = self.redis_queue.queue
         ids = {
             *queue.get_job_ids(),
+            *queue.intermediate_queue.get_job_ids(),  # taken by a worker, not yet started
             *queue.started_job_registry.get_job_ids(cleanup=False),
             *queue.finished_job_registry.get_job_ids(cleanup=False),
             *queue.failed_job_registry.get_job_ids(cleanup=False),
         }
-        rows = []
-        for job_id in ids:
-            try:
-                record = self.redis_queue.get(job_id)
-            except JobNotFound:
-                continue
-            rows.append(
-                {
-                    "id": record.id,
-                    "kind": record.kind,
-                    "task_id": record.task_id,
-                    "state": record.state,
-                    "deliver": record.deliver,
-                    "attempts": record.attempts,
-                    "worker": record.worker,
-                    "error": record.error,
-                    "created": record.created,
-                    "updated": record.updated,
-                }
-            )
-        return sorted(rows, key=lambda row: row["created"])
+        rows = [self._redis_row(job_id) for job_id in ids]
+        return sorted((row for row in rows if row), key=lambda row: row["created"])
+
+    def job(self, job_id) -> dict:
+        """One job's row, by id (a job moving between RQ's lists is always found)."""
+        if self.redis_queue is not None:
+            return self._redis_row(job_id)
+        return next(row for row in self.journal() if row["id"] == job_id)
+
+    def _redis_row(self, job_id: str) -> dict | None:
+        from xmem_label.backend.journal import JobNotFound
+
+        try:
+            record = self.redis_queue.get(job_id)
+        except JobNotFound:
+            return None
+        return {
+            "id": record.id,
+            "kind": record.kind,
+            "task_id": record.task_id,
+            "state": record.state,
+            "deliver": record.deliver,
+            "attempts": record.attempts,
+            "worker": record.worker,
+            "error": record.error,
+            "created": record.created,
+            "updated": record.updated,
+        }
 
     def access_counts(self) -> dict[str, collections.Counter]:
         """Status counts per route from gunicorn's access log."""
@@ -793,7 +799,7 @@ def kill_run(args, studio: Studio, clip: Clip, work: Path) -> dict:
         os.killpg(process.pid, signal.SIGKILL)  # the worker's whole process group
         killed = time.monotonic()
         process.wait()
-        at_kill = next(r for r in backend.journal() if r["id"] == job["id"])
+        at_kill = backend.job(job["id"])
         print(
             f"job {job['id']} (webhook, task {task['id']}, {len(long_clip)} frames) seen "
             f"running on {job['worker']}; {args.kill_after:g} s later SIGKILL to pid {victim}; "
@@ -807,7 +813,7 @@ def kill_run(args, studio: Studio, clip: Clip, work: Path) -> dict:
             )
 
         def finished():
-            row = next(r for r in backend.journal() if r["id"] == job["id"])
+            row = backend.job(job["id"])
             return row if row["state"] in ("done", "failed") else None
 
         row = wait_until(finished, args.drain_timeout, "the killed job was not taken up", poll=0.05)
