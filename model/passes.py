@@ -8,6 +8,10 @@ the pass stops (a tracker's step never looks ahead), so a pass kept from an earl
 serves any range it covers, bit for bit, and a from-scratch run of the same keyframes computes
 the same numbers.
 
+Beside the passes, each frame's fused result is kept with the digest of what it was computed
+from (`results/`): a frame whose inputs did not change comes back from disk, bit for bit, with
+no fusion to redo.
+
 Each frame of a pass is stored as the probabilities of the pass's objects (no background: fusion
 needs only the objects' channels) in steps of 1/255, zlib-compressed: a few tens of kilobytes for
 a 854x480 frame where float16 would take 800 KB. One file per frame, in a folder per pass whose
@@ -31,6 +35,7 @@ import numpy as np
 FORWARD, BACKWARD = "forward", "backward"
 LEVELS = 255  # probabilities are kept in steps of 1/255
 FRAME_SUFFIX = ".u8z"
+RESULTS = "results"  # the folder of fused frame results, beside the passes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +120,41 @@ class PassStore:
     def writer(self, plan: PassPlan) -> PassWriter:
         return PassWriter(self, plan)
 
+    def save_result(self, index: int, digest: str, labels: np.ndarray, extra: Any) -> None:
+        """Keep frame `index`'s labels and its JSON-able `extra`, computed from `digest`."""
+        folder = self.folder / RESULTS
+        folder.mkdir(exist_ok=True)
+        head = json.dumps({"digest": digest, "shape": labels.shape, "extra": extra}).encode()
+        body = zlib.compress(np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), 1)
+        try:
+            (folder / f"{index:08d}.res").write_bytes(len(head).to_bytes(4, "big") + head + body)
+        except OSError as error:
+            raise OSError(f"cannot keep propagation results in {folder}: {error}") from error
+
+    def load_result(self, index: int, digest: str) -> tuple[np.ndarray, Any] | None:
+        """Frame `index`'s labels and extra, if they were computed from `digest`."""
+        path = self.folder / RESULTS / f"{index:08d}.res"
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        size = int.from_bytes(data[:4], "big")
+        head = json.loads(data[4 : 4 + size])
+        if head["digest"] != digest:
+            return None
+        labels = np.frombuffer(zlib.decompress(data[4 + size :]), dtype=np.uint8)
+        return labels.reshape(head["shape"]).copy(), head["extra"]
+
     def keep_only(self, keys: Iterable[str]) -> None:
         """Delete every stored pass not in `keys` (those of keyframes since changed)."""
-        wanted = set(keys)
+        wanted = {*keys, RESULTS}
         for path in self.folder.iterdir():
             if path.is_dir() and path.name not in wanted:
                 shutil.rmtree(path, ignore_errors=True)
                 self._meta.pop(path.name, None)
 
     def disk_bytes(self) -> int:
-        return sum(path.stat().st_size for path in self.folder.rglob(f"*{FRAME_SUFFIX}"))
+        """Bytes of the stored passes and results."""
+        return sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())
 
     def stored_frames(self) -> int:
         return sum(1 for _ in self.folder.rglob(f"*{FRAME_SUFFIX}"))

@@ -45,6 +45,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import hashlib
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -352,7 +353,59 @@ class Session:
     def _fused_result(
         self, index: int, plan: _Plan, store: PassStore, with_probs: bool
     ) -> FrameResult:
-        """Frame `index` from the stored passes, by the fusion rule of the module's docstring."""
+        """Frame `index` from the stored passes, by the fusion rule of the module's docstring;
+        from disk when nothing it depends on changed since it was last computed."""
+        digest = self._result_digest(index, plan)
+        kept = None if with_probs else store.load_result(index, digest)
+        if kept is not None:
+            labels, extra = kept
+            result = FrameResult(
+                index=index,
+                name=self.frames.frame_name(index),
+                labels=labels,
+                objects={
+                    int(object_id): _object_result(fields)
+                    for object_id, fields in extra["objects"].items()
+                },
+            )
+            disagreement = {int(k): v for k, v in extra["disagreement"].items()}
+            self._reviews[index] = FrameReview.of(result, disagreement)
+            return result
+        result, disagreement = self._fuse(index, plan, store, with_probs)
+        extra = {
+            "objects": {
+                str(object_id): dataclasses.asdict(obj) for object_id, obj in result.objects.items()
+            },
+            "disagreement": {str(k): v for k, v in disagreement.items()},
+        }
+        store.save_result(index, digest, result.labels, extra)
+        self._reviews[index] = FrameReview.of(result, disagreement)
+        return result
+
+    def _result_digest(self, index: int, plan: _Plan) -> str:
+        """What frame `index`'s result depends on: the person's say on it, and per object the
+        statements around it and the passes from them."""
+        digest = hashlib.sha256(f"{index}|{self.object_ids}".encode())
+        prompt = self._prompts.get(index)
+        if prompt is not None:
+            digest.update(f"{sorted(prompt.object_ids)}".encode())
+            digest.update(prompt.labels.tobytes())
+        for object_id in self.object_ids:
+            if prompt is not None and object_id in prompt.object_ids:
+                continue  # the person's say, in the digest already
+            before = _before(plan.statements[object_id], index)
+            after = _after(plan.statements[object_id], index)
+            forward = plan.forward.get(before) if before is not None else None
+            backward = plan.backward.get(after) if after is not None else None
+            digest.update(
+                f"|{object_id}:{before}:{after}:{forward and forward.key}:"
+                f"{backward and backward.key}".encode()
+            )
+        return digest.hexdigest()
+
+    def _fuse(
+        self, index: int, plan: _Plan, store: PassStore, with_probs: bool
+    ) -> tuple[FrameResult, dict[int, float]]:
         loaded: dict[str, np.ndarray] = {}
 
         def pass_probs(pass_plan: PassPlan | None, object_id: int) -> np.ndarray:
@@ -400,9 +453,7 @@ class Session:
         background = torch.prod(1 - objects, dim=0, keepdim=True)
         combined = torch.cat([background, objects])
         probs = combined / combined.sum(dim=0, keepdim=True).clamp_min(1e-7)
-        result = self._result(index, (ids, probs), with_probs, provenance)
-        self._reviews[index] = FrameReview.of(result, disagreement)
-        return result
+        return self._result(index, (ids, probs), with_probs, provenance), disagreement
 
     # ----- internals --------------------------------------------------------------------------
 
@@ -593,6 +644,15 @@ def _forward_provenance(
             before = _before(frames, index)
             provenance[object_id] = ("none", ()) if before is None else ("forward", (before,))
     return provenance
+
+
+def _object_result(fields: dict[str, Any]) -> ObjectResult:
+    """An ObjectResult from its JSON form (lists back to tuples)."""
+    box = fields["box"]
+    return ObjectResult(
+        **{**fields, "box": tuple(box) if box is not None else None,
+           "keyframes": tuple(fields["keyframes"])}
+    )  # fmt: skip
 
 
 def _pass_confidence(probs: np.ndarray) -> float:

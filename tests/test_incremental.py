@@ -33,7 +33,7 @@ def scratch(engine, frames, keyframes: dict[int, np.ndarray]) -> list[FrameResul
         return session.run()
 
 
-def test_a_correction_reruns_only_its_segment_and_equals_a_fresh_run():
+def test_a_correction_reruns_only_its_segment_and_equals_a_fresh_run(monkeypatch):
     engine = load_engine("flow")
     truth = chair_truth()
     last = len(truth) - 1
@@ -45,7 +45,13 @@ def test_a_correction_reruns_only_its_segment_and_equals_a_fresh_run():
         assert session.network_steps == 2 * 4 + 2 * (last - 4)  # both passes of each segment
 
         session.add_mask(2, truth[2])
+        fused = []
+        fuse = session._fuse
+        monkeypatch.setattr(
+            session, "_fuse", lambda index, *a: fused.append(index) or fuse(index, *a)
+        )
         after = session.run()
+        assert fused == [1, 2, 3]  # every other frame comes back from disk, as it was
         # the new keyframe's backward pass (frames 2, 1) and forward pass (2, 3); the passes
         # from 0 and 4 are read from disk up to frame 2
         assert session.network_steps == 4
