@@ -56,6 +56,7 @@ FIFTYONE = [
 DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "pytest-xdist>=3.6",
     "ruff>=0.6",
     "selenium>=4.20",
     "matplotlib>=3.7",

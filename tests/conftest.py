@@ -1,11 +1,14 @@
 """Shared test helpers, and the markers that separate unit tests from end-to-end ones.
 
 A test is `e2e` when it needs a real server (Label Studio, the backend, mongod for FiftyOne) or
-is marked `browser`; `pytest -m "not e2e"` is the fast loop.
+is marked `browser`; `pytest -m "not e2e" -n 2` is the fast loop (docs/testing.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,20 @@ import torch
 from xmem_label.model.engine import EngineDescription
 
 DATA = Path(__file__).parent / "data"
+XMEM_FIXTURES = Path(__file__).parent / "fixtures" / "xmem_reference"
+WEIGHTS_SEED = 1
+# From the fixture README: sha256 of every tensor's raw bytes, in manifest order.
+WEIGHTS_SHA256 = "e3aa3c2cce3bf4f355c52fa8a7c39e476c0ef5d91a5133686bb71757cadc6007"
 # Fixtures that start real servers; a test using any of them (directly or through another
 # fixture) is end-to-end.
 SERVER_FIXTURES = {"label_studio", "backend", "impatient_backend", "mongod"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Torch on one thread in every test process: XMem's figures then do not depend on which
+    tests ran before, and the two workers of `-n 2` share the two cores without oversubscribing
+    them (two threads per worker made a config of the equivalence test several times slower)."""
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -103,6 +117,33 @@ def toy_engine(toy_engine_path, monkeypatch) -> Path:
     """The toy engine registered in this process too."""
     monkeypatch.syspath_prepend(str(toy_engine_path))
     return toy_engine_path
+
+
+def make_reference_state_dict(seed: int = WEIGHTS_SEED) -> dict[str, torch.Tensor]:
+    """The synthetic XMem weights the reference fixtures were computed with (make_weights.py)."""
+    spec = importlib.util.spec_from_file_location("make_weights", XMEM_FIXTURES / "make_weights.py")
+    make_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_weights)
+    manifest = json.loads((XMEM_FIXTURES / "state_dict_manifest.json").read_text())
+    return make_weights.make_state_dict(manifest, seed)
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in state_dict.values():
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def xmem_weights_path(tmp_path_factory) -> Path:
+    """A .pth of the seed-1 synthetic weights, checked against the fixture's checksum; made
+    once per test process for every test that runs XMem."""
+    state_dict = make_reference_state_dict()
+    assert state_dict_sha256(state_dict) == WEIGHTS_SHA256
+    path = tmp_path_factory.mktemp("xmem_weights") / f"xmem_synthetic_seed{WEIGHTS_SEED}.pth"
+    torch.save(state_dict, path)
+    return path
 
 
 @pytest.fixture

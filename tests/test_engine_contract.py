@@ -22,8 +22,6 @@ from xmem_label.model import load_engine, read_label_mask
 from xmem_label.model.baselines import CopyFirstMaskEngine, DisWarpEngine
 from xmem_label.model.engine import registered_engines
 
-from .xmem.conftest import make_reference_state_dict
-
 CHAIR = Path(__file__).parent / "data" / "vos" / "chair"
 SIZE = (120, 80)  # width, height
 
@@ -43,13 +41,6 @@ def chair_mask() -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), SIZE, interpolation=cv2.INTER_NEAREST) > 0
 
 
-@pytest.fixture(scope="module")
-def xmem_weights(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "synthetic.pth"
-    torch.save(make_reference_state_dict(), path)
-    return path
-
-
 def engine_loaders(weights: Callable[[], Path]) -> dict[str, Callable]:
     """Every engine to check, by name: the registered ones and the baselines."""
     options = {"xmem": lambda: {"weights": weights(), "device": "cpu", "size": -1}}
@@ -64,8 +55,8 @@ ENGINE_NAMES = [*registered_engines(), "dis-warp", "copy"]
 
 
 @pytest.fixture(scope="module", params=ENGINE_NAMES)
-def engine(request, xmem_weights):
-    return engine_loaders(lambda: xmem_weights)[request.param]()
+def engine(request, xmem_weights_path):
+    return engine_loaders(lambda: xmem_weights_path)[request.param]()
 
 
 def run_pass(engine, frames, prompts: dict[int, dict[int, np.ndarray]]) -> list[torch.Tensor]:

@@ -66,9 +66,12 @@ def transform_weight(weight: Tensor) -> Tensor:
     """(Cout, Cin, 3, 3) -> (36, Cin, Cout) float32: G w G^T for each channel pair, laid out
     as one (Cin, Cout) matrix per position in the 6x6 tile."""
     g = _FILTER_TRANSFORM.to(weight.device)
-    u = g @ weight.detach().double() @ g.T  # (Cout, Cin, 6, 6)
+    u = (g @ weight.detach().double() @ g.T).float()  # (Cout, Cin, 6, 6)
     cout, cin = weight.shape[:2]
-    return u.permute(2, 3, 1, 0).reshape(_SPAN * _SPAN, cin, cout).float().contiguous()
+    # Two cheap moves instead of one scattered one (a plain 2-D transpose, then whole rows):
+    # loading exact mode took seconds in this permutation alone.
+    by_input = u.view(cout, cin * _SPAN * _SPAN).t().contiguous()  # (Cin * 36, Cout)
+    return by_input.view(cin, _SPAN * _SPAN, cout).transpose(0, 1).contiguous()
 
 
 def winograd_conv3x3(x: Tensor, transformed_weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -10,7 +10,6 @@ overlay is written, and real signals sent to a real `xmem-label` process.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import resource
@@ -36,7 +35,6 @@ CHAIR = TESTS / "data" / "vos" / "chair"
 CHAIR_FRAMES = CHAIR / "frames"
 CHAIR_MASK = CHAIR / "masks" / "frame_000000.png"
 DEMO_FRAMES = TESTS.parent / "model" / "demo_clip" / "frames"
-FIXTURES = TESTS / "fixtures" / "xmem_reference"
 SCRIPT = Path(sys.executable).with_name("xmem-label")
 
 
@@ -46,7 +44,6 @@ def no_real_weights(tmp_path, monkeypatch):
     or a recorded sha256 would show up as a change."""
     monkeypatch.delenv("XMEM_LABEL_WEIGHTS", raising=False)
     monkeypatch.setenv("XMEM_LABEL_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
 
 
 def tree_state(root: Path) -> dict[str, str]:
@@ -211,13 +208,9 @@ def small_file(path: Path, data: bytes = b"weights of a person") -> Path:
 
 
 @pytest.fixture(scope="module")
-def nan_weights(tmp_path_factory) -> Path:
+def nan_weights(tmp_path_factory, xmem_weights_path) -> Path:
     """The fixtures' deterministic XMem weights with one NaN, outside every scratch folder."""
-    spec = importlib.util.spec_from_file_location("make_weights", FIXTURES / "make_weights.py")
-    make_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_weights)
-    manifest = json.loads((FIXTURES / "state_dict_manifest.json").read_text())
-    state_dict = make_weights.make_state_dict(manifest, 1)
+    state_dict = torch.load(xmem_weights_path)
     state_dict["decoder.pred.weight"][0, 0, 0, 0] = float("nan")
     path = tmp_path_factory.mktemp("weights") / "nan.pth"
     torch.save(state_dict, path)
