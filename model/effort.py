@@ -79,7 +79,7 @@ def curve_area(curve: Sequence[float]) -> float:
     return float(np.mean([(a + b) / 2 for a, b in zip(curve, curve[1:], strict=False)]))
 
 
-class _Clip:
+class TruthClip:
     """A clip's frames and ground truth (label masks by frame index)."""
 
     def __init__(self, clip_dir: Path):
@@ -147,7 +147,7 @@ def simulate_clip(
     """Run the simulated annotator on one clip (see the module's docstring)."""
     if strategy not in STRATEGIES:
         raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    clip = _Clip(clip_dir)
+    clip = TruthClip(clip_dir)
     rng = np.random.default_rng([seed, sum(clip.name.encode())])
     initial = clip.first_keyframes()
     keyframes = list(initial)
@@ -214,7 +214,7 @@ def _clip_jf(scored: dict[int, tuple[float, float]]) -> float:
 def _pick(
     strategy: str,
     session: Session,
-    clip: _Clip,
+    clip: TruthClip,
     keyframes: list[int],
     frame_scores: dict[int, tuple[float, float]],
     rng: np.random.Generator,
@@ -243,7 +243,7 @@ def _ranking(session: Session, scored: dict[int, tuple[float, float]]) -> tuple[
     return len(worst & set(suggested)), size
 
 
-def _scratch_seconds(engine: Engine, clip: _Clip, keyframes: list[int]) -> float:
+def _scratch_seconds(engine: Engine, clip: TruthClip, keyframes: list[int]) -> float:
     """Propagation seconds of a fresh session with the same keyframes."""
     with Session(engine, clip.frames_dir) as fresh:
         for index in keyframes:
