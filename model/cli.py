@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TextIO
 
 from .engine import auto_engine, registered_engines
 from .errors import InputError, WeightsError, XMemLabelError, one_line
@@ -475,5 +476,12 @@ def _add_unavailable_command(
     parser.set_defaults(run=explain)
 
 
-def _warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+def _warning_on_one_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
