@@ -5,11 +5,19 @@ FiftyOne loads this folder from FIFTYONE_PLUGINS_DIR under a name of its own, no
 import): both ways of loading then share one set of modules.
 """
 
-from xmem_label.plugin.operators import PropagateMasks, PropagationStatus, ReviewFrames
+from xmem_label.plugin.operators import (
+    PropagateCorrections,
+    PropagateMasks,
+    PropagationStatus,
+    ReviewFrames,
+)
+from xmem_label.plugin.suggestions import SuggestFrames
 
 
 def register(plugin) -> None:
     """Called by FiftyOne's plugin loader."""
     plugin.register(PropagateMasks)
+    plugin.register(PropagateCorrections)
+    plugin.register(SuggestFrames)
     plugin.register(ReviewFrames)
     plugin.register(PropagationStatus)

@@ -23,8 +23,11 @@ DEFAULT_OUTPUT_FIELD = "xmem"
 # Attributes the plugin writes beyond FiftyOne's own Detection fields, declared so the App
 # can filter on them.
 DECLARED_ATTRIBUTES = {
-    "min_confidence": fo.FloatField,
-    "detections.keyframe": fo.BooleanField,
+    "min_confidence": (fo.FloatField, {}),
+    "keyframe_digest": (fo.StringField, {}),
+    "detections.keyframe": (fo.BooleanField, {}),
+    "detections.source": (fo.StringField, {}),
+    "detections.keyframes": (fo.ListField, {"subfield": fo.IntField}),
 }
 
 
@@ -103,8 +106,8 @@ def declare_output(dataset: fo.Dataset, label_field: str, provenance: dict) -> N
     can filter them), and record the run's provenance in the field's info: the output marker.
     Idempotent, so runs on several workers may all call it."""
     dataset.add_frame_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
-    for attribute, field_type in DECLARED_ATTRIBUTES.items():
-        dataset.add_frame_field(f"{label_field}.{attribute}", field_type)
+    for attribute, (field_type, options) in DECLARED_ATTRIBUTES.items():
+        dataset.add_frame_field(f"{label_field}.{attribute}", field_type, **options)
     field = dataset.get_field(f"frames.{label_field}")
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     field.info = {**(field.info or {}), MARKER: {**provenance, "written_at": stamp}}

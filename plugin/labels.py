@@ -3,7 +3,9 @@
 Prompts come from a frame field holding `fo.Detections` (instance masks cropped to their box,
 or boxes alone) or `fo.Segmentation` (a full-frame mask of object ids). Results go back as
 `fo.Detections`: one `fo.Detection` per object, its mask cropped to its box, `index` = object
-id, `confidence`, and a `keyframe` attribute saying whether a person drew it.
+id, `confidence`, a `keyframe` attribute saying whether a person drew it, and its provenance:
+`source` ("keyframe", "forward", "backward" or "fused": how the engine got the mask) and
+`keyframes` (the FiftyOne frame numbers it comes from), so a curator can filter by them.
 
 Objects are linked by FiftyOne's `Detection.index`; the engine numbers them 1..255, so a
 video's indexes are mapped to engine ids and back (`engine_ids`).
@@ -200,7 +202,10 @@ def result_to_detections(
     for object_id, obj in result.objects.items():
         index = indexes.get(object_id, object_id)
         if object_id in drawn:
-            detections.append(_verbatim(drawn[object_id], index, names[object_id]))
+            verbatim = _verbatim(drawn[object_id], index, names[object_id])
+            verbatim["source"] = "keyframe"
+            verbatim["keyframes"] = [result.index + 1]
+            detections.append(verbatim)
             continue
         if obj.box is None:
             continue
@@ -213,6 +218,8 @@ def result_to_detections(
                 index=index,
                 confidence=obj.confidence,
                 keyframe=obj.keyframe,
+                source=obj.source,
+                keyframes=[frame + 1 for frame in obj.keyframes],
             )
         )
     return fo.Detections(detections=detections, min_confidence=result.min_confidence)

@@ -1,4 +1,5 @@
-"""The plugin's operators: "propagate masks", "review frames" and "propagation status".
+"""The plugin's operators: "propagate masks", "propagate corrections", "suggest frames to
+review", "review frames" and "propagation status".
 
 They work on the dataset, the current view or the selected samples (`ctx.target_view()`).
 Parameters are checked in `resolve_input`, so the App shows a bad one next to its field and
@@ -10,6 +11,7 @@ reason recorded on the failed operation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -22,7 +24,8 @@ import fiftyone.operators.types as types
 from xmem_label.model import InputError, XMemLabelError
 from xmem_label.model.engine import registered_engines
 
-from . import runs
+from . import cache, runs
+from .corrections import DIGEST_ATTRIBUTE, frames_to_write, keyframe_digests, recorded_digests
 from .fields import (
     check_keyframe_field,
     check_output_field,
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 REVIEW_VIEW_DESCRIPTION = "xmem-label review frames:"  # marks the saved views it may replace
 LONG_JOB_FRAMES = 2000  # more frames than this: delegated execution is offered first
 PROGRESS_INTERVAL_S = 1.0
+PROPAGATING_OPERATORS = ("propagate_masks", "propagate_corrections")  # runs it reports on
 
 
 def _frame_count(collection) -> int:
@@ -102,7 +106,9 @@ def _check_samples_per_run(params: dict) -> None:
 
 class PropagateMasks(foo.Operator):
     """Keyframe masks in `frames.<prompt field>` -> masks on every frame in
-    `frames.<output field>`."""
+    `frames.<output field>`, computed from scratch and written on every frame."""
+
+    INCREMENTAL = False  # see PropagateCorrections
 
     @property
     def config(self) -> foo.OperatorConfig:
@@ -127,7 +133,7 @@ class PropagateMasks(foo.Operator):
                     label="Needs a video dataset with a Detections or Segmentation frame field"
                 ),
             )
-            return types.Property(inputs, view=types.View(label="Propagate masks"))
+            return types.Property(inputs, view=types.View(label=self.config.label))
         # In a worker the parameters were checked when the run was queued; what changed since
         # is found by execute, which records a one-line reason on the failed operation.
         problems = {} if ctx.delegated else check_params(ctx)
@@ -188,7 +194,7 @@ class PropagateMasks(foo.Operator):
             "several workers share the view (0 = one run)",
             **invalid("samples_per_run"),
         )
-        return types.Property(inputs, view=types.View(label="Propagate masks"))
+        return types.Property(inputs, view=types.View(label=self.config.label))
 
     def resolve_delegation(self, ctx) -> bool | None:
         try:
@@ -208,7 +214,7 @@ class PropagateMasks(foo.Operator):
         prompt_field = frame_field_name(ctx.params.get("prompt_field"))
         label_field = frame_field_name(ctx.params.get("label_field"))
         part = ctx.params.get("part")
-        name = f"Propagate masks: frames.{prompt_field} -> frames.{label_field}"
+        name = f"{self.config.label}: frames.{prompt_field} -> frames.{label_field}"
         return f"{name} (part {part})" if part else name
 
     def execute(self, ctx):
@@ -221,7 +227,7 @@ class PropagateMasks(foo.Operator):
         if ctx.delegated:
             return self._run_delegated(ctx)
         stale = runs.fail_stale_runs(ctx.dataset.name, self.uri)
-        run = _PropagationRun(ctx, self.uri)
+        run = _PropagationRun(ctx, self.uri, self.INCREMENTAL)
         if _requested_by_the_app(ctx):
             return self._stream(ctx, _throttled(run.steps()), stale)
         return {**_drain(run.steps(), lambda fraction: None), "stale_runs_failed": stale}
@@ -232,7 +238,7 @@ class PropagateMasks(foo.Operator):
             # the heartbeat covers every step, reading the keyframes of a large view included
             with runs.Heartbeat(ctx) as heartbeat:
                 stale = runs.fail_stale_runs(ctx.dataset.name, self.uri)
-                run = _PropagationRun(ctx, self.uri)
+                run = _PropagationRun(ctx, self.uri, self.INCREMENTAL)
                 per_run = _samples_per_run(ctx.params)
                 if 0 < per_run < len(run.jobs):
                     parts = self._queue_parts(ctx, run, per_run)
@@ -296,6 +302,7 @@ class PropagateMasks(foo.Operator):
         outputs = types.Object()
         outputs.int("samples", label="Videos propagated")
         outputs.int("frames", label="Frames written")
+        outputs.int("network_steps", label="Network steps (frames the engine computed)")
         outputs.int("skipped_samples", label="Videos without a keyframe (left alone)")
         outputs.str("label_field", label="Output field")
         outputs.str("engine", label="Engine")
@@ -305,11 +312,16 @@ class PropagateMasks(foo.Operator):
 
 
 class _PropagationRun:
-    """One run of "propagate masks": its checked input, then `steps()`, which propagates
-    every video, yields the fraction done after every frame, writes every label in one bulk
-    call at the end (a failed or killed run writes nothing) and returns the summary."""
+    """One run of "propagate masks" or "propagate corrections": its checked input, then
+    `steps()`, which propagates every video, yields the fraction done after every frame, writes
+    every label in one bulk call at the end (a failed or killed run writes nothing) and
+    returns the summary.
 
-    def __init__(self, ctx, operator_uri: str):
+    incremental: keep each video's passes in the plugin's cache (`cache.py`) and write only the
+    frames a changed keyframe can change (`corrections.py`); otherwise compute from scratch
+    and write every frame."""
+
+    def __init__(self, ctx, operator_uri: str, incremental: bool = False):
         for message in check_params(ctx).values():
             raise InputError(message)
         target = ctx.target_view()
@@ -318,6 +330,7 @@ class _PropagationRun:
             ctx.params.get("label_field") or default_output_field(target)
         )
         self.operator_uri = operator_uri
+        self.incremental = incremental
         self.dataset = ctx.dataset
         self.jobs, self.skipped = plan_videos(target, self.prompt_field)
         self.engine = choose_engine(
@@ -339,6 +352,7 @@ class _PropagationRun:
         return {
             "samples": 0,
             "frames": 0,
+            "network_steps": 0,
             "skipped_samples": len(self.skipped),
             "label_field": f"frames.{self.label_field}",
             "engine": self.engine.describe().engine,
@@ -348,20 +362,38 @@ class _PropagationRun:
         """may_write() is asked once more before writing; False (the run was marked failed
         meanwhile) stops the run with nothing written."""
         total = max(sum(job.num_frames for job in self.jobs), 1)
-        finished = 0
+        recorded = {}
+        if self.incremental:
+            sample_ids = [job.sample_id for job in self.jobs]
+            recorded = recorded_digests(self.dataset.select(sample_ids), self.label_field)
+        root = cache.cache_root()
+        finished, network_steps = 0, 0
         labels = {}
         for job in self.jobs:
-            engine_done = [0.0]  # the engine's own progress, backward pass included
+            digests = keyframe_digests(job, self.engine)
+            wanted = set(frames_to_write(recorded.get(job.sample_id, {}), digests, job.num_frames))
+            if not wanted:  # no keyframe changed since the last run
+                finished += job.num_frames
+                continue
+            engine_done = [0.0, 0]  # the engine's own progress, backward pass included
 
             def note(done: int, steps: int, engine_done=engine_done) -> None:
-                engine_done[0] = done / max(steps, 1)
+                engine_done[0], engine_done[1] = done / max(steps, 1), done
 
+            folder = None
+            if self.incremental:
+                folder = cache.sample_folder(root, job.sample_id, job.filepath, self.label_field)
             frames = {}
-            for frame_number, detections in iter_video_labels(job, self.engine, note):
-                frames[frame_number] = detections
-                yield (finished + job.num_frames * engine_done[0]) / total
+            with cache.in_use(folder) if folder else contextlib.nullcontext():
+                for frame_number, detections in iter_video_labels(job, self.engine, note, folder):
+                    if frame_number in digests:
+                        detections[DIGEST_ATTRIBUTE] = digests[frame_number]
+                    if frame_number in wanted:
+                        frames[frame_number] = detections
+                    yield (finished + job.num_frames * engine_done[0]) / total
             labels[job.sample_id] = frames
             finished += job.num_frames
+            network_steps += engine_done[1]
         if not may_write():
             raise InputError(
                 "this run was marked failed while it worked (no heartbeat); nothing written"
@@ -370,11 +402,36 @@ class _PropagationRun:
         check_output_field(self.dataset, self.label_field, self.prompt_field)
         declare_output(self.dataset, self.label_field, self.provenance())
         write_frame_labels(self.dataset, self.label_field, labels)
+        if self.incremental:
+            cache.evict(root, cache.cache_cap_bytes())
         return {
             **self.empty_summary(),
             "samples": len(labels),
             "frames": sum(len(frames) for frames in labels.values()),
+            "network_steps": network_steps,
         }
+
+
+class PropagateCorrections(PropagateMasks):
+    """Propagate masks, for the annotation loop: after a curator fixed, added or removed
+    keyframe labels, recompute only the segments around them (the engine's passes are kept
+    per video in the plugin's cache) and write only the frames that can change. Frames
+    outside them keep their label documents (and ids) untouched."""
+
+    INCREMENTAL = True
+
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="propagate_corrections",
+            label="Propagate corrections",
+            description="Re-propagate only the segments around changed keyframes and write only "
+            "the frames they change (xmem-label)",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
 
 
 def _throttled(steps: Generator[float, None, dict]) -> Generator[float, None, dict]:
@@ -544,9 +601,12 @@ class PropagationStatus(foo.Operator):
 
     def execute(self, ctx) -> dict:
         stale_after_s = float(ctx.params.get("stale_after_s") or runs.STALE_AFTER_S)
-        uri = f"{self.plugin_name}/propagate_masks"
-        marked = runs.fail_stale_runs(ctx.dataset.name, uri, stale_after_s)
-        return {"runs": runs.describe_runs(ctx.dataset.name, uri), "marked_failed": marked}
+        uris = [f"{self.plugin_name}/{name}" for name in PROPAGATING_OPERATORS]
+        marked = [
+            m for uri in uris for m in runs.fail_stale_runs(ctx.dataset.name, uri, stale_after_s)
+        ]
+        described = [line for uri in uris for line in runs.describe_runs(ctx.dataset.name, uri)]
+        return {"runs": described, "marked_failed": marked}
 
     def resolve_output(self, ctx) -> types.Property:
         outputs = types.Object()

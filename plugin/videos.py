@@ -25,6 +25,7 @@ from xmem_label.model import (
 )
 from xmem_label.model.engine import auto_engine, engine_spec
 from xmem_label.model.keyframes import Keyframes
+from xmem_label.model.suggest import Suggestion
 
 from .labels import (
     PromptObject,
@@ -183,25 +184,45 @@ def _read_frame(frames, index: int) -> np.ndarray:
 
 
 def iter_video_labels(
-    job: VideoJob, engine: Engine, progress: ProgressCallback | None = None
+    job: VideoJob,
+    engine: Engine,
+    progress: ProgressCallback | None = None,
+    cache_dir: Path | None = None,
 ) -> Iterator[tuple[int, fo.Detections]]:
     """Run the engine over one video, yielding (FiftyOne frame number, Detections) in order.
 
     On every keyframe each object the video knows is either given by the person or declared
     absent there: a keyframe label is a person's complete say on that frame.
     progress(done, total) is the engine's, called after every step of either pass.
+    cache_dir: the folder where the engine keeps this video's passes between runs (`cache.py`).
     """
-    keyframes = Keyframes()
-    for index, objects in job.keyframes.items():
-        for obj in objects:
-            keyframes.add(index, obj.object_id, obj.mask)
-    with Session(engine, job.filepath) as session:
-        keyframes.apply_to(session)
+    with Session(engine, job.filepath, cache_dir=cache_dir) as session:
+        _keyframes(job).apply_to(session)
         for result in session.propagate(progress=progress):
             yield (
                 result.index + 1,
                 result_to_detections(result, job.names, job.drawn_on(result.index), job.indexes),
             )
+
+
+def suggest_video(
+    job: VideoJob, engine: Engine, count: int, cache_dir: Path | None = None
+) -> list[Suggestion]:
+    """The engine's `count` frames to review next in one video (engine frame indexes), from a
+    propagation of its keyframes; with the passes in `cache_dir`, no network step runs."""
+    with Session(engine, job.filepath, cache_dir=cache_dir) as session:
+        _keyframes(job).apply_to(session)
+        for _ in session.propagate():
+            pass
+        return session.suggest(count)
+
+
+def _keyframes(job: VideoJob) -> Keyframes:
+    keyframes = Keyframes()
+    for index, objects in job.keyframes.items():
+        for obj in objects:
+            keyframes.add(index, obj.object_id, obj.mask)
+    return keyframes
 
 
 def propagate_video(

@@ -42,5 +42,6 @@ def test_workers_and_the_app_find_the_plugin_through_the_config_file(mongod, tmp
     listed = subprocess.run(
         [FIFTYONE, "operators", "list"], env=env, check=True, capture_output=True, text=True
     ).stdout
-    for operator in ("propagate_masks", "review_frames", "propagation_status"):
+    operators = ("propagate_masks", "propagate_corrections", "suggest_frames", "review_frames")
+    for operator in (*operators, "propagation_status"):
         assert f"{PLUGIN_NAME}/{operator}" in listed, listed

@@ -68,6 +68,7 @@ def test_an_immediate_run_from_python_returns_its_summary(dataset, engine_labels
     assert result.result == {
         "samples": 1,
         "frames": 8,
+        "network_steps": 8,
         "skipped_samples": 0,
         "label_field": "frames.xmem",
         "engine": "flow",
