@@ -10,10 +10,12 @@ import fiftyone as fo  # noqa: I001  (conftest has set the environment)
 import fiftyone.operators as foo
 import numpy as np
 import pytest
+from fiftyone.operators.delegated import DelegatedOperationService
 
 from xmem_label.model import Session
 
 from .conftest import PLUGIN_NAME, full_frame, run_operator
+from .workers import Workers, wait_for
 
 PROPAGATE = f"{PLUGIN_NAME}/propagate_masks"
 CORRECT = f"{PLUGIN_NAME}/propagate_corrections"
@@ -176,3 +178,31 @@ def test_suggested_frames_get_a_rank_reasons_and_a_saved_view(
     dataset.save_view("mine", dataset.view())
     taken = run_operator(SUGGEST, dataset, label_field="xmem", view_name="mine")
     assert "was not made by suggest frames" in taken.error_message
+
+
+def test_a_delegated_correction_writes_only_its_frames(dataset, chair_truth, cache_root):
+    """The worker process finds the passes the first run kept (the cache root comes from the
+    environment it inherits) and writes only the frames around the correction."""
+
+    def queued() -> str:
+        params = dict(prompt_field="gt", label_field="xmem", engine="flow")
+        result = foo.execute_operator(
+            CORRECT, ctx=dict(view=dataset.view(), request_delegation=True, params=params)
+        )
+        return result.result["id"]
+
+    set_keyframes(dataset, {8: truth_detections(chair_truth[7])})
+    with Workers(1) as workers:
+        first = queued()
+        assert wait_for([first])[first] == "completed", workers.output
+        dataset.reload()
+        before = frame_state(dataset, "xmem")
+        set_keyframes(dataset, {6: truth_detections(chair_truth[5])})
+        second = queued()
+        assert wait_for([second])[second] == "completed", workers.output
+    summary = DelegatedOperationService().get(second).result.result
+    assert (summary["frames"], summary["network_steps"]) == (6, 7)  # frames 2..7; 5 back, 2 on
+    dataset.reload()
+    after = frame_state(dataset, "xmem")
+    assert {n for n in after if after[n][0] != before[n][0]} == set(range(2, 8))
+    assert after[1] == before[1] and after[8] == before[8]

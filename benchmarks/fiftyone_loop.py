@@ -1,0 +1,273 @@
+"""The annotation loop through FiftyOne for real (issue 16): operator time against the engine's.
+
+    python -m benchmarks.fiftyone_loop [--clip dance-twirl] [--frames 100] [--rounds 5]
+                                       [--repeat 3] [--engine flow]
+
+A private mongod and a scratch FiftyOne home (nothing touches ~/.fiftyone), the plugin's
+operators run in this process as Python calls them (`foo.execute_operator`, immediate). The
+clip is a shared DAVIS clip (../shared/data/vos/<clip>) played forward and backward to
+`--frames` frames at its 854x480, as an H.264 mp4 video sample; its ground truth is the
+annotator. Each repeat builds a fresh dataset and prints:
+
+- correction: keyframes (ground truth) on the first and last frames, "propagate masks" from
+  scratch, then the ground truth of the middle frame as a correction and "propagate
+  corrections": both wall times and their ratio, frame documents written (their
+  `last_modified_at` moved) against frames the engine recomputed (fused anew);
+- rounds: from the same two keyframes, R rounds of "suggest frames to review" (one frame),
+  the ground truth written on the suggested frame, "propagate corrections", labels read back:
+  J&F of every frame read from the database, the operator's wall time from its start to
+  written labels, the engine-only time of the same correction (a bare `Session` kept across
+  the rounds, keyframes given by the same rule), and the overhead (operator / engine - 1).
+
+The machine is shared: the summary gives medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.annotation_loop import DEFAULT_DATA, ping_pong
+from benchmarks.fiftyone import private_fiftyone, start_mongod, stop
+
+PLUGIN = "@xmem-label/xmem-label"
+
+
+def encode(frames: Path, path: Path) -> None:
+    """The JPEG frames as an H.264 mp4 (as the plugin tests make their video)."""
+    subprocess.run(
+        ["ffmpeg", "-y", "-loglevel", "error", "-framerate", "25", "-i",
+         str(frames / "%05d.jpg"), "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p",
+         str(path)],
+        check=True,
+    )  # fmt: skip
+
+
+class Loop:
+    """One dataset with the clip as a video sample, and the engine-only twin of its session."""
+
+    def __init__(self, video: Path, truth: list[np.ndarray], engine_name: str, name: str):
+        import fiftyone as fo
+
+        from xmem_label.model import Session, load_engine
+
+        self.truth, self.engine_name = truth, engine_name
+        self.object_ids = sorted({int(v) for mask in truth for v in np.unique(mask)} - {0})
+        self.dataset = fo.Dataset(name, overwrite=True)
+        self.dataset.add_sample(fo.Sample(filepath=str(video)))
+        self.dataset.compute_metadata()
+        self.sample_id = self.dataset.first().id
+        self.session = Session(load_engine(engine_name), video)
+        self.fused: list[int] = []
+        fuse = Session._fuse  # counts the frames the engine recomputes, in either session
+
+        def counted(session, index, *args):
+            self.fused.append(index)
+            return fuse(session, index, *args)
+
+        Session._fuse = counted
+
+    def keyframe(self, index: int) -> None:
+        """Write frame `index`'s ground truth as a keyframe label (FiftyOne frame index + 1)."""
+        import fiftyone as fo
+
+        detections = [
+            fo.Detection.from_mask(self.truth[index] == obj, label=f"object {obj}", index=obj)
+            for obj in self.object_ids
+            if (self.truth[index] == obj).any()
+        ]
+        self.dataset.set_values(
+            "frames.gt",
+            {self.sample_id: {index + 1: fo.Detections(detections=detections)}},
+            key_field="id",
+        )
+
+    def engine_keyframe(self, index: int) -> None:
+        """The same keyframe for the bare session: each object's mask, or absent."""
+        for obj in self.object_ids:
+            mask = self.truth[index] == obj
+            if mask.any():
+                self.session.add_object_mask(index, obj, mask)
+            else:
+                self.session.set_absent(index, obj)
+
+    def operator(self, name: str, **params) -> tuple[float, dict]:
+        import fiftyone.operators as foo
+
+        params = {"prompt_field": "gt", "label_field": "xmem", "engine": self.engine_name, **params}
+        started = time.perf_counter()
+        result = foo.execute_operator(
+            f"{PLUGIN}/{name}", ctx=dict(dataset=self.dataset, params=params)
+        )
+        seconds = time.perf_counter() - started
+        self.dataset.reload()
+        return seconds, result.result
+
+    def engine_run(self) -> float:
+        started = time.perf_counter()
+        for _ in self.session.propagate():
+            pass
+        return time.perf_counter() - started
+
+    def modified(self) -> list:
+        return self.dataset.values("frames.last_modified_at")[0]
+
+    def suggested(self) -> int:
+        """Engine frame index of the rank-1 suggestion ("suggest frames to review")."""
+        self.operator("suggest_frames", count=1)
+        numbers, ranks = self.dataset.values(["frames.frame_number", "frames.xmem_review.rank"])
+        return next(n for n, r in zip(numbers[0], ranks[0], strict=True) if r == 1) - 1
+
+    def scores(self, field: str = "xmem") -> float:
+        """Mean J&F of every frame's labels read back from the database."""
+        from xmem_label.model.evaluation import boundary_accuracy, region_similarity
+        from xmem_label.plugin.labels import detection_to_mask
+
+        values = []
+        numbers, labels = self.dataset.values(["frames.frame_number", f"frames.{field}"])
+        for number, detections in zip(numbers[0], labels[0], strict=True):
+            truth = self.truth[number - 1]
+            predicted = np.zeros_like(truth)
+            for det in detections.detections if detections else []:
+                predicted[detection_to_mask(det, truth.shape, None)] = det.index
+            j = [region_similarity(predicted == o, truth == o) for o in self.object_ids]
+            f = [boundary_accuracy(predicted == o, truth == o) for o in self.object_ids]
+            values.append((np.mean(j) + np.mean(f)) / 2)
+        return float(np.mean(values))
+
+    def close(self) -> None:
+        self.session.close()
+        self.dataset.delete()
+
+
+def correction(loop: Loop, length: int) -> dict:
+    """Keyframes first and last, from scratch; then the middle frame corrected."""
+    first, last, middle = 0, length - 1, length // 2
+    for index in (first, last):
+        loop.keyframe(index)
+    scratch, _ = loop.operator("propagate_masks", label_field="scratch")
+    filled, _ = loop.operator("propagate_corrections")  # the first run fills the cache
+    loop.keyframe(middle)
+    before = loop.modified()
+    loop.fused.clear()
+    corrected, summary = loop.operator("propagate_corrections")
+    written = sum(a != b for a, b in zip(before, loop.modified(), strict=True))
+    return {
+        "scratch": scratch,
+        "first": filled,
+        "corrected": corrected,
+        "ratio": corrected / scratch,
+        "written": written,
+        "reported": summary["frames"],
+        "recomputed": len(loop.fused),
+        "steps": summary["network_steps"],
+    }
+
+
+def rounds(loop: Loop, length: int, count: int) -> list[dict]:
+    """R rounds of suggest, correct with ground truth, propagate corrections, read back."""
+    for index in (0, length - 1):
+        loop.keyframe(index)
+        loop.engine_keyframe(index)
+    loop.operator("propagate_corrections", label_field="xmem")
+    loop.engine_run()
+    table = [{"round": 0, "frame": None, "jf": loop.scores()}]
+    for number in range(1, count + 1):
+        frame = loop.suggested()
+        loop.keyframe(frame)
+        seconds, summary = loop.operator("propagate_corrections")
+        loop.engine_keyframe(frame)
+        engine = loop.engine_run()
+        table.append({
+            "round": number, "frame": frame, "jf": loop.scores(), "operator": seconds,
+            "engine": engine, "overhead": seconds / engine - 1, "written": summary["frames"],
+        })  # fmt: skip
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--clip", default="dance-twirl")
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--engine", default="flow")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    home = Path(tempfile.mkdtemp(prefix="xmem-label-fo-loop-"))
+    private_fiftyone(home)
+    os.environ["XMEM_LABEL_FIFTYONE_CACHE"] = str(home / "cache")
+    mongod = start_mongod(home)
+    atexit.register(stop, mongod, home)
+
+    from xmem_label.model.effort import TruthClip
+
+    clip = TruthClip(args.data / args.clip)
+    cycle = [clip.truth[i] for i in sorted(clip.truth)]
+    cycle += cycle[-2:0:-1]
+    truth = [cycle[i % len(cycle)] for i in range(args.frames)]
+    frames = ping_pong(args.data / args.clip, args.frames, home)
+    video = home / "clip.mp4"
+    encode(frames, video)
+    height, width = truth[0].shape
+    print(f"{args.engine}, {args.frames} frames of {args.clip} (forward and backward), "
+          f"{width}x{height}, torch on 1 thread", flush=True)  # fmt: skip
+
+    corrections, tables = [], []
+    for repeat in range(args.repeat):
+        loop = Loop(video, truth, args.engine, f"correction-{repeat}")
+        c = correction(loop, args.frames)
+        loop.close()
+        corrections.append(c)
+        print(f"[{repeat + 1}] propagate masks (from scratch) {c['scratch']:.1f} s, first "
+              f"propagate corrections {c['first']:.1f} s, correction on frame {args.frames // 2}: "
+              f"{c['corrected']:.1f} s = {c['ratio']:.0%} of from scratch; frame documents "
+              f"written {c['written']} (operator says {c['reported']}), frames recomputed "
+              f"{c['recomputed']}, network steps {c['steps']}", flush=True)  # fmt: skip
+        loop = Loop(video, truth, args.engine, f"rounds-{repeat}")
+        table = rounds(loop, args.frames, args.rounds)
+        loop.close()
+        tables.append(table)
+        for row in table:
+            if row["frame"] is None:
+                print(f"    round 0: keyframes 0 and {args.frames - 1}, J&F {row['jf']:.3f}")
+                continue
+            print(f"    round {row['round']}: frame {row['frame']:>3}  J&F {row['jf']:.3f}  "
+                  f"operator {row['operator']:.2f} s  engine {row['engine']:.2f} s  overhead "
+                  f"{row['overhead']:+.0%}  written {row['written']}", flush=True)  # fmt: skip
+
+    median = statistics.median
+    print(f"\nmedians over {args.repeat} repeats (shared, noisy machine):")
+    print(f"correction: from scratch {median(c['scratch'] for c in corrections):.1f} s, "
+          f"corrected {median(c['corrected'] for c in corrections):.1f} s, ratio "
+          f"{median(c['ratio'] for c in corrections):.0%}; written == recomputed in every "
+          f"repeat: {all(c['written'] == c['recomputed'] for c in corrections)}")  # fmt: skip
+    print(
+        f"{'round':>5} {'frame':>6} {'J&F':>6} {'operator s':>10} {'engine s':>9} {'overhead':>9}"
+    )
+    for number in range(args.rounds + 1):
+        rows = [table[number] for table in tables]
+        frames_seen = "/".join(sorted({str(r["frame"]) for r in rows}))
+        if number == 0:
+            print(f"{0:>5} {'-':>6} {median(r['jf'] for r in rows):>6.3f}")
+            continue
+        print(f"{number:>5} {frames_seen:>6} {median(r['jf'] for r in rows):>6.3f} "
+              f"{median(r['operator'] for r in rows):>10.2f} "
+              f"{median(r['engine'] for r in rows):>9.2f} "
+              f"{median(r['overhead'] for r in rows):>+9.0%}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
