@@ -363,7 +363,12 @@ def test_replicas_enqueue_and_workers_run_each_job_once(label_studio, cluster):
     time.sleep(1.0)
     for task_id in webhook_tasks + predict_tasks:
         assert len(label_studio.predictions(task_id)) == 1, task_id  # the webhook's, once
-    finished = queue.queue.finished_job_registry.get_job_ids()
+
+    def all_finished():  # RQ marks a job finished just after its result is delivered
+        ids = queue.queue.finished_job_registry.get_job_ids()
+        return ids if len(ids) >= 12 else None
+
+    finished = wait_until(all_finished, 30, "12 jobs finished")
     records = [queue.get(job_id) for job_id in finished]
     assert len(records) == 12 and {r.kind for r in records} == {"webhook", "predict"}
     assert all(r.attempts == 1 and r.state == "done" for r in records)
@@ -397,7 +402,7 @@ def test_a_killed_worker_hands_its_job_to_the_other(label_studio, cluster):
     prediction = wait_for_prediction(label_studio, task, seconds=120)
     took = time.monotonic() - killed
     assert len([r for r in prediction["result"] if r["item_index"] == 95]) == 1
-    done = queue.get(record.id)
+    done = queue.wait(record.id, 30)  # stored first, then marked done
     assert done.state == "done" and done.attempts == 2 and done.worker != record.worker
     time.sleep(2)
     assert [p["id"] for p in label_studio.predictions(task)] == [prediction["id"]]
@@ -421,7 +426,7 @@ def test_a_failed_job_leaves_its_reason_on_the_task(label_studio, cluster):
     assert note["model_version"] == "xmem-label-failed" and note["score"] == 0
     (status,) = note["result"]
     assert "Label Studio answered HTTP 404" in status["value"]["text"][0], status
-    failed = cluster["queue"].queue.failed_job_registry.get_job_ids()
+    failed = wait_until(cluster["queue"].queue.failed_job_registry.get_job_ids, 30, "failed")
     assert [cluster["queue"].get(job_id).task_id for job_id in failed] == [task]
 
 
