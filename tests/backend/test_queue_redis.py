@@ -142,7 +142,8 @@ def test_jobs_run_once_on_two_workers_and_replies_reach_the_caller(queue, redis_
         assert len(pids) == 20 and set(pids) == {w.pid for w in workers}  # once each, both ran
         assert all(stored(queue, f"s{n}") == 1 for n in range(20))
         assert all(stored(queue, f"r{n}") == 0 for n in range(10))  # the caller had them
-        assert queue.counts() == {"queued": 0, "running": 0, "done": 30, "failed": 0}
+        final = {"queued": 0, "running": 0, "done": 30, "failed": 0}
+        wait_until(lambda: queue.counts() == final, 10, f"counts {queue.counts()}")
     finally:
         stop_all(workers)
 
