@@ -4,6 +4,7 @@ of a correction.
     python -m benchmarks.annotation_loop two-way [--data ../shared/data/vos]
     python -m benchmarks.annotation_loop effort  [--rounds 5] [--json FILE]
     python -m benchmarks.annotation_loop cost    [--engine flow|xmem] [--frames 300]
+    python -m benchmarks.annotation_loop memory  [--every 20]
 
 two-way: per clip, J&F of the forward pass from the first frame's ground truth, the backward
 pass from the last frame's, and the reconciled result of both keyframes (the two keyframes are
@@ -13,12 +14,16 @@ frames (a shared clip played forward and backward, at its 854x480), keyframes at
 frame then a correction on the middle one, and keyframes every 50 frames then a correction on
 frame 125; prints the network steps and wall time of the first (from-scratch) run and of the
 correction's, and the disk the session keeps per stored frame. XMem runs with the equivalence
-fixtures' deterministic weights (speed does not depend on their values).
+fixtures' deterministic weights (speed does not depend on their values). memory: what a segment
+pass starts from, measured: keyframes (ground truth) every `--every` frames, J&F of one long
+forward pass through all of them (memory carried across keyframes) against forward passes
+restarted at each keyframe (what the session's passes do), and the reconciled result.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -147,9 +152,44 @@ def cost(data: Path, engine_name: str, length: int, clip_name: str) -> None:
                   f"frame ({stored} frames, {disk / 1e6:.1f} MB)", flush=True)  # fmt: skip
 
 
+def memory(data: Path, every: int) -> None:
+    engine = load_engine("flow")
+    print(f"keyframes every {every} frames; J&F of the frames between them")
+    print(f"{'clip':<16} {'one pass':>8} {'restarted':>9} {'both':>8}")
+    rows = []
+    for clip_dir in find_clips(data):
+        clip = TruthClip(clip_dir)
+        keyframes = [*range(0, clip.length - 1, every), clip.length - 1]
+        frames = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+                  for p in sorted(clip.frames_dir.glob("*.jpg"))]  # fmt: skip
+        results = {}
+        for direction in ("forward", "both"):
+            with Session(engine, frames) as session:
+                for index in keyframes:
+                    clip.state(session, index)
+                results[direction] = session.run(direction=direction)
+        restarted = []
+        for start, stop in zip(keyframes, keyframes[1:], strict=False):
+            with Session(engine, frames[start:stop]) as session:
+                clip.state_as(session, 0, start)
+                restarted += [
+                    dataclasses.replace(r, index=r.index + start)
+                    for r in session.run(direction="forward")
+                ]
+        figures = []
+        for outcome in (results["forward"], restarted, results["both"]):
+            scores = clip.frame_scores(outcome)
+            figures.append(float(np.mean([(j + f) / 2 for i, (j, f) in scores.items()
+                                          if i not in keyframes])))  # fmt: skip
+        rows.append(figures)
+        print(f"{clip.name:<16} " + " ".join(f"{x:>8.3f}" for x in figures), flush=True)
+    print(f"{'mean':<16} " + " ".join(f"{x:>8.3f}" for x in np.mean(rows, axis=0)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("figure", choices=("two-way", "effort", "cost"))
+    parser.add_argument("figure", choices=("two-way", "effort", "cost", "memory"))
+    parser.add_argument("--every", type=int, default=20, help="memory: keyframe spacing")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
@@ -163,6 +203,8 @@ def main() -> None:
         two_way(args.data)
     elif args.figure == "effort":
         effort(args.data, args.rounds, args.json)
+    elif args.figure == "memory":
+        memory(args.data, args.every)
     else:
         cost(args.data, args.engine, args.frames, args.clip)
 

@@ -107,8 +107,12 @@ class TruthClip:
 
     def state(self, session: Session, index: int) -> None:
         """Give the session frame `index`'s ground truth: each object's mask, or absent."""
+        self.state_as(session, index, index)
+
+    def state_as(self, session: Session, index: int, truth_index: int) -> None:
+        """Give the session, on its frame `index`, the ground truth of frame `truth_index`."""
         for object_id in self.object_ids:
-            mask = self.truth[index] == object_id
+            mask = self.truth[truth_index] == object_id
             if mask.any():
                 session.add_object_mask(index, object_id, mask)
             else:
