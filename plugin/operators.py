@@ -385,7 +385,9 @@ class _PropagationRun:
                 folder = cache.sample_folder(root, job.sample_id, job.filepath, self.label_field)
             frames = {}
             with cache.in_use(folder) if folder else contextlib.nullcontext():
-                for frame_number, detections in iter_video_labels(job, self.engine, note, folder):
+                for frame_number, detections in iter_video_labels(
+                    job, self.engine, note, cache_dir=folder
+                ):
                     if frame_number in digests:
                         detections[DIGEST_ATTRIBUTE] = digests[frame_number]
                     if frame_number in wanted:
