@@ -25,6 +25,9 @@ WEIGHTS_SHA256 = "e3aa3c2cce3bf4f355c52fa8a7c39e476c0ef5d91a5133686bb71757cadc60
 # Fixtures that start real servers; a test using any of them (directly or through another
 # fixture) is end-to-end.
 SERVER_FIXTURES = {"label_studio", "backend", "impatient_backend", "mongod"}
+# The longest modules, run first: with `-n 2` (each module on one worker, pytest.ini) they start
+# at once on the two workers, and the many short modules fill in behind them.
+LONGEST_FIRST = ("tests/xmem/test_equivalence.py", "tests/xmem/test_fast_mode_real_frames.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,6 +41,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(item.fixturenames) or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.e2e)
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FIRST)
 
 
 class CopyTracker:

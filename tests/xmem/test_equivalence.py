@@ -6,15 +6,14 @@ README's tolerances: per-frame mean |prob difference| <= 2e-4, max <= 1e-2, argm
 <= 1 % of any frame and <= 0.1 % of the clip, and the memory trace (memory frames, working and
 long-term sizes, object groups) exactly.
 
-Each XMem run is made once per test process and shared: the configurations' runs by a module
-fixture, the exact-mode run on real frames by `ReplayedEngine`. Under pytest-xdist the tests
-that share a run carry one `xdist_group`, so `--dist loadgroup` keeps them on one worker.
+Each configuration runs once per test process (a module fixture shared by its tests; pytest-xdist
+runs the module on one worker, pytest.ini's `--dist loadscope`). The fast modes on real frames
+are in test_fast_mode_real_frames.py.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ import torch
 from PIL import Image
 
 from xmem_label.model import Session, load_engine
-from xmem_label.model.evaluation import compare_clip
 from xmem_label.model.xmem.int8 import int8_available
 
 MEAN_TOLERANCE = 2e-4
@@ -65,54 +63,6 @@ class TraceRecorder:
         return tracker
 
 
-class ReplayedEngine:
-    """Records `engine`'s first pass and hands that pass's probabilities to every later pass,
-    which must see the same frames and prompts: exact mode is deterministic, so the fast modes
-    are compared against one exact run of a clip instead of one run each."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.name = engine.name
-        self.steps: list[tuple] | None = None  # (frame, prompt, last, object_ids, probs)
-
-    def describe(self):
-        return self.engine.describe()
-
-    def new_tracker(self, num_frames):
-        if self.steps is None:
-            self.steps = []
-            return RecordingTracker(self.engine.new_tracker(num_frames), self.steps)
-        return ReplayingTracker(self.steps)
-
-
-class RecordingTracker:
-    def __init__(self, tracker, steps: list[tuple]):
-        self.tracker = tracker
-        self.steps = steps
-
-    @property
-    def object_ids(self) -> list[int]:
-        return self.tracker.object_ids
-
-    def step(self, frame, prompt=None, *, last=False):
-        probs = self.tracker.step(frame, prompt, last=last)
-        self.steps.append((frame.copy(), prompt, last, list(self.object_ids), probs.clone()))
-        return probs
-
-
-class ReplayingTracker:
-    def __init__(self, steps: list[tuple]):
-        self.steps = iter(steps)
-        self.object_ids: list[int] = []
-
-    def step(self, frame, prompt=None, *, last=False):
-        recorded_frame, recorded_prompt, recorded_last, self.object_ids, probs = next(self.steps)
-        assert np.array_equal(frame, recorded_frame) and last == recorded_last
-        assert (prompt or {}).keys() == (recorded_prompt or {}).keys()
-        assert all(np.array_equal(mask, recorded_prompt[i]) for i, mask in (prompt or {}).items())
-        return probs.clone()
-
-
 def fixture_frames(fixture_dir) -> list[np.ndarray]:
     paths = sorted((fixture_dir / "clip" / "frames").glob("*.png"))
     return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
@@ -153,12 +103,6 @@ def compare(results, reference) -> dict[str, list[float]]:
     return figures
 
 
-# Tests that share a run (see the module's docstring).
-CONFIG_A = pytest.mark.xdist_group("xmem-config-A")
-CONFIG_C = pytest.mark.xdist_group("xmem-config-C")
-CHAIR_EXACT = pytest.mark.xdist_group("xmem-chair-exact")
-
-
 @pytest.fixture(scope="module")
 def config_runs(xmem_fixture_dir, xmem_weights_path):
     """Each configuration's run, computed once for the module."""
@@ -172,9 +116,7 @@ def config_runs(xmem_fixture_dir, xmem_weights_path):
     return get
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param("A", marks=CONFIG_A), "B", pytest.param("C", marks=CONFIG_C)]
-)
+@pytest.mark.parametrize("name", ["A", "B", "C"])
 def test_engine_reproduces_the_reference(xmem_fixture_dir, config_runs, name):
     results, trace, meta = config_runs(name)
     reference = np.load(xmem_fixture_dir / f"config_{name}.npz")
@@ -206,7 +148,6 @@ def test_engine_reproduces_the_reference(xmem_fixture_dir, config_runs, name):
             assert full.max() <= MAX_TOLERANCE
 
 
-@CONFIG_C
 def test_keyframe_masks_come_back_verbatim(xmem_fixture_dir, config_runs):
     """On frame 3 of config C the person's object-3 mask wins over the prediction."""
     results, _, _ = config_runs("C")
@@ -232,7 +173,6 @@ FAST_PRECISIONS = [
 ]
 
 
-@CONFIG_A
 @pytest.mark.parametrize("precision", FAST_PRECISIONS)
 def test_fast_mode_stays_close_to_exact_mode(
     xmem_fixture_dir, xmem_weights_path, config_runs, precision
@@ -256,24 +196,3 @@ def test_fast_mode_stays_close_to_exact_mode(
     )
     assert worst <= FAST_MAX_DIFFERENCE[precision]
     assert min(decided_agreement) >= FAST_DECIDED_AGREEMENT
-
-
-@pytest.fixture(scope="module")
-def chair_exact(xmem_weights_path) -> ReplayedEngine:
-    return ReplayedEngine(
-        load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="fp32")
-    )
-
-
-@CHAIR_EXACT
-@pytest.mark.parametrize("precision", FAST_PRECISIONS)
-def test_fast_mode_agrees_with_exact_mode_on_real_frames(xmem_weights_path, chair_exact, precision):
-    """The same comparison on real frames (the weight-free engine's keyframe setup: first
-    ground-truth mask, forward): tests/data/vos/chair, 8 frames at 854x480, default size 480.
-    `python -m benchmarks.fast_mode` runs it on every clip of the shared data."""
-    fast = load_engine("xmem", weights=xmem_weights_path, device="cpu", precision=precision)
-    figures = compare_clip(Path(__file__).parents[1] / "data" / "vos" / "chair", chair_exact, fast)
-    print(f"{precision} vs fp32 on chair: {figures}")
-    assert figures["agreement"] >= 0.99
-    assert figures["decided_agreement"] >= FAST_DECIDED_AGREEMENT
-    assert figures["max_difference"] <= FAST_MAX_DIFFERENCE[precision]

@@ -142,11 +142,11 @@ def test_count_usage_follows_the_official_rule_when_the_length_is_known():
     assert xmem_settings(enable_long_term_count_usage=False).count_usage(None) is False
 
 
-@pytest.mark.parametrize("direction", ["forward", "both"])
-def test_engine_on_tiny_frames_with_aggressive_memory(xmem_weights_path, direction):
-    """64x64 frames (16 memory elements each, fewer than top_k), an object added mid-video,
-    consolidation every few frames and pruning with usage counting off: runs, finite."""
-    engine = load_engine(
+@pytest.fixture(scope="module")
+def aggressive_memory_engine(xmem_weights_path):
+    """Consolidation every few frames and pruning with usage counting off (each pass has its
+    own memory, so the directions share one loaded engine)."""
+    return load_engine(
         "xmem",
         weights=xmem_weights_path,
         size=-1,
@@ -158,6 +158,13 @@ def test_engine_on_tiny_frames_with_aggressive_memory(xmem_weights_path, directi
         max_long_term_elements=40,
         enable_long_term_count_usage=False,
     )
+
+
+@pytest.mark.parametrize("direction", ["forward", "both"])
+def test_engine_on_tiny_frames_with_aggressive_memory(aggressive_memory_engine, direction):
+    """64x64 frames (16 memory elements each, fewer than top_k), an object added mid-video,
+    consolidation every few frames and pruning with usage counting off: runs, finite."""
+    engine = aggressive_memory_engine
     generator = np.random.default_rng(0)
     frames = [generator.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(14)]
     first, second = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
