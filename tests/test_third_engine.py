@@ -17,7 +17,8 @@ from PIL import Image
 from xmem_label.backend.app import create_app
 from xmem_label.backend.model import Runtime
 from xmem_label.backend.rle import rle_to_mask
-from xmem_label.model import read_label_mask
+from xmem_label.model import WeightsError, read_label_mask
+from xmem_label.model.engine import EngineSpec, engine_spec
 
 from .backend.test_app import config, keyframe_task, make_settings
 
@@ -100,3 +101,21 @@ def test_the_backend_predicts_with_the_toy_engine(toy_engine, tmp_path):
         assert len(masks) == 8 and all(np.array_equal(m > 0, first) for m in masks)
     finally:
         runtime.runner.stop()
+
+
+def toy_weights_not_here(weights: str | None, *, download: bool) -> Path:
+    raise WeightsError(f"toy weights {weights or 'toy.pth'} are not here (download={download})")
+
+
+def test_an_engine_with_weights_finds_them_itself():
+    """Whether an engine can run here without a download is its own `find_weights` hook's
+    answer (what "auto" asks); model/engine.py knows no engine's checkpoints."""
+    toy = EngineSpec(
+        "toy-with-weights",
+        "toy engine that needs weights",
+        "xmem_label.model.baselines:CopyFirstMaskEngine",
+        find_weights="tests.test_third_engine:toy_weights_not_here",
+    )
+    assert toy.needs_weights and not engine_spec("flow").needs_weights
+    assert toy.missing("mine.pth") == "toy weights mine.pth are not here (download=False)"
+    assert engine_spec("flow").missing() is None
