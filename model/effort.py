@@ -240,10 +240,11 @@ def _pick(
 
 
 def _ranking(session: Session, scored: dict[int, tuple[float, float]]) -> tuple[int, int]:
-    """Of the top RANKING_SHARE suggested frames, how many are among the worst by true J."""
+    """Of the RANKING_SHARE frames `rank_frames` puts first, how many are among the worst by
+    true J."""
     size = max(1, round(RANKING_SHARE * len(scored)))
     worst = set(sorted(scored, key=lambda i: (scored[i][0], i))[:size])
-    suggested = [s.index for s in session.suggest(len(scored)) if s.index in scored][:size]
+    suggested = [s.index for s in session.rank_frames() if s.index in scored][:size]
     return len(worst & set(suggested)), size
 
 
@@ -293,7 +294,7 @@ def format_efforts(efforts: list[ClipEffort]) -> str:
     lines.append(
         f"clips reaching J&F >= {TARGET_JF}: {sum(r is not None for r in reached)}/{len(efforts)}"
         f"; round-0 ranking: {hits}/{size} = {hits / max(size, 1):.0%} of the top 10 % "
-        "suggested frames are among the 10 % worst by J"
+        "ranked frames are among the 10 % worst by J"
     )
     return "\n".join(lines)
 

@@ -61,7 +61,7 @@ from .frames import FrameSource, SpilledIterator, open_frames, prefetch
 from .masks import MAX_OBJECT_ID, fit_mask_to_frame
 from .passes import BACKWARD, FORWARD, PassPlan, PassStore, pass_key
 from .results import FrameResult, ObjectResult
-from .suggest import FrameReview, Suggestion, suggest_frames
+from .suggest import FrameReview, Suggestion, rank_frames, suggest_frames
 
 T = TypeVar("T")
 CONFIDENCE_FLOOR = 0.1  # probabilities below this are noise, not doubt, for the confidence
@@ -219,6 +219,13 @@ class Session:
         if not self._reviews:
             raise InputError("nothing to suggest yet: propagate the clip first")
         return suggest_frames(list(self._reviews.values()), count)
+
+    def rank_frames(self) -> list[Suggestion]:
+        """Every propagated frame by review score, highest first, without spreading: the
+        order `suggest` picks from."""
+        if not self._reviews:
+            raise InputError("nothing to rank yet: propagate the clip first")
+        return rank_frames(list(self._reviews.values()))
 
     def stored_pass_bytes(self) -> tuple[int, int]:
         """(bytes, frames) of the passes kept on disk for the next propagation."""

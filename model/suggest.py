@@ -78,10 +78,8 @@ class Suggestion:
         return dataclasses.asdict(self)
 
 
-def suggest_frames(reviews: list[FrameReview], count: int) -> list[Suggestion]:
-    """The `count` frames with the highest review scores, spread over the clip (see module)."""
-    if count < 1:
-        return []
+def rank_frames(reviews: list[FrameReview]) -> list[Suggestion]:
+    """Every propagated frame, highest review score first (see module); no spreading."""
     by_index = {review.index: review for review in reviews}
     length = max(by_index) + 1 if by_index else 0
     parts = {
@@ -100,12 +98,28 @@ def suggest_frames(reviews: list[FrameReview], count: int) -> list[Suggestion]:
         if index not in scores or score > scores[index][0]:
             obj = by_index[index].objects[object_id]
             scores[index] = (score, _reasons(object_id, obj, values))
+    ranked = sorted(scores, key=lambda index: (-scores[index][0], index))
+    return [
+        Suggestion(index, by_index[index].name, round(scores[index][0], 4), scores[index][1])
+        for index in ranked
+    ]
+
+
+def suggest_frames(reviews: list[FrameReview], count: int) -> list[Suggestion]:
+    """The `count` frames to check next: by rank, each pick lowering the scores of its
+    neighbours, so they spread over the clip (see module)."""
+    if count < 1:
+        return []
+    remaining = {suggestion.index: suggestion for suggestion in rank_frames(reviews)}
+    length = max((review.index for review in reviews), default=-1) + 1
     radius = max(1.0, length / (4 * count))
     chosen: list[Suggestion] = []
-    while scores and len(chosen) < count:
-        index = max(scores, key=lambda i: (_discounted(scores[i][0], i, chosen, radius), -i))
-        score, reasons = scores.pop(index)
-        chosen.append(Suggestion(index, by_index[index].name, round(score, 4), reasons))
+    while remaining and len(chosen) < count:
+        index = max(
+            remaining,
+            key=lambda i: (_discounted(remaining[i].score, i, chosen, radius), -i),
+        )
+        chosen.append(remaining.pop(index))
     return chosen
 
 
