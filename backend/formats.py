@@ -24,6 +24,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from xmem_label.model import InputError
 from xmem_label.model.keyframes import Keyframes, ObjectIds
+from xmem_label.model.suggest import Suggestion
 
 from .rle import mask_to_rle, rle_to_mask
 
@@ -248,9 +249,14 @@ def brush_region(
     frame: int,
     mask: np.ndarray,
     score: float,
+    provenance: tuple[str, tuple[int, ...]] | None = None,
 ) -> dict:
-    """One predicted brush region: one object on one frame."""
+    """One predicted brush region: one object on one frame; its provenance (where the mask
+    comes from) in the region's meta text, which the labeling screen shows."""
     height, width = mask.shape
+    meta = {}
+    if provenance is not None:
+        meta = {"meta": {"text": [provenance_text(*provenance)]}}
     return {
         "id": f"xl{object_id}f{frame}",
         "from_name": config.brush_name,
@@ -262,6 +268,31 @@ def brush_region(
         "image_rotation": 0,
         "score": round(float(score), 4),
         "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        **meta,
+    }
+
+
+def provenance_text(source: str, keyframes: tuple[int, ...]) -> str:
+    """Where a predicted mask comes from, in words (frames numbered from 1, as Label Studio
+    shows them)."""
+    frames = " and ".join(str(frame + 1) for frame in keyframes)
+    if source == "fused":
+        return f"xmem-label: fused from keyframes {frames}"
+    if source in ("forward", "backward"):
+        return f"xmem-label: {source} from keyframe {frames}"
+    return f"xmem-label: {source}"
+
+
+def suggestions_text(config: SequenceConfig, suggestions: list[Suggestion]) -> dict:
+    """The status TextArea of a prediction: the frames to check next and why."""
+    lines = [f"check frame {s.index + 1}: " + "; ".join(s.reasons) for s in suggestions] or [
+        "xmem-label: no frame to check"
+    ]
+    return {
+        "from_name": config.status_name,
+        "to_name": config.image_name,
+        "type": "textarea",
+        "value": {"text": lines},
     }
 
 

@@ -8,6 +8,7 @@ decoding runs in the engine's prefetch thread, so its time overlaps (is part of)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from xmem_label.model import Engine, InputError, Session
+from xmem_label.model import Engine, InputError, Session, pass_cache
 from xmem_label.model.frames import RandomAccessSource
 from xmem_label.model.keyframes import Keyframes
 from xmem_label.model.prompts import mask_from_box, mask_from_points
@@ -26,6 +27,7 @@ from . import formats, media
 from .studio import LabelStudio
 
 DOWNLOAD_THREADS = 4
+SUGGESTIONS = 5  # frames to check next, shown in the task's status TextArea
 
 
 @dataclasses.dataclass
@@ -107,9 +109,11 @@ def run_sequence(
                 f"the keyframe masks are {keyframes.size[0]}x{keyframes.size[1]} but the frames "
                 f"are {width}x{height}"
             )
-        with Session(engine, frames) as session:
+        cache = studio.settings.pass_cache_dir / f"task-{request.task_id}-{_content(paths)}"
+        with pass_cache.in_use(cache), Session(engine, frames, cache_dir=cache) as session:
             keyframes.given.apply_to(session)
             result, score = _brush_result(session, keyframes, config, timings, progress)
+    pass_cache.evict(studio.settings.pass_cache_dir, studio.settings.pass_cache_bytes)
     timings.total = time.perf_counter() - started
     return Outcome(
         request.task_id,
@@ -118,8 +122,18 @@ def run_sequence(
     )
 
 
+def _content(paths: list[Path]) -> str:
+    """A digest of the frames' bytes: the pass cache of a task whose media changed is another."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
 def _brush_result(session, keyframes, config, timings, progress):
-    """Regions for every object on every frame; a person's regions are copied as they are."""
+    """Regions for every object on every frame (a person's copied as they are), each with its
+    confidence and provenance; the frames to check next go into the status TextArea."""
     result, score = [], 1.0
     started = time.perf_counter()
     for frame_result in session.propagate(progress=progress):
@@ -137,11 +151,19 @@ def _brush_result(session, keyframes, config, timings, progress):
                 mask = frame_result.labels == object_id
                 result.append(
                     formats.brush_region(
-                        config, object_id, label, frame_result.index, mask, summary.confidence
+                        config,
+                        object_id,
+                        label,
+                        frame_result.index,
+                        mask,
+                        summary.confidence,
+                        provenance=(summary.source, summary.keyframes),
                     )
                 )
         timings.encode += time.perf_counter() - encode_started
     timings.propagate = time.perf_counter() - started - timings.encode
+    if config.status_name:
+        result.append(formats.suggestions_text(config, session.suggest(SUGGESTIONS)))
     return result, score
 
 

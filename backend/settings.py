@@ -25,6 +25,8 @@ class BackendSettings:
     /data/local-files/ media from disk. state_dir: MODEL_DIR, the job journal and work files.
     queue_url: XMEM_LABEL_QUEUE_URL, a Redis address (redis://, rediss://, unix://) when jobs
     go through RQ to workers on any host; empty for the embedded SQLite journal (one machine).
+    pass_cache_bytes: XMEM_LABEL_PASS_CACHE_GB, the cap of the tasks' pass caches in
+    `pass_cache_dir` (least recently used tasks are evicted past it).
     """
 
     label_studio_url: str
@@ -46,6 +48,12 @@ class BackendSettings:
     job_attempts: int = 3
     max_queued_jobs: int = 64
     queue_url: str = ""
+    pass_cache_bytes: int = 10 * 10**9
+
+    @property
+    def pass_cache_dir(self) -> Path:
+        """Each task's propagation passes, kept between jobs so a correction costs a segment."""
+        return self.state_dir / "passes"
 
     @property
     def label_studio_origin(self) -> tuple[str, str, int]:
@@ -104,6 +112,10 @@ class BackendSettings:
                 env, "XMEM_LABEL_QUEUE", limits["max_queued_jobs"], int, minimum=1
             ),
             queue_url=queue_url(env.get("XMEM_LABEL_QUEUE_URL", "")),
+            pass_cache_bytes=int(
+                _number(env, "XMEM_LABEL_PASS_CACHE_GB", limits["pass_cache_gb"], float, minimum=0)
+                * 10**9
+            ),
         )
 
 

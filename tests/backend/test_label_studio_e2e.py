@@ -87,10 +87,15 @@ def engine_labels(source, keyframes: dict[int, dict[int, np.ndarray | None]]) ->
         return [result.labels for result in session.propagate()]
 
 
+def brush_regions(result: list[dict]) -> list[dict]:
+    """The brush regions of a prediction (beside them: the status TextArea's suggestions)."""
+    return [region for region in result if region["type"] == "brushlabels"]
+
+
 def decoded_labels(result: list[dict], num_frames: int) -> list[np.ndarray]:
     """Brush regions -> one label mask per frame; the object id comes from the region id."""
     labels = [np.zeros((HEIGHT, WIDTH), np.uint8) for _ in range(num_frames)]
-    for region in result:
+    for region in brush_regions(result):
         object_id = int(region["id"][2:].replace("k", "f").split("f")[0])
         mask = rle_to_mask(
             region["value"]["rle"], region["original_width"], region["original_height"]
@@ -168,22 +173,24 @@ def test_retrieve_predictions_propagates_keyframes_to_every_frame(
     got = decoded_labels(prediction["result"], len(FRAMES))
     for frame, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert np.array_equal(want, have), f"frame {frame} differs"
-    assert {r["item_index"] for r in prediction["result"]} == set(range(len(FRAMES)))
-    assert all(
-        r["original_width"] == WIDTH and r["original_height"] == HEIGHT
-        for r in prediction["result"]
-    )
-    labels = {r["id"]: r["value"]["brushlabels"] for r in prediction["result"]}
+    regions = brush_regions(prediction["result"])
+    assert {r["item_index"] for r in regions} == set(range(len(FRAMES)))
+    assert all(r["original_width"] == WIDTH and r["original_height"] == HEIGHT for r in regions)
+    labels = {r["id"]: r["value"]["brushlabels"] for r in regions}
     assert labels["xl1f4"] == ["Chair"] and labels["xl2f4"] == ["Floor"]
     # the keyframe comes back exactly as drawn; scores per region and for the task
     assert (
         next(r for r in prediction["result"] if r["id"] == "xl1k0")["value"]["rle"]
         == (keyframe[0]["value"]["rle"])
     )
-    assert prediction["score"] == pytest.approx(
-        min(r["score"] for r in prediction["result"]), abs=1e-3
-    )
+    assert prediction["score"] == pytest.approx(min(r["score"] for r in regions), abs=1e-3)
     assert prediction["score"] < 1.0
+    # provenance on every predicted region, the frames to check next in the status TextArea
+    on_4 = next(r for r in regions if r["id"] == "xl1f4")
+    assert on_4["meta"]["text"] == ["xmem-label: forward from keyframe 1"]
+    (status,) = [r for r in prediction["result"] if r["type"] == "textarea"]
+    assert status["from_name"] == "xmem_status" and len(status["value"]["text"]) == 5
+    assert all(line.startswith("check frame ") for line in status["value"]["text"])
 
 
 def test_webhook_stores_prediction_then_correction_repropagates(
@@ -203,7 +210,7 @@ def test_webhook_stores_prediction_then_correction_repropagates(
         assert np.array_equal(want, have)
 
     # The person accepts the prediction and repaints the chair on frame 5.
-    corrected = [dict(region, origin="prediction") for region in first["result"]]
+    corrected = [dict(region, origin="prediction") for region in brush_regions(first["result"])]
     corrected = [r for r in corrected if r["id"] != "xl1f5"]
     corrected.append(brush(5, "Chair", chair(5), id="xl1f5", origin="prediction-changed"))
     label_studio.api(
@@ -219,6 +226,8 @@ def test_webhook_stores_prediction_then_correction_repropagates(
         assert np.array_equal(want, have)
     edited = next(r for r in second["result"] if r["id"] == "xl1k5")
     assert edited["value"]["rle"] == mask_to_rle(chair(5))  # exactly as the person left it
+    between = next(r for r in second["result"] if r["id"] == "xl1f3")
+    assert between["meta"]["text"] == ["xmem-label: fused from keyframes 1 and 6"]
     assert [p["id"] for p in label_studio.predictions(task_id)] == [second["id"]]
 
 

@@ -253,7 +253,7 @@ def test_a_killed_backend_loses_no_job(label_studio, tmp_path_factory):
     try:
         prediction = wait_for_prediction(label_studio, task, seconds=120)
         assert prediction["model_version"] == version[0]
-        assert len([r for r in prediction["result"] if r["item_index"] == 95]) == 1
+        assert len([r for r in prediction["result"] if r.get("item_index") == 95]) == 1
         time.sleep(3)
         assert [p["id"] for p in label_studio.predictions(task)] == [prediction["id"]]
         jobs = requests.get(f"{restarted}/metrics", auth=BACKEND_AUTH, timeout=5).json()["jobs"]

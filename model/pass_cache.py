@@ -1,0 +1,66 @@
+"""A folder of sessions' pass caches (`Session(cache_dir=...)`), bounded in size.
+
+The platforms keep one folder per clip under a cache root, so a correction costs a segment even
+across requests and processes. `in_use` holds a folder for one run (marked as just used, and
+shared-locked so no eviction, in this or another process, deletes it meanwhile); `evict` deletes
+the least recently used folders until the rest fits the cap. Losing a folder costs only time: the
+next run recomputes its passes, and the engine gives the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def in_use(folder: Path) -> Iterator[Path]:
+    """Hold `folder` (made if missing) for one run: marked as just used, and locked so that no
+    eviction, in this or another process, deletes it meanwhile."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        os.utime(folder)
+        try:
+            yield folder
+        finally:
+            os.utime(folder)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
+
+
+def evict(root: Path, cap_bytes: int) -> list[Path]:
+    """Delete the least recently used folders of `root` until the rest is at most `cap_bytes`;
+    a folder another run holds is skipped. Returns the folders deleted."""
+    if not root.is_dir():
+        return []
+    folders = [(folder.stat().st_mtime, folder) for folder in root.iterdir() if folder.is_dir()]
+    sizes = {folder: folder_bytes(folder) for _, folder in folders}
+    total = sum(sizes.values())
+    deleted = []
+    for _, folder in sorted(folders, key=lambda item: item[0]):
+        if total <= cap_bytes:
+            break
+        with open(folder / LOCK, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use by a run
+            shutil.rmtree(folder, ignore_errors=True)
+        total -= sizes[folder]
+        deleted.append(folder)
+    return deleted
