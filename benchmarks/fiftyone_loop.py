@@ -185,9 +185,9 @@ def rounds(loop: Loop, length: int, count: int) -> list[dict]:
     for index in (0, length - 1):
         loop.keyframe(index)
         loop.engine_keyframe(index)
-    loop.operator("propagate_corrections", label_field="xmem")
-    loop.engine_run()
-    table = [{"round": 0, "frame": None, "jf": loop.scores()}]
+    seconds, _ = loop.operator("propagate_corrections", label_field="xmem")
+    table = [{"round": 0, "frame": None, "jf": loop.scores(), "operator": seconds}]
+    table[0]["engine"] = loop.engine_run()
     for number in range(1, count + 1):
         frame = loop.suggested()
         loop.keyframe(frame)
@@ -253,7 +253,9 @@ def main() -> None:
         tables.append(table)
         for row in table:
             if row["frame"] is None:
-                print(f"    round 0: keyframes 0 and {args.frames - 1}, J&F {row['jf']:.3f}")
+                print(f"    round 0: keyframes 0 and {args.frames - 1}, J&F {row['jf']:.3f}, "
+                      f"from scratch: operator {row['operator']:.2f} s, engine "
+                      f"{row['engine']:.2f} s")  # fmt: skip
                 continue
             print(f"    round {row['round']}: frame {row['frame']:>3}  J&F {row['jf']:.3f}  "
                   f"operator {row['operator']:.2f} s  engine {row['engine']:.2f} s  overhead "
@@ -273,7 +275,9 @@ def main() -> None:
         rows = [table[number] for table in tables]
         frames_seen = "/".join(sorted({str(r["frame"]) for r in rows}))
         if number == 0:
-            print(f"{0:>5} {'-':>6} {median(r['jf'] for r in rows):>6.3f}")
+            print(f"{0:>5} {'-':>6} {median(r['jf'] for r in rows):>6.3f} "
+                  f"{median(r['operator'] for r in rows):>10.2f} "
+                  f"{median(r['engine'] for r in rows):>9.2f}  (from scratch)")  # fmt: skip
             continue
         print(f"{number:>5} {frames_seen:>6} {median(r['jf'] for r in rows):>6.3f} "
               f"{median(r['operator'] for r in rows):>10.2f} "
