@@ -227,11 +227,10 @@ def _pick(
     candidates = [i for i in sorted(clip.truth) if i not in keyframes]
     if not candidates:
         return None
-    if strategy == "suggested":  # the session's one suggestion (frames without truth skipped)
-        for count in (1, len(candidates)):
-            for suggestion in session.suggest(count):
-                if suggestion.index in candidates:
-                    return suggestion.index
+    if strategy == "suggested":
+        for suggestion in session.suggest(len(candidates)):
+            if suggestion.index in candidates:
+                return suggestion.index
         return candidates[0]
     if strategy == "uniform":
         return max(candidates, key=lambda i: (min(abs(i - k) for k in keyframes), -i))

@@ -11,11 +11,10 @@ After a propagation every frame gets a review score from what the session saw th
 
 Each part is standardised over the clip's propagated frames (clips differ in how confident an
 engine is everywhere; what stands out within the clip is what a person should see), and the
-score is their weighted sum (`rank_frames` orders frames by it). `suggest` picks by the mean
-score of a frame's stretch (one correction fixes a stretch: the middle of a bad one is worth
-more than a lone bad frame), greedily, and each pick lowers the score of its neighbours (within
-a radius that grows as fewer frames are asked for), so n suggestions spread over the clip
-instead of marking n neighbours of one bad moment. Keyframes are never suggested.
+score is their weighted sum. Frames are picked greedily by score, and each pick
+lowers the score of its neighbours (within a radius that grows as fewer frames are asked for), so
+n suggestions spread over the clip instead of marking n neighbours of one bad moment. Keyframes
+are never suggested.
 """
 
 from __future__ import annotations
@@ -111,35 +110,17 @@ def suggest_frames(reviews: list[FrameReview], count: int) -> list[Suggestion]:
     neighbours, so they spread over the clip (see module)."""
     if count < 1:
         return []
-    ranked = rank_frames(reviews)
-    remaining = {suggestion.index: suggestion for suggestion in ranked}
+    remaining = {suggestion.index: suggestion for suggestion in rank_frames(reviews)}
     length = max((review.index for review in reviews), default=-1) + 1
     radius = max(1.0, length / (4 * count))
-    stretch = _stretch_scores(remaining, length, radius / 2)
     chosen: list[Suggestion] = []
     while remaining and len(chosen) < count:
         index = max(
             remaining,
-            key=lambda i: (_discounted(stretch[i], i, chosen, radius), -i),
+            key=lambda i: (_discounted(remaining[i].score, i, chosen, radius), -i),
         )
         chosen.append(remaining.pop(index))
     return chosen
-
-
-def _stretch_scores(
-    ranked: Mapping[int, Suggestion], length: int, half_width: float
-) -> dict[int, float]:
-    """Each frame's score averaged with its neighbours' within `half_width` frames (keyframes
-    count as the best score of all): one correction fixes a stretch, so the middle of a bad
-    stretch is worth more than a lone bad frame."""
-    best = min((s.score for s in ranked.values()), default=0.0)
-    scores = np.full(length, best)
-    for index, suggestion in ranked.items():
-        scores[index] = suggestion.score
-    reach = int(half_width)
-    return {
-        index: float(scores[max(0, index - reach) : index + reach + 1].mean()) for index in ranked
-    }
 
 
 def _spread(values: Iterable[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
