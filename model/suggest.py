@@ -97,7 +97,7 @@ def rank_frames(reviews: list[FrameReview]) -> list[Suggestion]:
         )
         if index not in scores or score > scores[index][0]:
             obj = by_index[index].objects[object_id]
-            scores[index] = (score, _reasons(object_id, obj, values))
+            scores[index] = (score, _reasons(index, object_id, obj, values))
     ranked = sorted(scores, key=lambda index: (-scores[index][0], index))
     return [
         Suggestion(index, by_index[index].name, round(scores[index][0], 4), scores[index][1])
@@ -165,8 +165,12 @@ def _parts(
     return parts
 
 
-def _reasons(object_id: int, obj: ObjectReview, parts: Mapping[str, float]) -> list[str]:
-    """The parts above their thresholds, worst first, in words."""
+def _reasons(
+    index: int, object_id: int, obj: ObjectReview, parts: Mapping[str, float]
+) -> list[str]:
+    """The parts above their thresholds, worst first, in words (no frame numbers: platforms
+    number frames differently)."""
+    gap = min((abs(index - k) for k in obj.keyframes), default=0)
     words = {
         "confidence": f"object {object_id}: low confidence {obj.confidence:.2f}",
         "disagreement": (
@@ -177,9 +181,7 @@ def _reasons(object_id: int, obj: ObjectReview, parts: Mapping[str, float]) -> l
             f"object {object_id}: area {math.exp(parts['area']):.1f}x away from "
             "its nearest keyframe's"
         ),
-        "distance": (
-            f"object {object_id}: far from its keyframes ({', '.join(map(str, obj.keyframes))})"
-        ),
+        "distance": f"object {object_id}: {gap} frames from its nearest keyframe",
     }
     ranked = sorted(parts, key=lambda name: WEIGHTS[name] * parts[name], reverse=True)
     reasons = [words[name] for name in ranked if parts[name] >= REASON_THRESHOLDS[name]]

@@ -7,6 +7,10 @@
    with the prediction, and the pager is moved to frame 6; the mask colour (magenta, absent from
    the clip) must cover a good part of the chair there. Set XMEM_LABEL_SCREENSHOT=<path> to
    keep the screenshot (docs/images/label-studio.png was made so).
+3. The frames to check next show in the labeling screen: with the recommended config's
+   read-only `xmem_status` TextArea, the prediction's suggestions are on the page, with their
+   reasons (XMEM_LABEL_SUGGESTIONS_SCREENSHOT=<path> keeps the screenshot;
+   docs/images/label-studio-suggestions.png was made so).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ CONFIG = """<View>
   <Image name="image" valueList="$frames"/>
   <BrushLabels name="mask" toName="image"><Label value="Chair" background="#FF00FF"/></BrushLabels>
 </View>"""
+STATUS_CONFIG = CONFIG.replace(
+    "</View>", '  <TextArea name="xmem_status" toName="image" rows="5" readonly="true"/>\n</View>'
+)
 NEXT_FRAME = ".lsf-pagination__btn_arrow-right:not(.lsf-pagination__btn_arrow-right-double)"
 SHOWN_FRAME = 5  # 0-based; the pager then reads "6 of 8"
 
@@ -81,8 +88,8 @@ def browser(label_studio):
         driver.quit()
 
 
-def new_task(label_studio, backend) -> tuple[int, int]:
-    project_id = label_studio.project("browser", CONFIG)
+def new_task(label_studio, backend, config: str = CONFIG) -> tuple[int, int]:
+    project_id = label_studio.project("browser", config)
     label_studio.api(
         "POST",
         f"/api/projects/{project_id}/import",
@@ -163,6 +170,40 @@ def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(
     assert magenta_pixels(shown) > 0.3 * chair_on_screen, (magenta_pixels(shown), chair_on_screen)
     if os.environ.get("XMEM_LABEL_SCREENSHOT"):
         shutil.copy(shot, os.environ["XMEM_LABEL_SCREENSHOT"])
+
+
+def test_the_frames_to_check_next_show_in_the_labeling_screen(
+    label_studio, backend, browser, tmp_path
+):
+    project_id, task_id = new_task(label_studio, backend, STATUS_CONFIG)
+    annotation = label_studio.api(
+        "POST", f"/api/tasks/{task_id}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
+    )
+    prediction = wait_for_prediction(label_studio, task_id)
+    (status,) = [r for r in prediction["result"] if r["type"] == "textarea"]
+    lines = status["value"]["text"]
+    assert len(lines) == 5 and all(line.startswith("check frame ") for line in lines)
+    label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
+    label_studio.api(
+        "PATCH",
+        f"/api/projects/{project_id}",
+        json={"show_collab_predictions": True, "model_version": prediction["model_version"]},
+    )
+
+    browser.get(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
+    _wait(lambda: browser.find_element(By.CSS_SELECTOR, ".lsf-object img"), "the frame")
+    page = _wait(
+        lambda: (text := browser.find_element(By.TAG_NAME, "body").text) and lines[0] in text
+        and text, "the suggestions on the page"
+    )  # fmt: skip
+    assert all(line in page for line in lines)
+    shown = browser.find_element(By.XPATH, f"//*[contains(text(), '{lines[0][:14]}')]")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", shown)
+    time.sleep(0.5)
+    shot = tmp_path / "suggestions.png"
+    browser.save_screenshot(str(shot))
+    if os.environ.get("XMEM_LABEL_SUGGESTIONS_SCREENSHOT"):
+        shutil.copy(shot, os.environ["XMEM_LABEL_SUGGESTIONS_SCREENSHOT"])
 
 
 def _wait(condition, what: str, seconds: float = 60):

@@ -564,7 +564,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _long_clip(tmp_path: Path, repeats: int = 4) -> tuple[Path, Path]:
     """The demo clip's frames repeated (120 frames) and a keyframe on the last frame, so the
-    run starts with a long backward pass that spills its probabilities."""
+    run starts with a long backward pass that keeps its probabilities on disk."""
     folder = tmp_path / "long"
     folder.mkdir()
     paths = sorted(DEMO_FRAMES.glob("*.jpg"))
@@ -583,7 +583,7 @@ def _start_and_wait_for_spill(tmp_path: Path, out: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(f".{out.name}.partial-*/xmem-label-backward-*/*.npy")):
+    while not list(tmp_path.glob(f".{out.name}.partial-*/xmem-label-passes-*/*/*.u8z")):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"no spill appeared: {process.communicate()}")
@@ -613,7 +613,7 @@ def test_output_left_by_sigkill_is_removed_by_the_next_run(tmp_path):
     process.kill()
     process.communicate(timeout=60)
     left = list(tmp_path.glob(f".{out.name}.partial-*"))
-    assert len(left) == 1 and list(left[0].glob("xmem-label-backward-*"))
+    assert len(left) == 1 and list(left[0].glob("xmem-label-passes-*"))
     staged_overlays = list(tmp_path.glob(".overlay.partial-*.mp4"))
 
     done = subprocess.run(

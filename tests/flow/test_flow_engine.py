@@ -112,14 +112,21 @@ def test_describe_names_the_engine():
 
 
 def test_later_keyframe_corrects_the_object():
-    """A wrong first mask (shifted) is followed until a keyframe gives the right one."""
+    """A wrong first mask (shifted) is followed until a keyframe gives the right one (one
+    forward pass); reconciled, the frames before that keyframe get nearer to it too."""
     frames, truths = make_clip(12, visible=lambda obj, i: obj == 1)
     wrong = np.roll(truths[0], 24, axis=1)
     session = Session(load_engine("flow"), frames)
     session.add_mask(0, wrong)
     session.add_mask(6, truths[6])
-    results = session.run()
+    reconciled = session.run()
+    results = session.run(direction="forward")
     assert iou(results[3].labels == 1, truths[3] == 1) < 0.7
+    assert iou(reconciled[5].labels == 1, truths[5] == 1) > iou(
+        results[5].labels == 1, truths[5] == 1
+    )
+    for result in reconciled[7:]:
+        assert iou(result.labels == 1, truths[result.index] == 1) > 0.9, result.index
     assert results[6].is_keyframe and results[6].objects[1].keyframe
     np.testing.assert_array_equal(results[6].labels, truths[6])
     for result in results[7:]:

@@ -1,0 +1,220 @@
+"""The annotation loop through a real Label Studio (issue 16): save a correction, wait for the
+new prediction, R rounds, with ground truth as the annotator.
+
+    python -m benchmarks.label_studio_loop [--clip ../shared/data/vos/blackswan] [--frames 100]
+                                           [--rounds 3] [--ls-bin PATH]
+
+A real Label Studio 1.23.2 and a real `xmem-label serve --engine flow` (credentials, connected
+by `xmem-label connect`, webhook on). The task is `--frames` frames of the clip played forward
+and backward, at its 854x480. Round 0 saves an annotation with the ground truth of the first
+and last frames (the backend has no passes for the task yet: a from-scratch prediction); round 1
+corrects the middle frame; later rounds correct the first frame the prediction's `xmem_status`
+suggests. Per round: J&F of the stored prediction, the time from saving the annotation to the
+stored prediction, the same keyframes through a bare Session in this process (the engine
+alone: round 0 from scratch, then one incremental run per correction), and how many frames
+outside the corrected segment changed (must be none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from xmem_label.backend.rle import mask_to_rle, rle_to_mask
+from xmem_label.model import Session, load_engine
+from xmem_label.model.effort import TruthClip
+from xmem_label.model.evaluation import boundary_accuracy, region_similarity
+
+from .annotation_loop import ping_pong
+from .label_studio import (
+    DEFAULT_CLIP,
+    TOKEN,
+    add_label_studio_options,
+    backend_environment,
+    connect,
+    free_port,
+    start_label_studio,
+    stop,
+    wait_up,
+    xmem_label_command,
+)
+
+CONFIG = """<View>
+  <Image name="image" valueList="$frames"/>
+  <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
+  <TextArea name="xmem_status" toName="image" rows="5" readonly="true"/>
+</View>"""
+SUGGESTED = re.compile(r"check frame (\d+):")
+
+
+def regions_for(truth: dict[int, np.ndarray], frames: list[int]) -> list[dict]:
+    """The person's say on `frames`: the ground truth's object, painted by hand."""
+    result = []
+    for frame in frames:
+        mask = truth[frame] > 0
+        height, width = mask.shape
+        if mask.any():
+            result.append({
+                "from_name": "mask", "to_name": "image", "type": "brushlabels",
+                "origin": "manual", "item_index": frame, "original_width": width,
+                "original_height": height,
+                "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]},
+            })  # fmt: skip
+    return result
+
+
+def predicted_masks(prediction: dict, length: int, shape: tuple[int, int]) -> list[np.ndarray]:
+    masks = [np.zeros(shape, bool) for _ in range(length)]
+    for region in prediction["result"]:
+        if region["type"] == "brushlabels":
+            height, width = shape
+            masks[region["item_index"]] |= rle_to_mask(region["value"]["rle"], width, height)
+    return masks
+
+
+def jf(masks: list[np.ndarray], truth: dict[int, np.ndarray], keyframes: list[int]) -> float:
+    scores = [
+        (region_similarity(masks[i], truth[i] > 0) + boundary_accuracy(masks[i], truth[i] > 0)) / 2
+        for i in truth
+        if i not in keyframes[:2]
+    ]
+    return float(np.mean(scores))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    clip = TruthClip(args.clip)
+    cycle = [clip.truth[i] for i in sorted(clip.truth)]
+    cycle += cycle[-2:0:-1]
+    truth = {i: cycle[i % len(cycle)] for i in range(args.frames)}
+    shape = truth[0].shape
+    ls_process = backend = None
+    try:
+        ls_process, url, media = start_label_studio(args.ls_bin, work)
+        http = requests.Session()
+        http.headers["Authorization"] = f"Token {TOKEN}"
+
+        def api(method: str, path: str, **kwargs):
+            reply = http.request(method, url + path, timeout=300, **kwargs)
+            reply.raise_for_status()
+            return reply.json() if reply.content else None
+
+        project = api("POST", "/api/projects", json={"title": "loop", "label_config": CONFIG})
+        folder = media / "loop"
+        folder.mkdir(parents=True)
+        frames_dir = ping_pong(args.clip, args.frames, folder)
+        api("POST", "/api/storages/localfiles",
+            json={"project": project["id"], "path": str(frames_dir), "title": "clip"})  # fmt: skip
+        urls = [
+            f"/data/local-files/?d={path.relative_to(media).as_posix()}"
+            for path in sorted(frames_dir.iterdir())
+        ]
+        api("POST", f"/api/projects/{project['id']}/import", json=[{"frames": urls}])
+        (task,) = api("GET", "/api/tasks", params={"project": project["id"]})["tasks"]
+
+        port = free_port()
+        backend = subprocess_backend(url, work, port)
+        backend_url = f"http://127.0.0.1:{port}"
+        wait_up(f"{backend_url}/health", 120)
+        connect(project["id"], backend_url, url, TOKEN)
+        while not requests.get(f"{backend_url}/health", timeout=5).json()["engine_loaded"]:
+            time.sleep(0.2)
+
+        engine = load_engine("flow")
+        session = Session(engine, frames_dir)
+        keyframes = [0, args.frames - 1]
+        seen: set[int] = set()
+        previous = None
+        annotation = None
+        print(f"{args.frames} frames {shape[1]}x{shape[0]} of {args.clip.name}, engine flow")
+        print(f"{'round':>5} {'frame':>6} {'J&F':>6} {'save->pred s':>13} {'engine s':>9} "
+              f"{'overhead':>9} {'changed outside':>16}")  # fmt: skip
+        for round_number in range(args.rounds + 1):
+            if round_number == 1:
+                keyframes.append(args.frames // 2)
+            elif round_number > 1:
+                status = next(r for r in previous["result"] if r["type"] == "textarea")
+                picks = [int(m.group(1)) - 1 for m in map(SUGGESTED.match, status["value"]["text"])
+                         if m]  # fmt: skip
+                keyframes.append(next(p for p in picks if p not in keyframes))
+            result = regions_for(truth, sorted(keyframes))
+            started = time.perf_counter()
+            if annotation is None:
+                annotation = api("POST", f"/api/tasks/{task['id']}/annotations",
+                                 json={"result": result})  # fmt: skip
+            else:
+                api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
+            prediction = wait_for_new(api, task["id"], seen)
+            saved_to_prediction = time.perf_counter() - started
+            seen.add(prediction["id"])
+
+            for frame in keyframes[len(keyframes) - (1 if round_number else 2) :]:
+                session.add_mask(frame, (truth[frame] > 0).astype(np.uint8))
+            started = time.perf_counter()
+            session.run()
+            engine_seconds = time.perf_counter() - started
+
+            masks = predicted_masks(prediction, args.frames, shape)
+            changed = "-"
+            if previous is not None:
+                corrected = keyframes[-1]
+                before = max((k for k in keyframes[:-1] if k < corrected), default=0)
+                after = min((k for k in keyframes[:-1] if k > corrected), default=args.frames)
+                old = predicted_masks(previous, args.frames, shape)
+                outside = [i for i in range(args.frames) if not before <= i <= after]
+                changed = str(sum(not np.array_equal(old[i], masks[i]) for i in outside))
+            score = jf(masks, truth, keyframes)
+            corrected = str(keyframes[-1]) if round_number else f"0,{args.frames - 1}"
+            print(f"{round_number:>5} {corrected:>6} "
+                  f"{score:>6.3f} {saved_to_prediction:>13.1f} {engine_seconds:>9.1f} "
+                  f"{saved_to_prediction / engine_seconds - 1:>+9.0%} {changed:>16}",
+                  flush=True)  # fmt: skip
+            previous = prediction
+        session.close()
+    finally:
+        stop(backend)
+        stop(ls_process)
+
+
+def subprocess_backend(url: str, work: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [xmem_label_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--engine", "flow"],
+        env=backend_environment(url, TOKEN, MODEL_DIR=str(work / "model-dir")),
+        stdout=open(work / "backend.log", "w"),  # noqa: SIM115 (lives on)
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def wait_for_new(api, task_id: int, seen: set[int], seconds: float = 900) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        fresh = [
+            p for p in api("GET", "/api/predictions", params={"task": task_id})
+            if p["id"] not in seen and p["model_version"] != "xmem-label-failed"
+        ]  # fmt: skip
+        if fresh:
+            return fresh[-1]
+        time.sleep(0.2)
+    raise SystemExit(f"no new prediction for task {task_id} after {seconds:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    add_label_studio_options(parser)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        run(args, Path(work))
+
+
+if __name__ == "__main__":
+    main()
