@@ -100,6 +100,23 @@ def new_task(label_studio, backend, config: str = CONFIG) -> tuple[int, int]:
     return project_id, task["id"]
 
 
+def prelabelled_task(label_studio, backend, config: str) -> tuple[int, int, dict]:
+    """A task whose keyframe on frame 0 the annotation webhook propagated, the annotation then
+    removed, so that opening the task pre-labels it with the stored prediction."""
+    project_id, task_id = new_task(label_studio, backend, config)
+    annotation = label_studio.api(
+        "POST", f"/api/tasks/{task_id}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
+    )
+    prediction = wait_for_prediction(label_studio, task_id)
+    label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
+    label_studio.api(
+        "PATCH",
+        f"/api/projects/{project_id}",
+        json={"show_collab_predictions": True, "model_version": prediction["model_version"]},
+    )
+    return project_id, task_id, prediction
+
+
 def test_a_stroke_painted_in_the_browser_is_propagated_on_submit(label_studio, backend, browser):
     project_id, task_id = new_task(label_studio, backend)
     browser.get(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
@@ -136,19 +153,8 @@ def test_a_stroke_painted_in_the_browser_is_propagated_on_submit(label_studio, b
 def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(
     label_studio, backend, browser, tmp_path
 ):
-    project_id, task_id = new_task(label_studio, backend)
-    # The annotation's webhook propagates the keyframe and stores the prediction.
-    annotation = label_studio.api(
-        "POST", f"/api/tasks/{task_id}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
-    )
-    prediction = wait_for_prediction(label_studio, task_id)
+    project_id, task_id, prediction = prelabelled_task(label_studio, backend, CONFIG)
     assert any(r["item_index"] == SHOWN_FRAME for r in prediction["result"])
-    label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
-    label_studio.api(
-        "PATCH",
-        f"/api/projects/{project_id}",
-        json={"show_collab_predictions": True, "model_version": prediction["model_version"]},
-    )
 
     browser.get(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
     next_frame = _wait(lambda: browser.find_element(By.CSS_SELECTOR, NEXT_FRAME), "the pager")
@@ -175,20 +181,10 @@ def test_browser_shows_a_propagated_mask_on_a_frame_nobody_drew(
 def test_the_frames_to_check_next_show_in_the_labeling_screen(
     label_studio, backend, browser, tmp_path
 ):
-    project_id, task_id = new_task(label_studio, backend, STATUS_CONFIG)
-    annotation = label_studio.api(
-        "POST", f"/api/tasks/{task_id}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
-    )
-    prediction = wait_for_prediction(label_studio, task_id)
+    project_id, task_id, prediction = prelabelled_task(label_studio, backend, STATUS_CONFIG)
     (status,) = [r for r in prediction["result"] if r["type"] == "textarea"]
     lines = status["value"]["text"]
     assert len(lines) == 5 and all(line.startswith("check frame ") for line in lines)
-    label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
-    label_studio.api(
-        "PATCH",
-        f"/api/projects/{project_id}",
-        json={"show_collab_predictions": True, "model_version": prediction["model_version"]},
-    )
 
     browser.get(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
     _wait(lambda: browser.find_element(By.CSS_SELECTOR, ".lsf-object img"), "the frame")
