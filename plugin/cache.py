@@ -7,25 +7,26 @@ XMEM_LABEL_FIFTYONE_CACHE (default: `xmem-label-cache` beside FiftyOne's default
 folder) and its size is capped at XMEM_LABEL_FIFTYONE_CACHE_GB (default 10): after each run the
 least recently used folders are deleted until the rest fits. A folder in use is locked (a
 shared lock while a run reads or writes it) and never evicted. Losing a folder costs only time:
-the next run recomputes the passes, and the engine gives the same numbers bit for bit.
+the next run recomputes the passes, and the engine gives the same numbers bit for bit. Holding
+and eviction are the engine's (`xmem_label.model.pass_cache`, shared with the Label Studio
+backend); this module says where the plugin's folders are and how large the root may grow.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import fiftyone as fo
 
+from xmem_label.model.pass_cache import evict, in_use
+
+__all__ = ["cache_cap_bytes", "cache_root", "evict", "in_use", "sample_folder"]
+
 ROOT_ENV = "XMEM_LABEL_FIFTYONE_CACHE"
 CAP_ENV = "XMEM_LABEL_FIFTYONE_CACHE_GB"
 DEFAULT_CAP_GB = 10.0
-LOCK = ".lock"
 
 
 def cache_root() -> Path:
@@ -55,50 +56,3 @@ def sample_folder(root: Path, sample_id: str, filepath: str, label_field: str) -
         version = "missing"
     digest = hashlib.sha256(f"{filepath}|{version}|{label_field}".encode()).hexdigest()[:16]
     return root / f"{sample_id}-{digest}"
-
-
-@contextlib.contextmanager
-def in_use(folder: Path) -> Iterator[Path]:
-    """Hold `folder` (made if missing) for one run: marked as just used, and locked so that no
-    eviction, in this or another process, deletes it meanwhile."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        os.utime(folder)
-        try:
-            yield folder
-        finally:
-            os.utime(folder)
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def folder_bytes(folder: Path) -> int:
-    total = 0
-    for path in folder.rglob("*"):
-        with contextlib.suppress(OSError):
-            if path.is_file():
-                total += path.stat().st_size
-    return total
-
-
-def evict(root: Path, cap_bytes: int) -> list[Path]:
-    """Delete the least recently used folders of `root` until the rest is at most `cap_bytes`;
-    a folder another run holds is skipped. Returns the folders deleted."""
-    if not root.is_dir():
-        return []
-    folders = [(folder.stat().st_mtime, folder) for folder in root.iterdir() if folder.is_dir()]
-    sizes = {folder: folder_bytes(folder) for _, folder in folders}
-    total = sum(sizes.values())
-    deleted = []
-    for _, folder in sorted(folders, key=lambda item: item[0]):
-        if total <= cap_bytes:
-            break
-        with open(folder / LOCK, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # in use by a run
-            shutil.rmtree(folder, ignore_errors=True)
-        total -= sizes[folder]
-        deleted.append(folder)
-    return deleted

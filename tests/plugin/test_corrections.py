@@ -4,8 +4,6 @@ suggestions. Real database (private mongod), the chair clip as an mp4, the flow 
 
 from __future__ import annotations
 
-import shutil
-
 import fiftyone as fo  # noqa: I001  (conftest has set the environment)
 import fiftyone.operators as foo
 import numpy as np
@@ -103,11 +101,13 @@ def test_a_correction_writes_only_the_frames_it_recomputes(
 
 
 def test_without_the_cache_a_correction_computes_again_and_writes_the_same(
-    dataset, chair_truth, cache_root, refused
+    dataset, chair_truth, cache_root, monkeypatch
 ):
+    """A cap of 0 bytes: each run's folder is evicted once the run has released it."""
+    monkeypatch.setenv("XMEM_LABEL_FIFTYONE_CACHE_GB", "0")
     set_keyframes(dataset, {8: truth_detections(chair_truth[7])})
     correct(dataset)
-    shutil.rmtree(cache_root)
+    assert list(cache_root.iterdir()) == []
     set_keyframes(dataset, {5: truth_detections(chair_truth[4])})
     summary = correct(dataset)
     assert summary["frames"] == 6  # frames 2..7: between the unchanged keyframes 1 and 8
