@@ -36,7 +36,6 @@ from .outputs import (
 from .overlay import OverlayWriter, check_overlay_path
 from .results import FrameResult
 from .session import Session
-from .xmem.weights import resolve_weights
 
 OUTPUT_QUEUE_FRAMES = 4  # finished frames waiting to be written
 FOLDER_FPS = 15.0  # overlay frame rate for image folders, which carry none (the demo clip's)
@@ -76,8 +75,10 @@ def run_propagation(job: PropagationJob) -> dict[str, Any]:
     """
     engine_options = _engine_options(job)
     _check_outputs(job)
-    if engine_spec(job.engine).needs_weights:  # only now: resolving a name may download
-        engine_options["weights"] = resolve_weights(job.weights, download=job.download_weights)
+    spec = engine_spec(job.engine)
+    if spec.needs_weights:  # only now: resolving a name may download
+        find_weights = spec.find_weights_function()
+        engine_options["weights"] = find_weights(job.weights, download=job.download_weights)
     frames = open_frames(job.source, skip_bad_frames=job.skip_bad_frames)
     try:
         masks = {index: read_label_mask(path) for index, path in sorted(job.keyframes.items())}
