@@ -181,7 +181,7 @@ def _reasons(
             f"object {object_id}: area {math.exp(parts['area']):.1f}x away from "
             "its nearest keyframe's"
         ),
-        "distance": f"object {object_id}: {gap} frames from its nearest keyframe",
+        "distance": f"object {object_id}: {gap} frame{'s' * (gap != 1)} from its nearest keyframe",
     }
     ranked = sorted(parts, key=lambda name: WEIGHTS[name] * parts[name], reverse=True)
     reasons = [words[name] for name in ranked if parts[name] >= REASON_THRESHOLDS[name]]
