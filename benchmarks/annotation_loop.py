@@ -114,7 +114,7 @@ def ping_pong(clip_dir: Path, length: int, folder: Path) -> Path:
     return frames
 
 
-def cost(data: Path, engine_name: str, length: int, clip_name: str) -> None:
+def cost(data: Path, engine_name: str, length: int, clip_name: str, scenarios: str) -> None:
     options = {"weights": synthetic_checkpoint(), "device": "cpu"} if engine_name == "xmem" else {}
     engine = load_engine(engine_name, **options)
     clip = TruthClip(data / clip_name)
@@ -125,15 +125,20 @@ def cost(data: Path, engine_name: str, length: int, clip_name: str) -> None:
         return mask_cycle[index % len(mask_cycle)]
 
     last = length - 1
-    scenarios = [
-        ("keyframes 0 and last, correction on the middle", [0, last], length // 2),
-        ("keyframes every 50 frames, correction on 125", [*range(0, last, 50), last], 125),
-    ]
+    chosen = [
+        (title, keyframes, correction)
+        for name, title, keyframes, correction in (
+            ("ends", "keyframes 0 and last, correction on the middle", [0, last], length // 2),
+            ("spaced", "keyframes every 50 frames, correction on 125",
+             [*range(0, last, 50), last], 125),
+        )
+        if name in scenarios.split(",")
+    ]  # fmt: skip
     with tempfile.TemporaryDirectory() as temporary:
         frames = ping_pong(data / clip_name, length, Path(temporary))
         print(f"{engine_name}, {length} frames of {clip_name} (forward and backward), "
               f"{cv2.imread(str(next(frames.iterdir()))).shape[1::-1]}")  # fmt: skip
-        for title, keyframes, correction in scenarios:
+        for title, keyframes, correction in chosen:
             with Session(engine, frames) as session:
                 for index in keyframes:
                     session.add_mask(index, truth(index))
@@ -198,6 +203,7 @@ def main() -> None:
     parser.add_argument(
         "--clip", default="dance-twirl", help="clip for cost (default: %(default)s)"
     )
+    parser.add_argument("--scenarios", default="ends,spaced", help="cost: ends and/or spaced")
     args = parser.parse_args()
     if args.figure == "two-way":
         two_way(args.data)
@@ -206,7 +212,7 @@ def main() -> None:
     elif args.figure == "memory":
         memory(args.data, args.every)
     else:
-        cost(args.data, args.engine, args.frames, args.clip)
+        cost(args.data, args.engine, args.frames, args.clip, args.scenarios)
 
 
 if __name__ == "__main__":
