@@ -40,6 +40,7 @@ if mode == "drain":
     ids = []
     while (job := journal.claim("proc-" + sys.argv[5])) is not None:
         ids.append(job.id)
+        time.sleep(0.002)  # hold each job a moment, as a worker does: the claimers overlap
     print(json.dumps(ids), flush=True)
 else:
     job = journal.claim("victim")
@@ -105,6 +106,7 @@ def test_threads_never_claim_the_same_job(tmp_path):
         start.wait()
         while (job := journal.claim(f"thread-{number}")) is not None:
             claimed[number].append(job.id)
+            time.sleep(0.001)  # hold each job a moment, as a worker does: the threads overlap
 
     threads = [threading.Thread(target=drain, args=(number,)) for number in range(4)]
     for thread in threads:
