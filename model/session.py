@@ -103,7 +103,7 @@ class _FramePrompt:
 class _Plan:
     """The passes one reconciled propagation reads, and each object's statement frames."""
 
-    statements: dict[int, list[int]]
+    statements: dict[int, list[int]]  # object id (ascending: the session's objects) -> frames
     forward: dict[int, PassPlan]  # start frame -> pass
     backward: dict[int, PassPlan]
 
@@ -392,12 +392,13 @@ class Session:
     def _result_digest(self, index: int, plan: _Plan) -> str:
         """What frame `index`'s result depends on: the person's say on it, and per object the
         statements around it and the passes from them."""
-        digest = hashlib.sha256(f"{index}|{self.object_ids}".encode())
+        ids = list(plan.statements)  # the session's objects, read once per propagation
+        digest = hashlib.sha256(f"{index}|{ids}".encode())
         prompt = self._prompts.get(index)
         if prompt is not None:
             digest.update(f"{sorted(prompt.object_ids)}".encode())
             digest.update(prompt.labels.tobytes())
-        for object_id in self.object_ids:
+        for object_id in ids:
             if prompt is not None and object_id in prompt.object_ids:
                 continue  # the person's say, in the digest already
             before = _before(plan.statements[object_id], index)
@@ -424,7 +425,7 @@ class Session:
             return loaded[pass_plan.key][pass_plan.object_ids.index(object_id)]
 
         prompt = self._prompts.get(index)
-        ids = self.object_ids
+        ids = list(plan.statements)
         foreground = []
         provenance: dict[int, tuple[str, tuple[int, ...]]] = {}
         disagreement: dict[int, float] = {}
