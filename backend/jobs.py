@@ -87,6 +87,7 @@ class JobRunner:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self.journal.submitted.set()  # wakes idle workers
         for thread in self._workers:
             thread.join(timeout)
 
@@ -96,12 +97,18 @@ class JobRunner:
                 record = self.journal.claim(worker)
                 if record is None:
                     self._report_abandoned()
-                    self._stop.wait(IDLE_POLL_SECONDS)
+                    self._wait_for_work()
                     continue
                 self._run(record, worker)
             except Exception:  # the journal itself failed (disk full, ...): keep the thread
                 log.exception("job runner %s", worker)
                 self._stop.wait(1.0)
+
+    def _wait_for_work(self) -> None:
+        """Until a job is submitted in this process, or for the poll interval (other
+        processes' jobs), or until stop()."""
+        if self.journal.submitted.wait(IDLE_POLL_SECONDS) and not self._stop.is_set():
+            self.journal.submitted.clear()
 
     def _report_abandoned(self) -> None:
         for record in self.journal.abandoned():

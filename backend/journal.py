@@ -154,6 +154,9 @@ class Journal:
         self.prune_every = int(prune_every)
         self._submits = 0
         self._submits_lock = threading.Lock()
+        # Set on every submit in this process, so this process's runner starts a job at once
+        # instead of at its next poll (jobs from other processes wait for the poll).
+        self.submitted = threading.Event()
         self._create()
 
     # -- connections -------------------------------------------------------------------------
@@ -262,6 +265,7 @@ class Journal:
                     (kind, project, task_id, text, deliver, now, now, job_id),
                 )
             record = _record(self._row(conn, job_id))
+        self.submitted.set()
         with self._submits_lock:
             self._submits += 1
             due = self.prune_every > 0 and self._submits % self.prune_every == 0

@@ -371,11 +371,13 @@ class XMemLabelModel:
             raise NotPermitted(f"project {project_id} is not connected to this backend")
         studio = self.runtime.studio
         annotation = studio.annotation(annotation_id)
-        if (
-            annotation is None
-            or annotation.get("task") != task_id
-            or studio.task(project_id, task_id) is None
-        ):
+        if annotation is None or annotation.get("task") != task_id:
+            belongs = False
+        elif annotation.get("project") is not None:  # Label Studio names its project
+            belongs = annotation["project"] == project_id
+        else:
+            belongs = studio.task(project_id, task_id) is not None
+        if not belongs:
             raise NotPermitted(
                 f"annotation {annotation_id} is not an annotation of task "
                 f"{task_id} in project {project_id}"

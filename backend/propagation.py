@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -96,11 +97,18 @@ def run_sequence(
     model_version: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> Outcome:
-    """Brush masks on every frame of an image-sequence task."""
+    """Brush masks on every frame of an image-sequence task.
+
+    The task's folder in the pass cache (`task_folder`) keeps its downloaded frames and its
+    session's passes between jobs, so a correction downloads nothing and runs only the passes
+    its keyframes start."""
     timings = Timings()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="xmem-label-media-", dir=work_dir(studio)) as folder:
-        paths = _download_all(studio, request.frame_urls, request.task_id, Path(folder), timings)
+    folder = task_folder(studio, request.task_id, request.frame_urls)
+    with pass_cache.in_use(folder):
+        paths = _download_all(
+            studio, request.frame_urls, request.task_id, folder / "media", timings
+        )
         width, height = _common_size(paths, request.task_id, studio)
         frames = ImageFiles(paths, timings)
         keyframes = request.keyframes or _keyframes_from_prompts(request.prompts, frames, config)
@@ -109,8 +117,7 @@ def run_sequence(
                 f"the keyframe masks are {keyframes.size[0]}x{keyframes.size[1]} but the frames "
                 f"are {width}x{height}"
             )
-        cache = studio.settings.pass_cache_dir / f"task-{request.task_id}-{_content(paths)}"
-        with pass_cache.in_use(cache), Session(engine, frames, cache_dir=cache) as session:
+        with Session(engine, frames, cache_dir=folder / "passes") as session:
             keyframes.given.apply_to(session)
             result, score = _brush_result(session, keyframes, config, timings, progress)
     pass_cache.evict(studio.settings.pass_cache_dir, studio.settings.pass_cache_bytes)
@@ -122,13 +129,12 @@ def run_sequence(
     )
 
 
-def _content(paths: list[Path]) -> str:
-    """A digest of the frames' bytes: the pass cache of a task whose media changed is another."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as file:
-            digest.update(hashlib.file_digest(file, "sha256").digest())
-    return digest.hexdigest()[:16]
+def task_folder(studio: LabelStudio, task_id: int | None, frame_urls: list[str]) -> Path:
+    """The task's cache folder, named by its id and a digest of its frame URLs: a task whose
+    URLs change gets a new folder (the old one is evicted in time). A URL is taken to name the
+    same bytes for as long as the task lists it, as Label Studio's own storages assume."""
+    digest = hashlib.sha256("\n".join(frame_urls).encode()).hexdigest()[:16]
+    return studio.settings.pass_cache_dir / f"task-{task_id}-{digest}"
 
 
 def _brush_result(session, keyframes, config, timings, progress):
@@ -277,26 +283,32 @@ def _add_track(session: Session, object_id: int, track: formats.Track, num_frame
 
 
 def work_dir(studio: LabelStudio) -> Path:
-    """The state folder (MODEL_DIR) holds the media a job downloads, deleted when it ends."""
+    """The state folder (MODEL_DIR) holds the video a video job downloads, deleted when it ends."""
     folder = studio.settings.state_dir / "media"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def _download_all(studio, urls, task_id, folder: Path, timings: Timings) -> list[Path]:
+    """Local paths of the task's frames, in order: files kept from an earlier job of the task
+    are used as they are; the others are fetched (under a temporary name, renamed when whole)."""
     started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def local_copy(item: tuple[int, str]) -> Path:
+        index, url = item
+        kept = folder / f"{index:06d}"
+        if kept.is_file():
+            return kept
+        partial = folder / f"{index:06d}.part-{threading.get_ident()}"
+        fetched = studio.download(url, task_id, partial, f"frame {index} of task {task_id}")
+        if fetched != partial:  # a file under LOCAL_FILES_DOCUMENT_ROOT, read where it is
+            return fetched
+        partial.replace(kept)
+        return kept
+
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        paths = list(
-            pool.map(
-                lambda item: studio.download(
-                    item[1],
-                    task_id,
-                    folder / f"{item[0]:06d}",
-                    f"frame {item[0]} of task {task_id}",
-                ),
-                enumerate(urls),
-            )
-        )
+        paths = list(pool.map(local_copy, enumerate(urls)))
     timings.download = time.perf_counter() - started
     return paths
 

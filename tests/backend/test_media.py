@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from xmem_label.backend import media
+from xmem_label.backend import formats, media, propagation
 from xmem_label.backend.settings import BackendSettings
-from xmem_label.model import InputError
+from xmem_label.backend.studio import LabelStudio
+from xmem_label.model import InputError, load_engine, read_label_mask
+from xmem_label.model.keyframes import Keyframes
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vos"
 
@@ -189,3 +191,52 @@ def test_local_files_stay_under_the_document_root(settings, tmp_path):
     for escape in ("../../../../etc/passwd", "/etc/passwd", "chair/../../test_cli.py"):
         with pytest.raises(InputError, match="LOCAL_FILES_DOCUMENT_ROOT"):
             fetch(f"/data/local-files/?d={escape}", settings, tmp_path)
+
+
+def test_a_tasks_frames_are_downloaded_once_and_kept_with_its_passes(tmp_path):
+    """A correction's job reads the frames the task's first job downloaded (they sit in the
+    task's pass-cache folder); a task whose frame URLs change is downloaded again."""
+    frames = sorted((DATA / "chair" / "frames").glob("*.jpg"))[:4]
+    server = Server({f"/data/upload/1/{p.name}": (200, {}, p.read_bytes()) for p in frames})
+    try:
+        settings = BackendSettings.from_environment(
+            {
+                "LABEL_STUDIO_URL": server.url,
+                "LABEL_STUDIO_API_KEY": "token123",
+                "MODEL_DIR": str(tmp_path),
+            }
+        )
+        label_studio = LabelStudio(settings)
+        engine = load_engine("flow")
+        mask = read_label_mask(DATA / "chair" / "masks" / "frame_000000.png") == 1
+        given = Keyframes()
+        given.add(0, 1, mask)
+        keyframes = formats.BrushKeyframes(
+            labels={1: "Chair"}, given=given, regions={}, size=(mask.shape[1], mask.shape[0])
+        )
+        config = formats.SequenceConfig(
+            brush_name="mask",
+            image_name="image",
+            frames_key="frames",
+            labels=("Chair",),
+            prompt_names=(),
+        )
+        urls = [f"/data/upload/1/{p.name}" for p in frames]
+
+        def run(frame_urls):
+            request = propagation.SequenceRequest(7, frame_urls, keyframes)
+            return propagation.run_sequence(request, config, engine, label_studio, "v")
+
+        first = run(urls)
+        assert len(server.requests) == 4
+        again = run(urls)
+        assert len(server.requests) == 4  # nothing fetched
+        assert again.prediction == first.prediction
+        folder = propagation.task_folder(label_studio, 7, urls)
+        assert sorted(p.name for p in (folder / "media").iterdir()) == [
+            f"{i:06d}" for i in range(4)
+        ]
+        run(urls[:3] + urls[:1])
+        assert len(server.requests) == 8
+    finally:
+        server.close()
