@@ -9,15 +9,17 @@ by `xmem-label connect`, webhook on). The task is `--frames` frames of the clip 
 and backward, at its 854x480. Round 0 saves an annotation with the ground truth of the first
 and last frames (the backend has no passes for the task yet: a from-scratch prediction); round 1
 corrects the middle frame; later rounds correct the first frame the prediction's `xmem_status`
-suggests. Per round: J&F of the stored prediction, the time from saving the annotation to the
-stored prediction, the same keyframes through a bare Session in this process (the engine
-alone: round 0 from scratch, then one incremental run per correction), and how many frames
-outside the corrected segment changed (must be none).
+suggests. Per round: J&F of the stored prediction; the time from saving the annotation to the
+stored prediction (to Label Studio's `created_at` of the prediction, so the benchmark's polling
+is not counted); the same keyframes through a bare Session in this process (the engine alone:
+round 0 from scratch, then one incremental run per correction); the backend job's download
+time; and how many frames outside the corrected segment changed (must be none).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import re
 import subprocess
 import tempfile
@@ -34,6 +36,7 @@ from xmem_label.model.evaluation import boundary_accuracy, region_similarity
 
 from .annotation_loop import ping_pong
 from .label_studio import (
+    BACKEND_AUTH,
     DEFAULT_CLIP,
     TOKEN,
     add_label_studio_options,
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         annotation = None
         print(f"{args.frames} frames {shape[1]}x{shape[0]} of {args.clip.name}, engine flow")
         print(f"{'round':>5} {'frame':>6} {'J&F':>6} {'save->pred s':>13} {'engine s':>9} "
-              f"{'overhead':>9} {'changed outside':>16}")  # fmt: skip
+              f"{'overhead':>9} {'download s':>11} {'changed outside':>16}")  # fmt: skip
         for round_number in range(args.rounds + 1):
             if round_number == 1:
                 keyframes.append(args.frames // 2)
@@ -144,15 +147,18 @@ def run(args: argparse.Namespace, work: Path) -> None:
                          if m]  # fmt: skip
                 keyframes.append(next(p for p in picks if p not in keyframes))
             result = regions_for(truth, sorted(keyframes))
-            started = time.perf_counter()
+            saved_at = time.time()
             if annotation is None:
                 annotation = api("POST", f"/api/tasks/{task['id']}/annotations",
                                  json={"result": result})  # fmt: skip
             else:
                 api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
             prediction = wait_for_new(api, task["id"], seen)
-            saved_to_prediction = time.perf_counter() - started
+            # Label Studio's own time of storing it (same clock): the poll's delay not counted
+            stored_at = datetime.datetime.fromisoformat(prediction["created_at"]).timestamp()
+            saved_to_prediction = stored_at - saved_at
             seen.add(prediction["id"])
+            download = job_download_seconds(backend_url, jobs_done=round_number + 1)
 
             for frame in keyframes[len(keyframes) - (1 if round_number else 2) :]:
                 session.add_mask(frame, (truth[frame] > 0).astype(np.uint8))
@@ -173,7 +179,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             corrected = str(keyframes[-1]) if round_number else f"0,{args.frames - 1}"
             print(f"{round_number:>5} {corrected:>6} "
                   f"{score:>6.3f} {saved_to_prediction:>13.1f} {engine_seconds:>9.1f} "
-                  f"{saved_to_prediction / engine_seconds - 1:>+9.0%} {changed:>16}",
+                  f"{saved_to_prediction / engine_seconds - 1:>+9.0%} {download:>11.2f} "
+                  f"{changed:>16}",
                   flush=True)  # fmt: skip
             previous = prediction
         session.close()
@@ -190,6 +197,15 @@ def subprocess_backend(url: str, work: Path, port: int) -> subprocess.Popen:
         stdout=open(work / "backend.log", "w"),  # noqa: SIM115 (lives on)
         stderr=subprocess.STDOUT,
     )  # fmt: skip
+
+
+def job_download_seconds(backend_url: str, jobs_done: int) -> float:
+    """The download time of the backend's last job, once `jobs_done` jobs are done."""
+    while True:
+        metrics = requests.get(f"{backend_url}/metrics", auth=BACKEND_AUTH, timeout=30).json()
+        if metrics["jobs"]["done"] >= jobs_done:
+            return metrics["last_timings"]["download"]
+        time.sleep(0.1)
 
 
 def wait_for_new(api, task_id: int, seen: set[int], seconds: float = 900) -> dict:
