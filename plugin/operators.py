@@ -386,12 +386,11 @@ class _PropagationRun:
             frames = {}
             with cache.in_use(folder) if folder else contextlib.nullcontext():
                 for frame_number, detections in iter_video_labels(
-                    job, self.engine, note, cache_dir=folder
+                    job, self.engine, note, cache_dir=folder, only=wanted
                 ):
                     if frame_number in digests:
                         detections[DIGEST_ATTRIBUTE] = digests[frame_number]
-                    if frame_number in wanted:
-                        frames[frame_number] = detections
+                    frames[frame_number] = detections
                     yield (finished + job.num_frames * engine_done[0]) / total
             labels[job.sample_id] = frames
             finished += job.num_frames

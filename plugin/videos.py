@@ -9,8 +9,9 @@ FiftyOne numbers frames from 1; the engine from 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import fiftyone as fo
@@ -20,10 +21,10 @@ from xmem_label.model import (
     Engine,
     InputError,
     Session,
-    load_engine,
-    open_frames,
 )
-from xmem_label.model.engine import auto_engine, engine_spec
+from xmem_label.model.engine import EngineSpec, auto_engine, engine_spec
+from xmem_label.model.errors import WeightsError
+from xmem_label.model.frames import FrameSource, VideoFile
 from xmem_label.model.keyframes import Keyframes
 from xmem_label.model.suggest import Suggestion
 
@@ -47,10 +48,12 @@ class VideoJob:
     keyframes: engine frame index (0-based) -> the objects a person gave there.
     names, indexes: engine object id -> label, and -> FiftyOne `Detection.index` (empty for
     Segmentation prompts, whose ids are the mask values).
+    frames: the video, already opened and checked by `plan_video`; the session reads from it.
     """
 
     sample_id: str
     filepath: str
+    frames: FrameSource
     num_frames: int
     keyframes: dict[int, list[PromptObject]]
     names: dict[int, str]
@@ -129,7 +132,7 @@ def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> Vide
     name = os.path.basename(sample.filepath)
     if not Path(sample.filepath).is_file():
         raise InputError(f"video {sample.filepath} does not exist")
-    frames = open_frames(sample.filepath)
+    frames = _Video(sample.filepath)
     try:
         num_frames, frame_hw = len(frames), frames.size()
         last = max(labels)
@@ -162,11 +165,26 @@ def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> Vide
                 mask_targets,
                 where=f"{name} frame {frame_number} frames.{field}",
             )
-    finally:
+    except BaseException:
         frames.close()
+        raise
     names = {obj.object_id: obj.label for objs in keyframes.values() for obj in objs}
     indexes = {object_id: index for index, object_id in id_of.items()}
-    return VideoJob(sample.id, sample.filepath, num_frames, keyframes, names, indexes)
+    return VideoJob(sample.id, sample.filepath, frames, num_frames, keyframes, names, indexes)
+
+
+class _Video(VideoFile):
+    """A video sample's frames, opened once per run: `plan_video` reads its length and size and
+    the session then propagates from this same object, so the file is not opened again and its
+    first frame is decoded for the size once, not by every reader (`VideoFile.size` decodes it
+    on each call)."""
+
+    _hw: tuple[int, int] | None = None
+
+    def size(self) -> tuple[int, int]:
+        if self._hw is None:
+            self._hw = super().size()
+        return self._hw
 
 
 def _has_prompt(label) -> bool:
@@ -188,6 +206,7 @@ def iter_video_labels(
     engine: Engine,
     progress: ProgressCallback | None = None,
     cache_dir: Path | None = None,
+    only: Collection[int] | None = None,
 ) -> Iterator[tuple[int, fo.Detections]]:
     """Run the engine over one video, yielding (FiftyOne frame number, Detections) in order.
 
@@ -195,14 +214,16 @@ def iter_video_labels(
     absent there: a keyframe label is a person's complete say on that frame.
     progress(done, total) is the engine's, called after every step of either pass.
     cache_dir: the folder where the engine keeps this video's passes between runs (`cache.py`).
+    only: the FiftyOne frame numbers to yield (default: every frame); the others are not
+    turned into labels, which a correction that writes a few frames would not use.
     """
-    with Session(engine, job.filepath, cache_dir=cache_dir) as session:
+    with Session(engine, job.frames, cache_dir=cache_dir) as session:
         _keyframes(job).apply_to(session)
         for result in session.propagate(progress=progress):
-            yield (
-                result.index + 1,
-                result_to_detections(result, job.names, job.drawn_on(result.index), job.indexes),
-            )
+            number = result.index + 1
+            if only is None or number in only:
+                drawn = job.drawn_on(result.index)
+                yield number, result_to_detections(result, job.names, drawn, job.indexes)
 
 
 def suggest_video(
@@ -210,7 +231,7 @@ def suggest_video(
 ) -> list[Suggestion]:
     """The engine's `count` frames to review next in one video (engine frame indexes), from a
     propagation of its keyframes; with the passes in `cache_dir`, no network step runs."""
-    with Session(engine, job.filepath, cache_dir=cache_dir) as session:
+    with Session(engine, job.frames, cache_dir=cache_dir) as session:
         _keyframes(job).apply_to(session)
         for _ in session.propagate():
             pass
@@ -249,4 +270,30 @@ def choose_engine(name: str = "auto", checkpoint: str | None = None, device: str
     spec = auto_engine(checkpoint)[0] if name == "auto" else engine_spec(name)
     taken = spec.options()
     given = {"weights": checkpoint, "device": device}
-    return load_engine(spec.name, **{k: v for k, v in given.items() if v and k in taken})
+    options = tuple(sorted((k, v) for k, v in given.items() if v and k in taken))
+    return _loaded_engine(spec, options, _weights_stamp(spec, checkpoint))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_engine(
+    spec: EngineSpec, options: tuple[tuple[str, str], ...], weights: tuple | None
+) -> Engine:
+    """The engine `spec` loaded with `options`, kept for the process's later runs (an App
+    server or a delegated worker runs many): loading XMem's weights takes seconds, the flow
+    engine's set-up a few hundredths. `weights` (the checkpoint file's path, size and
+    modification time) is part of the key, so a replaced checkpoint is loaded anew. Engines
+    hold no state between passes (`new_tracker` starts each one), so runs may share one."""
+    return spec.load_function()(**dict(options))
+
+
+def _weights_stamp(spec: EngineSpec, checkpoint: str | None) -> tuple | None:
+    """(path, size, modification time) of the checkpoint `spec` would load, or None (no
+    weights, or not on this machine: loading says why, or downloads them)."""
+    if not spec.needs_weights:
+        return None
+    try:
+        path = Path(spec.find_weights_function()(checkpoint, download=False))
+        stat = path.stat()
+    except (WeightsError, OSError):
+        return None
+    return str(path), stat.st_size, stat.st_mtime_ns

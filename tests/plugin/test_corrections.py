@@ -100,6 +100,25 @@ def test_a_correction_writes_only_the_frames_it_recomputes(
         np.testing.assert_array_equal(full_frame(frame.xmem, shape), full_frame(frame.full, shape))
 
 
+def test_a_correction_opens_its_video_once(dataset, chair_truth, cache_root, monkeypatch):
+    """The keyframes are checked and the session propagates from one opened video: opening it
+    decodes its first frame, its size another time (issue 16's fixed cost per run), and a run
+    whose passes are all in the cache decodes nothing else."""
+    from xmem_label.model.frames import VideoFile
+
+    set_keyframes(
+        dataset, {4: truth_detections(chair_truth[3]), 8: truth_detections(chair_truth[7])}
+    )
+    correct(dataset)
+    dataset.delete_frame_field("xmem")  # no recorded digests: every frame is written again
+    opened: list = []
+    open_video = VideoFile._open
+    monkeypatch.setattr(VideoFile, "_open", lambda self: opened.append(self) or open_video(self))
+    summary = correct(dataset)
+    assert (summary["frames"], summary["network_steps"]) == (len(chair_truth), 0)
+    assert len(opened) == 2
+
+
 def test_without_the_cache_a_correction_computes_again_and_writes_the_same(
     dataset, chair_truth, cache_root, monkeypatch
 ):

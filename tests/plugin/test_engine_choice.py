@@ -33,6 +33,13 @@ def test_weights_found_by_path_or_in_the_cache(no_weights):
     assert not xmem_weights_available(str(no_weights / "missing.pth"))
 
 
+def test_an_engine_is_loaded_once_per_settings():
+    """Runs in one process (the App server, a worker) share the loaded engine."""
+    engine = choose_engine("flow")
+    assert choose_engine("flow") is engine
+    assert choose_engine("flow", device="cpu") is engine  # the flow engine takes no device
+
+
 def test_unknown_engine_is_an_input_error():
     with pytest.raises(InputError, match="unknown engine 'sam'"):
         choose_engine("sam")

@@ -244,10 +244,10 @@ def test_run_dying_mid_way_leaves_earlier_labels_intact(dataset, engine_labels, 
         key_field="id",
     )
 
-    def dies_on_second_video(job, engine, progress=None, cache_dir=None):
+    def dies_on_second_video(job, engine, progress=None, cache_dir=None, only=None):
         if job.sample_id == second.id:
             raise RuntimeError("worker killed")
-        yield from iter_video_labels(job, engine, progress, cache_dir)
+        yield from iter_video_labels(job, engine, progress, cache_dir, only)
 
     monkeypatch.setattr(operators, "iter_video_labels", dies_on_second_video)
     failed = run(PROPAGATE, dataset, prompt_field="later", label_field="xmem")
