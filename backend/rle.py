@@ -8,8 +8,8 @@ zero-padded to a byte.
 
 `mask_to_rle` is vectorised with numpy and writes the same bytes as
 `label_studio_sdk.converter.brush.mask2rle(mask * 255)` (runs of 4+ values only, since every
-pixel is four equal bytes; field sizes 3/4/8/16; 1 to 8 padding bits), 5-44x faster
-(benchmarks/label_studio.py: 1.1-1.4 ms against 26-60 ms for a 1920x1080 mask). `rle_to_mask` reads
+pixel is four equal bytes; field sizes 3/4/8/16; 1 to 8 padding bits), about 12x faster
+(benchmarks/label_studio.py: 0.89 ms against 10.4 ms for a 1920x1080 mask). `rle_to_mask` reads
 any valid stream, including the literal chunks the browser writes, and refuses malformed ones
 with an InputError.
 """
@@ -62,15 +62,12 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     codes = np.concatenate((header_codes, codes))
     widths = np.concatenate((header_widths, widths))
 
-    body_bits = int(widths.sum())
-    padding = 8 - body_bits % 8  # like the SDK: a whole zero byte when already aligned
-    bits = np.zeros(body_bits + padding, dtype=np.uint8)
-    offsets = np.cumsum(widths) - widths
-    for bit in range(int(widths.max())):
-        has_bit = widths > bit
-        shift = widths[has_bit] - 1 - bit
-        bits[offsets[has_bit] + bit] = (codes[has_bit] >> shift) & 1
-    return np.packbits(bits).tolist()
+    # Each code as 32 big-endian bits; keep its last `width` bits, row after row.
+    as_bits = np.unpackbits(codes.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)
+    keep = np.arange(32) >= 32 - widths[:, None]
+    bits = as_bits[keep]
+    padding = 8 - bits.size % 8  # like the SDK: a whole zero byte when already aligned
+    return np.packbits(np.concatenate((bits, np.zeros(padding, np.uint8)))).tolist()
 
 
 class _BitReader:
