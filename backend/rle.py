@@ -47,6 +47,9 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     values = np.repeat(run_values, chunks_per_run).astype(np.int64)
 
     size_index = np.searchsorted(1 << np.array(RUN_FIELD_SIZES), counts)  # first size that fits
+    # ...except the chunks of a run longer than the largest field: all of them use it, as the
+    # SDK's encoder does (so the bytes stay equal).
+    size_index[np.repeat(run_lengths > _MAX_RUN, chunks_per_run)] = len(RUN_FIELD_SIZES) - 1
     field_bits = np.array(RUN_FIELD_SIZES)[size_index]
     widths = 1 + 2 + field_bits + WORD_SIZE
     codes = (

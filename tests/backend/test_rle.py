@@ -21,6 +21,8 @@ MASKS = {
     "aligned_480p": lambda: disk(480, 640, 100),  # the SDK pads a whole byte here
     "long_runs_1080p": lambda: disk(1080, 1920, 300),
     "one_pixel": lambda: np.ones((1, 1), np.uint8),
+    # a run of 3 * 65536 + 48 values: the remainder keeps the 16-bit field (found by hypothesis)
+    "run_over_the_largest_field": lambda: np.zeros((204, 241), np.uint8),
 }
 
 
