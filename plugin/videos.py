@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fiftyone as fo
 import numpy as np
+from fiftyone import ViewField as F
 
 from xmem_label.model import (
     Engine,
@@ -108,7 +109,14 @@ def plan_videos(
         collection.default_mask_targets
     )
     jobs, skipped = [], []
-    for sample in collection.select_fields(f"frames.{prompt_field}").iter_samples():
+    # Only the frames holding a label are read: the database filters them, so a long video's
+    # thousands of unlabelled frame documents are not loaded (omit_empty=False keeps samples
+    # without any, reported as skipped).
+    keyframes_only = collection.select_fields(f"frames.{prompt_field}").match_frames(
+        F(prompt_field).exists(),
+        omit_empty=False,
+    )
+    for sample in keyframes_only.iter_samples():
         job = plan_video(sample, prompt_field, mask_targets)
         if job is None:
             skipped.append(sample.id)

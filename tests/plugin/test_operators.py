@@ -4,6 +4,8 @@ clip encoded to mp4, and the weight-free flow engine."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import fiftyone as fo  # noqa: I001  (conftest has set the environment)
 import fiftyone.operators as foo
@@ -254,6 +256,28 @@ def test_run_dying_mid_way_leaves_earlier_labels_intact(dataset, engine_labels, 
     assert "worker killed" in failed.error_message
     dataset.reload()
     check_equals_engine(dataset, "xmem", engine_labels)  # the first run's labels, untouched
+
+
+def test_an_output_field_made_meanwhile_by_another_process_is_not_replaced(dataset, monkeypatch):
+    """The output field is checked again just before the write: a field another process made
+    while the run worked (not xmem-label's) is refused, nothing written."""
+    import xmem_label.plugin.operators as operators
+
+    made = (
+        f"import fiftyone as fo; "
+        f"fo.load_dataset({dataset.name!r}).add_frame_field('xmem', fo.StringField)"
+    )
+
+    def another_process_makes_the_field(job, engine, progress=None, cache_dir=None, only=None):
+        subprocess.run([sys.executable, "-c", made], check=True, timeout=120)
+        yield from iter_video_labels(job, engine, progress, cache_dir, only)
+
+    monkeypatch.setattr(operators, "iter_video_labels", another_process_makes_the_field)
+    failed = run(PROPAGATE, dataset, prompt_field="gt", label_field="xmem")
+    assert "frames.xmem already holds something other than Detections" in failed.error_message
+    dataset.reload()
+    assert dataset.get_frame_field_schema()["xmem"].__class__ is fo.StringField
+    assert dataset.count("frames.xmem") == 0
 
 
 def test_corrected_review_frames_become_keyframes(dataset, chair_truth):
