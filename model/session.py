@@ -188,7 +188,8 @@ class Session:
         progress: ProgressCallback | None = None,
         spill_dir: str | Path | None = None,
     ) -> Iterator[FrameResult]:
-        """Yield a FrameResult for every frame of the clip, in order.
+        """Yield a FrameResult for every frame of the clip, in order, each as soon as the passes
+        it reads have computed it (a platform can store the first frames while the rest runs).
 
         direction "both": reconciled two-way propagation (see the module's docstring);
         "forward": one forward pass from the first keyframe, frames before it empty, like the
@@ -281,27 +282,54 @@ class Session:
     ) -> Iterator[FrameResult]:
         num_frames = self._known_length()
         plan = self._plan(num_frames)
-        todo = [p for p in plan.all() if not store.covers(p)]
+        # Each pass in the order of the first frame that reads it, so frames are yielded while
+        # later passes still run (the first masks long before the last).
+        todo = sorted((p for p in plan.all() if not store.covers(p)), key=_first_frame_read)
         steps = _StepCounter(progress, sum(p.frames_needed(num_frames) for p in todo), self)
-        for pass_plan in todo:
-            if pass_plan.direction == BACKWARD:
-                for _ in self._compute(pass_plan, store, num_frames, steps):
-                    pass
-        forward_todo = sorted((p for p in todo if p.direction == FORWARD), key=lambda p: p.start)
+        running: dict[str, int | None] = {p.key: None for p in todo}  # -> last frame computed
+        seen = -1  # the furthest frame computed: a clip of unknown length has at least as many
         next_frame = 0
-        for number, pass_plan in enumerate(forward_todo):
-            # Frames before the next pass's start need no pass still to run once this one has
-            # reached them: yield them as they come (the first masks before the last).
-            limit = forward_todo[number + 1].start if number + 1 < len(forward_todo) else None
+
+        def ready_results() -> Iterator[FrameResult]:
+            nonlocal next_frame
+            length = num_frames if num_frames is not None else seen + 1
+            while next_frame < length and self._ready(next_frame, plan, running):
+                yield self._fused_result(next_frame, plan, store, with_probs)
+                next_frame += 1
+
+        for pass_plan in todo:
+            yield from ready_results()
             for index in self._compute(pass_plan, store, num_frames, steps):
-                ready = index + 1 if limit is None else min(limit, index + 1)
-                while next_frame < ready:
-                    yield self._fused_result(next_frame, plan, store, with_probs)
-                    next_frame += 1
+                running[pass_plan.key] = index
+                seen = max(seen, index)
+                yield from ready_results()
+            del running[pass_plan.key]
         while next_frame < len(self.frames):
             yield self._fused_result(next_frame, plan, store, with_probs)
             next_frame += 1
         store.keep_only(p.key for p in plan.all())
+
+    def _ready(self, index: int, plan: _Plan, running: Mapping[str, int | None]) -> bool:
+        """Whether every pass frame `index` reads has computed it (`running`: the passes not
+        finished yet, with the last frame each computed)."""
+        prompt = self._prompts.get(index)
+        for object_id, frames in plan.statements.items():
+            if prompt is not None and object_id in prompt.object_ids:
+                continue  # the person's mask
+            before, after = _before(frames, index), _after(frames, index)
+            read = (
+                None if before is None else plan.forward.get(before),
+                None if after is None else plan.backward.get(after),
+            )
+            for pass_plan in read:
+                if pass_plan is None or object_id not in pass_plan.object_ids:
+                    continue
+                if pass_plan.key not in running:
+                    continue  # stored, or finished in this propagation
+                reached = running[pass_plan.key]
+                if reached is None or (reached - index) * _sign(pass_plan.direction) < 0:
+                    return False
+        return True
 
     def _plan(self, num_frames: int | None) -> _Plan:
         """From each keyframe, a forward pass to the furthest next statement of its objects
@@ -626,6 +654,21 @@ class _StepCounter:
         self.session.network_steps += 1
         if self.callback is not None:
             self.callback(self.done, max(self.total, self.done))
+
+
+def _first_frame_read(pass_plan: PassPlan) -> tuple[int, int]:
+    """The first frame that reads a pass's output; a backward pass sorts before a forward pass
+    read from the same frame (its frames are ready only at its end, a forward pass's as they
+    come)."""
+    if pass_plan.direction == BACKWARD:
+        assert pass_plan.stop is not None  # a backward pass always stops (at -1 at the latest)
+        return pass_plan.stop + 1, 0
+    return pass_plan.start + 1, 1
+
+
+def _sign(direction: str) -> int:
+    """+1 for a forward pass (its frame index grows), -1 for a backward one."""
+    return 1 if direction == FORWARD else -1
 
 
 def _before(frames: list[int], index: int) -> int | None:

@@ -214,3 +214,26 @@ def test_cancel_stops_the_backward_pass_and_removes_its_spill(copy_engine, tmp_p
     assert list(passes.iterdir()) == []  # nothing of the cut pass is kept
     session.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("direction", "expected"), [("forward", [1, 2, 3, 4, 5, 6]), ("both", [0, 2, 3, 4, 5, 6])]
+)
+def test_a_single_keyframe_streams_each_frame_as_it_is_computed(copy_engine, direction, expected):
+    session = Session(copy_engine, numbered_frames(6))
+    session.add_object_mask(0, 1, box_mask(0, 2, 0, 2))
+    # network steps done when each frame comes out: the frame's own (the pass's first step is
+    # the keyframe; the reconciled mode returns the person's mask before any step)
+    assert [session.network_steps for _ in session.propagate(direction=direction)] == expected
+
+
+def test_reconciled_frames_come_out_once_the_passes_they_read_have_computed_them(copy_engine):
+    session = Session(copy_engine, numbered_frames(7))
+    for keyframe in (0, 3, 6):
+        session.add_object_mask(keyframe, 1, box_mask(0, 2, keyframe, keyframe + 2))
+    steps = [session.network_steps for _ in session.propagate()]
+    # the backward pass from 3 (3 steps), then the forward pass from 0 yields frames 1 and 2 as
+    # it computes them, before the passes of the segment 3..6 run
+    assert steps == [0, 5, 6, 6, 11, 12, 12]
+    ranges = [(log[0][0], log[-1][0]) for log in copy_engine.passes]  # first, last frame
+    assert ranges == [(3, 1), (0, 2), (6, 4), (3, 5)]
