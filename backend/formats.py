@@ -288,6 +288,11 @@ def suggestions_text(config: SequenceConfig, suggestions: list[Suggestion]) -> d
     lines = [f"check frame {s.index + 1}: " + "; ".join(s.reasons) for s in suggestions] or [
         "xmem-label: no frame to check"
     ]
+    return status_text(config, lines)
+
+
+def status_text(config: SequenceConfig, lines: list[str]) -> dict:
+    """A region holding `lines` in the config's read-only status TextArea."""
     return {
         "from_name": config.status_name,
         "to_name": config.image_name,

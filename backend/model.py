@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .jobs import JobRunner, JobStore, QueueFull
 from .journal import JobRecord, Journal
 from .propagation import SequenceRequest, VideoRequest, run_sequence, run_video
 from .settings import BackendSettings
-from .studio import LabelStudio
+from .studio import LabelStudio, StudioError
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,22 @@ class Runtime:
     def execute(self, record: JobRecord) -> dict[str, Any]:
         """Run a job; for a webhook, return {"superseded": ...} instead of a prediction when
         the annotation changed while it ran (the newer version's own job stores its result,
-        so an older result never replaces a newer one)."""
+        so an older result never replaces a newer one).
+
+        A job nobody waits for stores a first batch of frames while the rest propagates
+        (`run_sequence`'s first_batch); it is replaced by the job's prediction, and withdrawn
+        when the job is superseded or fails."""
+        first_batches: list[int] = []
+        try:
+            result = self._execute(record, first_batches)
+        except BaseException:
+            self._withdraw(first_batches)
+            raise
+        if "superseded" in result:
+            self._withdraw(first_batches)
+        return result
+
+    def _execute(self, record: JobRecord, first_batches: list[int]) -> dict[str, Any]:
         payload = record.payload
         if record.kind == "webhook":
             project = self.studio.project(payload["project"])
@@ -149,15 +165,46 @@ class Runtime:
                     f"annotation {payload['annotation']} of task {payload['task']} no longer exists"
                 )
             task["annotations"] = [annotation]
+
+            def current() -> bool:
+                now = self.studio.annotation(payload["annotation"])
+                return now is not None and now.get("updated_at") == annotation.get("updated_at")
+
             model = XMemLabelModel(self, record.project, project.get("label_config") or "")
-            outcome = model.propagation(task, None)()
-            now = self.studio.annotation(payload["annotation"])
-            if now is None or now.get("updated_at") != annotation.get("updated_at"):
+            first_batch = self._first_batch(record, first_batches, current)
+            outcome = model.propagation(task, None, first_batch)()
+            if not current():
                 return {"superseded": payload["annotation"], "timings": outcome.timings.as_dict()}
         else:
             model = XMemLabelModel(self, record.project, payload["label_config"])
-            outcome = model.propagation(payload["task"], payload["context"])()
+            first_batch = self._first_batch(record, first_batches, lambda: True)
+            outcome = model.propagation(payload["task"], payload["context"], first_batch)()
         return {"prediction": outcome.prediction, "timings": outcome.timings.as_dict()}
+
+    def _first_batch(
+        self, record: JobRecord, stored: list[int], current: Callable[[], bool]
+    ) -> Callable[[dict], None]:
+        """Store a first batch on the task when no request waits for the job (a waiting
+        /predict answers with the whole) and its input is still current; its id goes to
+        `stored`. A failure to store it is only logged: the job's prediction is what counts."""
+
+        def store_first_batch(prediction: dict) -> None:
+            if record.task_id is None or self.journal.get(record.id).deliver != "store":
+                return
+            try:
+                if current():
+                    stored.append(self.studio.create_prediction(record.task_id, prediction))
+            except StudioError as exc:
+                log.warning("task %s: first batch not stored: %s", record.task_id, exc)
+
+        return store_first_batch
+
+    def _withdraw(self, first_batches: list[int]) -> None:
+        for prediction_id in first_batches:
+            try:
+                self.studio.delete_prediction(prediction_id)
+            except StudioError as exc:
+                log.warning("first batch %s not withdrawn: %s", prediction_id, exc)
 
     def store(self, record: JobRecord, result: dict[str, Any]) -> dict[str, Any]:
         """Store a finished job's prediction on its task; returns what the journal keeps."""
@@ -314,9 +361,11 @@ class XMemLabelModel:
             raise InputError("; ".join(f"task {e['task']}: {e['reason']}" for e in errors))
         return {"results": results, "errors": errors}
 
-    def propagation(self, task: dict, context: dict | None):
+    def propagation(
+        self, task: dict, context: dict | None, first_batch: Callable[[dict], None] | None = None
+    ):
         """Check a task's input now (so bad input is refused before anything runs) and return
-        the propagation to run."""
+        the propagation to run (`first_batch`: see run_sequence)."""
         config = self.config
         media = formats.task_media(task, config)
         task_id = task.get("id")
@@ -333,6 +382,7 @@ class XMemLabelModel:
                 runtime.engines.get(),
                 runtime.studio,
                 runtime.engines.model_version(),
+                first_batch=first_batch,
             )
         if context and context.get("result"):
             raise InputError("video projects take keyframes from submitted annotations only")

@@ -29,6 +29,7 @@ from .studio import LabelStudio
 
 DOWNLOAD_THREADS = 4
 SUGGESTIONS = 5  # frames to check next, shown in the task's status TextArea
+FIRST_BATCH = 10  # frames of a longer task handed over early, while the rest propagates
 
 
 @dataclasses.dataclass
@@ -96,8 +97,12 @@ def run_sequence(
     studio: LabelStudio,
     model_version: str,
     progress: Callable[[int, int], None] | None = None,
+    first_batch: Callable[[dict], None] | None = None,
+    first_batch_frames: int = FIRST_BATCH,
 ) -> Outcome:
-    """Brush masks on every frame of an image-sequence task.
+    """Brush masks on every frame of an image-sequence task; `first_batch`, when given, gets a
+    prediction of the first `first_batch_frames` frames out of the session as soon as they are
+    (on tasks with more frames), so an annotator can start while the rest propagates.
 
     The task's folder in the pass cache (`task_folder`) keeps its downloaded frames and its
     session's passes between jobs, so a correction downloads nothing and runs only the passes
@@ -119,7 +124,21 @@ def run_sequence(
             )
         with Session(engine, frames, cache_dir=folder / "passes") as session:
             keyframes.given.apply_to(session)
-            result, score = _brush_result(session, keyframes, config, timings, progress)
+            early = None
+            if first_batch is not None and len(frames) > first_batch_frames:
+                hand_over = first_batch
+
+                def first(result_so_far: list, score_so_far: float) -> None:
+                    hand_over(
+                        {
+                            "result": result_so_far,
+                            "score": round(score_so_far, 4),
+                            "model_version": model_version,
+                        }
+                    )
+
+                early = (first_batch_frames, first)
+            result, score = _brush_result(session, keyframes, config, timings, progress, early)
     pass_cache.evict(studio.settings.pass_cache_dir, studio.settings.pass_cache_bytes)
     timings.total = time.perf_counter() - started
     return Outcome(
@@ -137,12 +156,13 @@ def task_folder(studio: LabelStudio, task_id: int | None, frame_urls: list[str])
     return studio.settings.pass_cache_dir / f"task-{task_id}-{digest}"
 
 
-def _brush_result(session, keyframes, config, timings, progress):
+def _brush_result(session, keyframes, config, timings, progress, early):
     """Regions for every object on every frame (a person's copied as they are), each with its
-    confidence and provenance; the frames to check next go into the status TextArea."""
+    confidence and provenance; the frames to check next go into the status TextArea. `early`:
+    (n, hand_over), called with the regions and score so far once n frames are done."""
     result, score = [], 1.0
     started = time.perf_counter()
-    for frame_result in session.propagate(progress=progress):
+    for done, frame_result in enumerate(session.propagate(progress=progress), start=1):
         encode_started = time.perf_counter()
         score = min(score, frame_result.min_confidence)
         drawn = keyframes.regions.get(frame_result.index, {})
@@ -167,6 +187,16 @@ def _brush_result(session, keyframes, config, timings, progress):
                     )
                 )
         timings.encode += time.perf_counter() - encode_started
+        if early is not None and done == early[0]:
+            so_far = list(result)
+            if config.status_name:
+                total = len(session.frames)
+                so_far.append(
+                    formats.status_text(
+                        config, [f"xmem-label: {done} of {total} frames so far, the rest follows"]
+                    )
+                )
+            early[1](so_far, score)
     timings.propagate = time.perf_counter() - started - timings.encode
     if config.status_name:
         result.append(formats.suggestions_text(config, session.suggest(SUGGESTIONS)))

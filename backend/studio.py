@@ -143,15 +143,19 @@ class LabelStudio:
         Read back after the POST, so that of two stores racing for one task (two workers) the
         later-created one wins: every lower id of the version is visible to the higher one's
         read and deleted. Safe to repeat after a crash at any point."""
-        created = self.call("POST", "/api/predictions", json={"task": task_id, **prediction})
-        new_id = created.json()["id"]
+        new_id = self.create_prediction(task_id, prediction)
         versions = (prediction.get("model_version"), FAILED_VERSION)
         for old in self.call("GET", "/api/predictions", params={"task": task_id}).json():
             if old["id"] < new_id and old.get("model_version") in versions:
-                self._delete_prediction(old["id"])
+                self.delete_prediction(old["id"])
         return new_id
 
-    def _delete_prediction(self, prediction_id: int) -> None:
+    def create_prediction(self, task_id: int, prediction: dict) -> int:
+        """Add `prediction` to a task beside its others (a job's first batch); returns its id."""
+        created = self.call("POST", "/api/predictions", json={"task": task_id, **prediction})
+        return created.json()["id"]
+
+    def delete_prediction(self, prediction_id: int) -> None:
         """Delete a prediction; one already deleted (by a racing store) is fine."""
         try:
             self.call("DELETE", f"/api/predictions/{prediction_id}")

@@ -340,3 +340,58 @@ def test_an_object_left_out_of_a_keyframe_is_absent_there(client):
     assert objects[0] == {"xl1k", "xl2k"} and objects[1] == {"xl1f", "xl2f"}
     assert objects[4] == {"xl1k"}
     assert all(objects[frame] == {"xl1f"} for frame in (5, 6, 7))
+
+
+@pytest.mark.parametrize("superseded", [False, True])
+def test_a_job_stores_a_first_batch_while_the_rest_propagates(runtime, monkeypatch, superseded):
+    """A webhook job on a 16-frame task stores the first 10 frames at once (with a note in the
+    status TextArea), then its whole prediction, which replaces them; a job whose annotation
+    changed meanwhile withdraws its first batch and stores nothing."""
+    task = keyframe_task(7, "mask", "Chair")
+    task["data"]["frames"] = FRAME_URLS * 2
+    schema = config("mask", "Chair").replace(
+        "</View>", '<TextArea name="xmem_status" toName="image" readonly="true"/></View>'
+    )
+    # read when the job starts, before storing the first batch, and when it is done
+    versions = iter(["v1", "v1", "v2" if superseded else "v1"])
+    calls = []
+    monkeypatch.setattr(
+        studio.LabelStudio, "project", lambda self, i: {"id": i, "label_config": schema}
+    )
+    monkeypatch.setattr(studio.LabelStudio, "task", lambda self, p, t: {**task, "annotations": []})
+    monkeypatch.setattr(
+        studio.LabelStudio,
+        "annotation",
+        lambda self, i: {**task["annotations"][0], "task": 7, "updated_at": next(versions)},
+    )
+    monkeypatch.setattr(
+        studio.LabelStudio,
+        "create_prediction",
+        lambda self, task_id, prediction: calls.append(("first", prediction)) or 41,
+    )
+    monkeypatch.setattr(
+        studio.LabelStudio,
+        "store_prediction",
+        lambda self, task_id, prediction: calls.append(("whole", prediction)) or 42,
+    )
+    monkeypatch.setattr(
+        studio.LabelStudio, "delete_prediction", lambda self, i: calls.append(("withdrawn", i))
+    )
+    record, _ = runtime.journal.submit(
+        "webhook:1:7:1:v1", "webhook", "1", 7, {"project": 1, "task": 7, "annotation": 7}, "store"
+    )
+    assert runtime.journal.wait(record.id, 60).state == "done"
+    assert [call[0] for call in calls] == ["first", "withdrawn" if superseded else "whole"]
+    first = calls[0][1]
+    frames = sorted(r["item_index"] for r in first["result"] if r["type"] == "brushlabels")
+    assert frames == list(range(10))
+    (status,) = [r for r in first["result"] if r["type"] == "textarea"]
+    assert status["value"]["text"] == ["xmem-label: 10 of 16 frames so far, the rest follows"]
+    if superseded:
+        assert calls[1] == ("withdrawn", 41)
+    else:
+        whole = calls[1][1]
+        assert len([r for r in whole["result"] if r["type"] == "brushlabels"]) == 16
+        assert first["model_version"] == whole["model_version"]
+        # the first batch's regions are the whole's, bit for bit
+        assert all(region in whole["result"] for region in first["result"][:-1])

@@ -105,10 +105,25 @@ def decoded_labels(result: list[dict], num_frames: int) -> list[np.ndarray]:
     return labels
 
 
+def is_first_batch(prediction: dict) -> bool:
+    """A job's first frames, stored while the rest propagates (tasks of over 10 frames)."""
+    return any(
+        "frames so far" in line
+        for region in prediction["result"]
+        if region["type"] == "textarea"
+        for line in region["value"]["text"]
+    )
+
+
 def wait_for_prediction(label_studio, task_id: int, skip_ids=(), seconds: float = 180) -> dict:
+    """The first whole prediction (not a first batch) stored on the task, but for skip_ids."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        fresh = [p for p in label_studio.predictions(task_id) if p["id"] not in skip_ids]
+        fresh = [
+            p
+            for p in label_studio.predictions(task_id)
+            if p["id"] not in skip_ids and not is_first_batch(p)
+        ]
         if fresh:
             return fresh[0]
         time.sleep(0.5)
@@ -229,6 +244,34 @@ def test_webhook_stores_prediction_then_correction_repropagates(
     between = next(r for r in second["result"] if r["id"] == "xl1f3")
     assert between["meta"]["text"] == ["xmem-label: fused from keyframes 1 and 6"]
     assert [p["id"] for p in label_studio.predictions(task_id)] == [second["id"]]
+
+
+def test_a_long_task_shows_its_first_frames_while_the_rest_propagates(
+    label_studio, backend, sequence_project
+):
+    """A 192-frame task: the webhook's job stores its first 10 frames as soon as they are out
+    (the status TextArea says so), then the whole prediction, which replaces them."""
+    connect(label_studio, sequence_project, backend)
+    task_id = add_task(label_studio, sequence_project, sequence_project["urls"] * 24, None)
+    label_studio.api(
+        "POST", f"/api/tasks/{task_id}/annotations", json={"result": [brush(0, "Chair", chair(0))]}
+    )
+    first = None
+    deadline = time.monotonic() + 120
+    while first is None and time.monotonic() < deadline:
+        stored = label_studio.predictions(task_id)
+        first = next((p for p in stored if is_first_batch(p)), None)
+        assert not [p for p in stored if not is_first_batch(p)], "the whole came first"
+        time.sleep(0.1)
+    assert first is not None
+    assert_valid(SEQUENCE_CONFIG, first)
+    brushes = [r for r in first["result"] if r["type"] == "brushlabels"]
+    assert sorted(r["item_index"] for r in brushes) == list(range(10))
+    whole = wait_for_prediction(label_studio, task_id)
+    assert len([r for r in whole["result"] if r["type"] == "brushlabels"]) == 192
+    assert all(region in whole["result"] for region in brushes)  # the same masks, bit for bit
+    time.sleep(1)
+    assert [p["id"] for p in label_studio.predictions(task_id)] == [whole["id"]]
 
 
 def test_propagation_longer_than_the_predict_window_is_stored_through_the_api(

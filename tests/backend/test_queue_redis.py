@@ -35,6 +35,7 @@ from .test_label_studio_e2e import (
     brush,
     chair,
     clip_urls,
+    is_first_batch,
     wait_for_prediction,
 )
 
@@ -399,7 +400,8 @@ def test_a_killed_worker_hands_its_job_to_the_other(label_studio, cluster):
     os.killpg(victim.pid, signal.SIGKILL)
     killed = time.monotonic()
     victim.wait()
-    assert label_studio.predictions(task) == []
+    # nothing stored but, perhaps, the killed job's first batch
+    assert all(is_first_batch(p) for p in label_studio.predictions(task))
     prediction = wait_for_prediction(label_studio, task, seconds=120)
     took = time.monotonic() - killed
     assert len([r for r in prediction["result"] if r.get("item_index") == 95]) == 1

@@ -28,6 +28,7 @@ from .test_label_studio_e2e import (
     brush,
     chair,
     clip_urls,
+    is_first_batch,
     wait_for_prediction,
 )
 from .test_media import Server, trickle
@@ -246,7 +247,8 @@ def test_a_killed_backend_loses_no_job(label_studio, tmp_path_factory):
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert label_studio.predictions(task) == []
+    # nothing stored but, perhaps, the killed job's first batch
+    assert all(is_first_batch(p) for p in label_studio.predictions(task))
 
     second = run_backend(label_studio, tmp_path_factory, env=env, port=int(url.rsplit(":", 1)[1]))
     restarted = next(second)
