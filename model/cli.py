@@ -217,6 +217,13 @@ def _add_engine_options(parser: argparse.ArgumentParser, default_engine: str | N
         "int8 (fastest: CPU)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads of the engine's library (XMem: torch's, flow: OpenCV's), for this "
+        "process; the engine option `threads` (default: the library's, one per core)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -236,7 +243,7 @@ def _run_propagate(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         size=args.size,
-        settings=_parse_settings(args.settings),
+        settings=_parse_settings(args.settings, threads=args.threads),
         direction=args.direction,
         save_probs=args.save_probs,
         overlay=args.overlay,
@@ -280,7 +287,9 @@ def _parse_keyframes(items: list[str]) -> dict[int, Path]:
     return keyframes
 
 
-def _parse_settings(items: list[str]) -> dict[str, str]:
+def _parse_settings(items: list[str], threads: int | None = None) -> dict[str, str]:
+    """--set KEY=VALUE options, and --threads N: the engine option `threads`, checked and typed
+    with the other options by the engine that takes it."""
     settings: dict[str, str] = {}
     for item in items:
         key, separator, value = item.partition("=")
@@ -289,6 +298,10 @@ def _parse_settings(items: list[str]) -> dict[str, str]:
         if key.strip() in settings:
             raise InputError(f"two --set options for {key.strip()!r}")
         settings[key.strip()] = value.strip()
+    if threads is not None:
+        if "threads" in settings:
+            raise InputError("give threads once: --threads N or --set threads=N")
+        settings["threads"] = str(threads)
     return settings
 
 

@@ -199,7 +199,7 @@ def auto_engine(weights: str | None = None) -> tuple[EngineSpec, list[str]]:
 
 def load_engine(name: str = "xmem", **options: Any) -> Engine:
     """Load engine `name` (see `registered_engines`); options go to that engine's loader
-    (for XMem: weights, device, precision and any memory setting)."""
+    (for XMem: weights, device, precision, threads and any memory setting)."""
     return engine_spec(name).load_function()(**options)
 
 
@@ -212,6 +212,16 @@ def _import(target: str, engine: str) -> Callable[..., Any]:
             raise InputError(f"the {engine} engine is not part of this installation") from None
         raise
     return getattr(module, function_name)
+
+
+def check_threads(threads: object) -> int | None:
+    """An engine's `threads` option: None (leave the process's setting) or a whole number of
+    1 or more; refused here so a bad value is one clear line, before anything loads."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads takes a whole number of 1 or more, not {threads!r}")
+    return threads
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")

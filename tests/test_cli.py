@@ -244,6 +244,16 @@ BAD_INPUTS = {
     "unknown flow setting": (lambda d: [*_chair(), "--set", "top_k=5"], "unknown flow setting"),
     "setting of the wrong type": (lambda d: [*_chair(), "--set", "work_height=tall"], "number"),
     "xmem option for flow": (lambda d: [*_chair(), "--size", "320"], "xmem engine only"),
+    "no threads": (lambda d: [*_chair(), "--threads", "0"], "whole number of 1 or more"),
+    "threads not a number": (lambda d: [*_chair(), "--threads", "two"], "invalid int value"),
+    "threads given twice": (
+        lambda d: [*_chair(), "--threads", "1", "--set", "threads=1"],
+        "give threads once",
+    ),
+    "bad threads for xmem, before its weights": (
+        lambda d: [FRAMES, "--mask", f"0={FIRST_MASK}", "--engine", "xmem", "--threads", "-1"],
+        "whole number of 1 or more",
+    ),
     "overlay of an unknown kind": (lambda d: [*_chair(), "--overlay", "o.avi"], ".mp4"),
     "unknown engine": (lambda d: [*_chair(), "--engine", "sam"], "invalid choice"),
 }
@@ -260,6 +270,15 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, capsys
     assert expected.lower() in lines[0].lower()
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
+
+
+@pytest.mark.parametrize("given", [["--threads", "1"], ["--set", "threads=1"]])
+def test_threads_reach_the_engines_library(tmp_path, capsys, monkeypatch, given):
+    calls: list[int] = []
+    monkeypatch.setattr(cv2, "setNumThreads", calls.append)
+    code, _, err = run(capsys, "propagate", *_chair(), *given, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert set(calls) == {1}  # twice: the flow engine's loader is also its options' check
 
 
 def test_missing_weights_file_for_xmem(tmp_path, capsys):

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..engine import EngineDescription
+from ..engine import EngineDescription, check_threads
 from ..errors import InputError
 
 PRESETS = {
@@ -402,6 +402,7 @@ def load_flow_engine(
     refine_radius: int = 3,
     refine_eps: float = 1e-3,
     sharpen: float = 2.0,
+    threads: int | None = None,
 ) -> FlowEngine:
     """The weight-free flow engine.
 
@@ -423,6 +424,9 @@ def load_flow_engine(
     refine_radius, refine_eps: guided-filter window radius (0 turns it off) and regularisation;
         snaps mask edges to image edges.
     sharpen: gain applied around 0.5 to the carried soft masks, undoing the blur of warping.
+    threads: OpenCV's threads (cv2.setNumThreads: the optical flow, resizing and filters), set
+        when the engine loads; None leaves the process's setting (OpenCV's default: all
+        cores). OpenCV's setting is per process: the engine loaded last decides.
     """
     settings = FlowSettings(
         preset=preset,
@@ -437,4 +441,8 @@ def load_flow_engine(
         refine_eps=refine_eps,
         sharpen=sharpen,
     )
-    return FlowEngine(check_flow_settings(settings))
+    engine = FlowEngine(check_flow_settings(settings))
+    threads = check_threads(threads)
+    if threads is not None:
+        cv2.setNumThreads(threads)
+    return engine

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import EngineDescription, pick_device
+from ..engine import EngineDescription, check_threads, pick_device
 from ..errors import InputError
 from ..outputs import sha256_of
 from .allocator import keep_freed_memory
@@ -108,11 +108,13 @@ def check_xmem_options(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    threads: int | None = None,
     **settings: Any,
 ) -> tuple[torch.device, XMemSettings]:
     """The device and settings XMem would run with; every option is checked here, so a caller
     (the CLI) can refuse a bad one before resolving or downloading weights."""
     resolved_settings = xmem_settings(**settings)
+    check_threads(threads)
     device = pick_device(device)
     allowed = PRECISIONS.get(device.type, ("fp32",))
     if precision not in allowed:
@@ -132,6 +134,7 @@ def load_xmem_engine(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    threads: int | None = None,
     **settings: Any,
 ) -> XMemEngine:
     """Load XMem.
@@ -140,13 +143,18 @@ def load_xmem_engine(
     `xmem_label.model.xmem.weights.resolve_weights` does (path, environment, cache, download).
     device: None picks CUDA, then MPS, then CPU. precision: "fp32" (exact), "bf16"/"fp16"
     autocast (fast), or "int8" (fastest, CPU). compile: wrap the three networks in
-    torch.compile (not with int8, whose kernels run eagerly).
+    torch.compile (not with int8, whose kernels run eagerly). threads: torch's intra-op
+    threads on CPU, set when the engine loads (None leaves the process's setting: torch's
+    default is one per physical core, or OMP_NUM_THREADS). Torch's setting is per process, so
+    it holds for every engine and pass in the process, and the engine loaded last decides.
     settings: XMem settings under the official names, and `size` (internal short side, -1 =
     native); defaults come from manifest.yml.
     """
     device, resolved_settings = check_xmem_options(
-        device=device, precision=precision, compile=compile, **settings
+        device=device, precision=precision, compile=compile, threads=threads, **settings
     )
+    if threads is not None:
+        torch.set_num_threads(threads)
     path = resolve_weights(weights)
     network = build_network(load_state_dict(path)).to(device).eval()
     network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
