@@ -171,22 +171,26 @@ class Runtime:
                 return now is not None and now.get("updated_at") == annotation.get("updated_at")
 
             model = XMemLabelModel(self, record.project, project.get("label_config") or "")
-            first_batch = self._first_batch(record, first_batches, current)
+            first_batch = self._first_batch(record, task, first_batches, current)
             outcome = model.propagation(task, None, first_batch)()
             if not current():
                 return {"superseded": payload["annotation"], "timings": outcome.timings.as_dict()}
         else:
             model = XMemLabelModel(self, record.project, payload["label_config"])
-            first_batch = self._first_batch(record, first_batches, lambda: True)
+            first_batch = self._first_batch(record, payload["task"], first_batches, lambda: True)
             outcome = model.propagation(payload["task"], payload["context"], first_batch)()
         return {"prediction": outcome.prediction, "timings": outcome.timings.as_dict()}
 
     def _first_batch(
-        self, record: JobRecord, stored: list[int], current: Callable[[], bool]
-    ) -> Callable[[dict], None]:
-        """Store a first batch on the task when no request waits for the job (a waiting
+        self, record: JobRecord, task: dict, stored: list[int], current: Callable[[], bool]
+    ) -> Callable[[dict], None] | None:
+        """Store a first batch on a task that has no prediction of this model yet (a correction
+        keeps showing the previous one), when no request waits for the job (a waiting
         /predict answers with the whole) and its input is still current; its id goes to
         `stored`. A failure to store it is only logged: the job's prediction is what counts."""
+        version = self.engines.model_version()
+        if any(p.get("model_version") == version for p in task.get("predictions") or []):
+            return None
 
         def store_first_batch(prediction: dict) -> None:
             if record.task_id is None or self.journal.get(record.id).deliver != "store":

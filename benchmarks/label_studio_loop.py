@@ -14,6 +14,9 @@ stored prediction (to Label Studio's `created_at` of the prediction, so the benc
 is not counted); the same keyframes through a bare Session in this process (the engine alone:
 round 0 from scratch, then one incremental run per correction); the backend job's download
 time; and how many frames outside the corrected segment changed (must be none).
+
+`--first-mask 300` then times a 300-frame task with a keyframe on its first frame: from the save
+to the backend's first batch (10 frames) and to its whole prediction.
 """
 
 from __future__ import annotations
@@ -184,9 +187,43 @@ def run(args: argparse.Namespace, work: Path) -> None:
                   flush=True)  # fmt: skip
             previous = prediction
         session.close()
+        if args.first_mask:
+            first_mask(api, project["id"], media, args, truth_of=lambda i: cycle[i % len(cycle)])
     finally:
         stop(backend)
         stop(ls_process)
+
+
+def first_mask(api, project_id: int, media: Path, args: argparse.Namespace, truth_of) -> None:
+    """Time to the first frames on a long task (issue 17): a task of `--first-mask` frames, a
+    keyframe on its first frame saved, then the times (Label Studio's `created_at`) of the
+    backend's first batch and of its whole prediction."""
+    folder = media / "first"
+    folder.mkdir(parents=True)
+    frames_dir = ping_pong(args.clip, args.first_mask, folder)
+    api("POST", "/api/storages/localfiles",
+        json={"project": project_id, "path": str(frames_dir), "title": "long"})  # fmt: skip
+    urls = [
+        f"/data/local-files/?d={path.relative_to(media).as_posix()}"
+        for path in sorted(frames_dir.iterdir())
+    ]
+    api("POST", f"/api/projects/{project_id}/import", json=[{"frames": urls}])
+    task = max(api("GET", "/api/tasks", params={"project": project_id})["tasks"],
+               key=lambda t: t["id"])  # fmt: skip
+    saved_at = time.time()
+    api("POST", f"/api/tasks/{task['id']}/annotations",
+        json={"result": regions_for({0: truth_of(0)}, [0])})  # fmt: skip
+    seen: dict[int, tuple[float, bool]] = {}
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline and not any(not first for _, first in seen.values()):
+        for p in api("GET", "/api/predictions", params={"task": task["id"]}):
+            stored_at = datetime.datetime.fromisoformat(p["created_at"]).timestamp()
+            seen[p["id"]] = (stored_at - saved_at, is_first_batch(p))
+        time.sleep(0.25)
+    first = min((t for t, is_first in seen.values() if is_first), default=float("nan"))
+    whole = min((t for t, is_first in seen.values() if not is_first), default=float("nan"))
+    print(f"{args.first_mask} frames, keyframe on frame 0: first 10 frames stored {first:.1f} s "
+          f"after the save, all frames {whole:.1f} s ({first / whole:.0%})")  # fmt: skip
 
 
 def subprocess_backend(url: str, work: Path, port: int) -> subprocess.Popen:
@@ -208,12 +245,23 @@ def job_download_seconds(backend_url: str, jobs_done: int) -> float:
         time.sleep(0.1)
 
 
+def is_first_batch(prediction: dict) -> bool:
+    """The backend's first frames of a job, stored while the rest propagates."""
+    return any(
+        "frames so far" in text
+        for region in prediction["result"]
+        if region["type"] == "textarea"
+        for text in region["value"]["text"]
+    )
+
+
 def wait_for_new(api, task_id: int, seen: set[int], seconds: float = 900) -> dict:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         fresh = [
             p for p in api("GET", "/api/predictions", params={"task": task_id})
             if p["id"] not in seen and p["model_version"] != "xmem-label-failed"
+            and not is_first_batch(p)
         ]  # fmt: skip
         if fresh:
             return fresh[-1]
@@ -226,6 +274,10 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--first-mask", type=int, default=0, metavar="N",
+        help="then time the first batch and the whole of an N-frame task (0: skip)",
+    )  # fmt: skip
     add_label_studio_options(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:

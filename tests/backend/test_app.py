@@ -342,13 +342,17 @@ def test_an_object_left_out_of_a_keyframe_is_absent_there(client):
     assert all(objects[frame] == {"xl1f"} for frame in (5, 6, 7))
 
 
-@pytest.mark.parametrize("superseded", [False, True])
-def test_a_job_stores_a_first_batch_while_the_rest_propagates(runtime, monkeypatch, superseded):
+@pytest.mark.parametrize("case", ["first run", "superseded", "correction"])
+def test_a_job_stores_a_first_batch_while_the_rest_propagates(runtime, monkeypatch, case):
     """A webhook job on a 16-frame task stores the first 10 frames at once (with a note in the
     status TextArea), then its whole prediction, which replaces them; a job whose annotation
-    changed meanwhile withdraws its first batch and stores nothing."""
+    changed meanwhile withdraws its first batch and stores nothing; a task that has a
+    prediction of the model already (a correction) keeps showing it: no first batch."""
+    superseded = case == "superseded"
     task = keyframe_task(7, "mask", "Chair")
     task["data"]["frames"] = FRAME_URLS * 2
+    if case == "correction":
+        task["predictions"] = [{"id": 3, "model_version": runtime.engines.model_version()}]
     schema = config("mask", "Chair").replace(
         "</View>", '<TextArea name="xmem_status" toName="image" readonly="true"/></View>'
     )
@@ -381,6 +385,9 @@ def test_a_job_stores_a_first_batch_while_the_rest_propagates(runtime, monkeypat
         "webhook:1:7:1:v1", "webhook", "1", 7, {"project": 1, "task": 7, "annotation": 7}, "store"
     )
     assert runtime.journal.wait(record.id, 60).state == "done"
+    if case == "correction":
+        assert [call[0] for call in calls] == ["whole"]
+        return
     assert [call[0] for call in calls] == ["first", "withdrawn" if superseded else "whole"]
     first = calls[0][1]
     frames = sorted(r["item_index"] for r in first["result"] if r["type"] == "brushlabels")
