@@ -1,7 +1,7 @@
 """Speed and memory of XMem propagation on CPU (issue 6), beside the reference's figures.
 
     python -m benchmarks.propagate --size 854x480 --objects 1,3 --frames 60 [--precision bf16|int8]
-        [--compile]
+        [--compile] [--threads N]
 
 Each case runs in its own process so its peak RSS is its own. Frames are pre-decoded (a
 synthetic clip, computed in memory), so this measures the network and memory, as the reference
@@ -17,8 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-import torch
 
 from xmem_label.model import Session, load_engine
 
@@ -36,7 +34,7 @@ FLOP_FRAMES = 7  # frames counted for GFLOP/s: includes the first memory write a
 
 
 def run_case(
-    width: int, height: int, objects: int, frames: int, precision: str, compile: bool
+    width: int, height: int, objects: int, frames: int, precision: str, compile: bool, threads: int
 ) -> dict:
     """Propagate one synthetic clip and return its timings (runs in the case's own process)."""
     engine = load_engine(
@@ -46,6 +44,7 @@ def run_case(
         device="cpu",
         precision=precision,
         compile=compile,
+        threads=threads,
     )
     clip = SyntheticClip(frames, height, width)
 
@@ -80,16 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objects", default="1,3", help="comma-separated object counts")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="the engine's threads option")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    torch.set_num_threads(args.threads)
 
     if args.case:  # child process: one case, JSON on stdout
         result = run_case(
-            width, height, int(args.objects), args.frames, args.precision, args.compile
+            width,
+            height,
+            int(args.objects),
+            args.frames,
+            args.precision,
+            args.compile,
+            args.threads,
         )
         print(json.dumps(result))
         return 0
