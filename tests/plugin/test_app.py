@@ -6,6 +6,12 @@ The keyframe is the clip's last frame, so the frame the App opens on (frame 1) c
 the engine propagated backwards. Two screenshots of the sample's modal, with and without the
 propagated field, must differ where the mask is drawn. XMEM_LABEL_SAVE_SCREENSHOT=1 also saves
 the first one as docs/images/fiftyone.png (the plugin README's picture).
+
+The annotation loop's review view: the saved frames view "suggest frames to review" makes
+opens in the App on its first frame (rank 1), which draws that frame's propagated labels and
+the review label (rank and reasons). No picture of it is saved: in headless Chromium the
+player is still seeking when the screenshot is taken, so the labels of the suggested frame
+are drawn over the video's first frame.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import PLUGIN_NAME, REPO
+from .conftest import PLUGIN_NAME, REPO, run_operator
 
 pytestmark = pytest.mark.browser
 
@@ -124,11 +130,7 @@ def test_app_shows_propagated_masks(dataset, tmp_path):
     triggered = [m["body"]["operator_uri"] for m in messages]
     assert triggered[0] == "set_progress" and triggered[-2:] == ["reload_dataset", "notify"]
 
-    # Where the two pictures differ in the video player part of the modal (the sidebars
-    # list fields), minus thin lines and edges (the frame lands a fraction of a pixel apart).
-    player = (slice(60, 780), slice(30, 1050))
-    changed = (np.abs(with_masks - without).sum(axis=2)[player] > 60).astype(np.uint8)
-    changed = cv2.morphologyEx(changed, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    changed = drawn_on_player(with_masks, without)
     rows, cols = np.nonzero(changed)
     assert changed.sum() > 2000, "no mask drawn on the video"
     # one compact region, the mask and its box (the chair is top left of the frame)
@@ -136,3 +138,46 @@ def test_app_shows_propagated_masks(dataset, tmp_path):
     assert cols.max() < changed.shape[1] / 2
     if os.environ.get("XMEM_LABEL_SAVE_SCREENSHOT"):
         shutil.copy(tmp_path / "masks.png", REPO / "docs" / "images" / "fiftyone.png")
+
+
+def drawn_on_player(shot: np.ndarray, plain: np.ndarray) -> np.ndarray:
+    """Where two screenshots of the modal differ in its player part (the sidebars list
+    fields), minus thin lines and edges (the frame lands a fraction of a pixel apart)."""
+    player = (slice(60, 780), slice(30, 1050))
+    changed = (np.abs(shot - plain).sum(axis=2)[player] > 60).astype(np.uint8)
+    return cv2.morphologyEx(changed, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+def test_app_opens_the_suggested_frames_view(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("XMEM_LABEL_FIFTYONE_CACHE", str(tmp_path / "cache"))
+    sample = dataset.first()
+    dataset.set_values("frames.gt", {sample.id: {8: sample.frames[8].truth.copy()}}, key_field="id")
+    corrected = run_operator(
+        f"{PLUGIN_NAME}/propagate_corrections",
+        dataset,
+        prompt_field="gt",
+        label_field="xmem",
+        engine="flow",
+    )
+    assert corrected.error is None, corrected.error
+    suggested = run_operator(f"{PLUGIN_NAME}/suggest_frames", dataset, label_field="xmem", count=3)
+    assert suggested.error is None, suggested.error
+    review = dataset.load_saved_view("xmem review")
+    assert review.values("xmem_review.rank") == [1, 2, 3]
+    first = review.first()
+    assert first.xmem_review.label.startswith("#1: ") and first.xmem.detections
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    session = fo.launch_app(dataset, remote=True, address="127.0.0.1", port=port, auto=False)
+    shown = review.exclude_fields(["gt", "truth"])  # the propagated labels and the review only
+    try:
+        show(session, shown, first.id)  # the modal on the rank-1 frame
+        shot = screenshot(session.url, tmp_path / "review.png")
+        show(session, shown.exclude_fields(["xmem", "xmem_review"]), first.id)
+        plain = screenshot(session.url, tmp_path / "plain.png")
+    finally:
+        session.close()
+    changed = drawn_on_player(shot, plain)
+    assert changed.sum() > 2000, "no label drawn on the frame"
