@@ -78,39 +78,47 @@ def winograd_conv3x3(x: Tensor, transformed_weight: Tensor, bias: Tensor | None)
     """`F.conv2d(x, weight, bias, padding=1)` for float32 x (N, Cin, H, W).
 
     transformed_weight: `transform_weight(weight)`, possibly sliced along Cin. The output is
-    (N, Cout, H, W) in channels-last memory. Tiles go through in bands of tile rows, so the
-    transformed tiles (2.25x the input or output) stay within a few `CHUNK_ELEMENTS` buffers.
+    (N, Cout, H, W) in channels-last memory. Tiles go through in bands of tile rows, each band
+    zero-padded and transformed on its own, so beside x and the output only a few
+    `CHUNK_ELEMENTS` buffers are alive: a whole padded copy of x and a second output (for the
+    bias) were 2 of the 4 largest tensors of exact mode's peak with 3 objects.
     """
     n, channels, height, width = x.shape
     out_channels = transformed_weight.shape[-1]
     rows, cols = -(-height // TILE), -(-width // TILE)
-    # Zero-padded input in NHWC, large enough for whole tiles.
-    padded = x.new_zeros(n, rows * TILE + 2, cols * TILE + 2, channels)
-    padded[:, 1 : height + 1, 1 : width + 1] = x.permute(0, 2, 3, 1)
+    source = x.permute(0, 2, 3, 1)  # NHWC view
     out = x.new_empty(n, rows * TILE, cols * TILE, out_channels)
-    s_n, s_h, s_w, s_c = padded.stride()
     b_t, a_t = _INPUT_TRANSFORM.to(x.device), _OUTPUT_TRANSFORM.to(x.device)
     band = max(1, CHUNK_ELEMENTS // (_SPAN * _SPAN * n * cols * max(channels, out_channels)))
     for top in range(0, rows, band):
         band_rows = min(band, rows - top)
         tiles = n * band_rows * cols
+        # The band's input rows, zero-padded for whole tiles: padded row r is input row first + r.
+        first = top * TILE - 1
+        padded = x.new_zeros(n, band_rows * TILE + 2, cols * TILE + 2, channels)
+        low, high = max(first, 0), min(first + band_rows * TILE + 2, height)
+        padded[:, low - first : high - first, 1 : width + 1] = source[:, low:high]
+        s_n, s_h, s_w, s_c = padded.stride()
         # (6, 6 * tiles * Cin): the band's overlapping 6x6 windows, window position outermost.
-        windows = (
-            padded[:, top * TILE :]
-            .as_strided(
-                (_SPAN, _SPAN, n, band_rows, cols, channels),
-                (s_h, s_w, s_n, TILE * s_h, TILE * s_w, s_c),
-            )
-            .reshape(_SPAN, -1)
-        )
+        windows = padded.as_strided(
+            (_SPAN, _SPAN, n, band_rows, cols, channels),
+            (s_h, s_w, s_n, TILE * s_h, TILE * s_w, s_c),
+        ).reshape(_SPAN, -1)
+        del padded  # each buffer is dropped once used: they are the size of the band
         v = (b_t @ windows).view(_SPAN, _SPAN, -1)  # B^T d
+        del windows
         v = torch.matmul(b_t, v).view(_SPAN * _SPAN, tiles, channels)  # (B^T d) B
         m = torch.bmm(v, transformed_weight)  # (36, tiles, Cout): the multiplications
+        del v
         y = (a_t @ m.view(_SPAN, -1)).view(TILE, _SPAN, -1)
+        del m
         y = torch.matmul(a_t, y).view(TILE, TILE, n, band_rows, cols, out_channels)
         out[:, top * TILE : (top + band_rows) * TILE].view(
             n, band_rows, TILE, cols, TILE, out_channels
         ).copy_(y.permute(2, 3, 0, 4, 1, 5))
+        del y
     out = out[:, :height, :width]
-    out = out + bias if bias is not None else out.contiguous()
-    return out.permute(0, 3, 1, 2)
+    if bias is not None:
+        out.add_(bias)  # in place: the same sums as `out + bias`, without a second output
+    # A copy only when the tiles overhang the image (height or width not a multiple of 4).
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
