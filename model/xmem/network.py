@@ -33,10 +33,13 @@ from torch import Tensor, nn
 from .backbones import BasicBlock, KeyEncoder, folded_batch_norm, make_stage
 from .conv3x3 import Conv3x3
 
-# Objects that go through the full-resolution half of the networks together. Batching them
-# amortises per-call overhead; capping the batch bounds activation memory (about 150 MB per
-# object at 854x480 in float32) whatever the number of objects, at no measurable speed cost.
-OBJECTS_PER_BATCH = 4
+# Objects that go through the full-resolution half of the networks together. Two at a time:
+# the activations there (about 150 MB per object at 854x480 in float32) are bounded whatever
+# the number of objects, and per-call overhead is negligible at these sizes (3 objects at
+# 854x480, batches of 4 -> 2: exact mode's peak RSS 2.03 -> 1.82 GB at the same speed within
+# this machine's noise; one at a time saved 0.08 GB more, but its results differ from one
+# batch of all objects by more than the batching test's tolerance).
+OBJECTS_PER_BATCH = 2
 
 
 @dataclass
