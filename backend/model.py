@@ -184,12 +184,11 @@ class Runtime:
     def _first_batch(
         self, record: JobRecord, task: dict, stored: list[int], current: Callable[[], bool]
     ) -> Callable[[dict], None] | None:
-        """Store a first batch on a task that has no prediction of this model yet (a correction
-        keeps showing the previous one), when no request waits for the job (a waiting
-        /predict answers with the whole) and its input is still current; its id goes to
-        `stored`. A failure to store it is only logged: the job's prediction is what counts."""
-        version = self.engines.model_version()
-        if any(p.get("model_version") == version for p in task.get("predictions") or []):
+        """Store a first batch on a task that has no prediction yet (a correction keeps showing
+        the previous one), when no request waits for the job (a waiting /predict answers with
+        the whole) and its input is still current; its id goes to `stored`. A failure to store
+        it is only logged: the job's prediction is what counts."""
+        if task.get("predictions"):  # ids in Label Studio's export, objects elsewhere
             return None
 
         def store_first_batch(prediction: dict) -> None:

@@ -273,6 +273,24 @@ def test_a_long_task_shows_its_first_frames_while_the_rest_propagates(
     time.sleep(1)
     assert [p["id"] for p in label_studio.predictions(task_id)] == [whole["id"]]
 
+    # A correction: the task keeps showing its prediction until the new one replaces it.
+    (annotation,) = label_studio.api("GET", f"/api/tasks/{task_id}/annotations")
+    label_studio.api(
+        "PATCH",
+        f"/api/annotations/{annotation['id']}",
+        json={"result": [brush(0, "Chair", chair(0)), brush(5, "Chair", chair(5))]},
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        stored = label_studio.predictions(task_id)
+        assert not any(is_first_batch(p) for p in stored)
+        if len(stored) == 1 and stored[0]["id"] != whole["id"]:
+            break  # the new one stored and the old one deleted
+        assert time.monotonic() < deadline, "no new prediction"
+        time.sleep(0.1)
+    (after,) = stored
+    assert len([r for r in after["result"] if r["type"] == "brushlabels"]) == 192
+
 
 def test_propagation_longer_than_the_predict_window_is_stored_through_the_api(
     label_studio, impatient_backend
