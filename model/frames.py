@@ -247,10 +247,11 @@ class VideoFile(FrameSource):
         self.skip_bad_frames = skip_bad_frames
         capture = self._open()
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        ok, _ = capture.read()
+        ok, first = capture.read()
         capture.release()
         if not ok:
             raise InputError(f"OpenCV cannot decode video {self.path}")
+        self._hw: tuple[int, int] = first.shape[:2]  # size() without decoding it again
         self._count = count if count > 0 else None
         self._last_good_frame: np.ndarray | None = None  # for skip_bad_frames
         self._warned_longer = False
@@ -268,6 +269,9 @@ class VideoFile(FrameSource):
 
     def where(self, index: int) -> str:
         return f"{self.path} frame {index}"
+
+    def size(self) -> tuple[int, int]:
+        return self._hw
 
     def _decode(self, start: int, stop: int | None) -> Iterator[tuple[int, np.ndarray]]:
         capture = self._open()

@@ -102,8 +102,8 @@ def test_a_correction_writes_only_the_frames_it_recomputes(
 
 def test_a_correction_opens_its_video_once(dataset, chair_truth, cache_root, monkeypatch):
     """The keyframes are checked and the session propagates from one opened video: opening it
-    decodes its first frame, its size another time (issue 16's fixed cost per run), and a run
-    whose passes are all in the cache decodes nothing else."""
+    decodes its first frame, which also gives its size (issue 16's fixed cost per run), and a
+    run whose passes are all in the cache decodes nothing else."""
     from xmem_label.model.frames import VideoFile
 
     set_keyframes(
@@ -116,7 +116,7 @@ def test_a_correction_opens_its_video_once(dataset, chair_truth, cache_root, mon
     monkeypatch.setattr(VideoFile, "_open", lambda self: opened.append(self) or open_video(self))
     summary = correct(dataset)
     assert (summary["frames"], summary["network_steps"]) == (len(chair_truth), 0)
-    assert len(opened) == 2
+    assert len(opened) == 1
 
 
 def test_without_the_cache_a_correction_computes_again_and_writes_the_same(
