@@ -291,6 +291,24 @@ def suggestions_text(config: SequenceConfig, suggestions: list[Suggestion]) -> d
     return status_text(config, lines)
 
 
+FIRST_BATCH_NOTE = "frames so far, the rest follows"
+
+
+def first_batch_text(config: SequenceConfig, done: int, total: int) -> dict:
+    """The status TextArea of a job's first batch (replaced by its whole prediction)."""
+    return status_text(config, [f"xmem-label: {done} of {total} {FIRST_BATCH_NOTE}"])
+
+
+def is_first_batch(prediction: dict) -> bool:
+    """Whether a stored prediction is a job's first batch, by its status note."""
+    return any(
+        FIRST_BATCH_NOTE in text
+        for region in prediction.get("result") or []
+        if region.get("type") == "textarea"
+        for text in region["value"]["text"]
+    )
+
+
 def status_text(config: SequenceConfig, lines: list[str]) -> dict:
     """A region holding `lines` in the config's read-only status TextArea."""
     return {

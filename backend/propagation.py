@@ -190,12 +190,7 @@ def _brush_result(session, keyframes, config, timings, progress, early):
         if early is not None and done == early[0]:
             so_far = list(result)
             if config.status_name:
-                total = len(session.frames)
-                so_far.append(
-                    formats.status_text(
-                        config, [f"xmem-label: {done} of {total} frames so far, the rest follows"]
-                    )
-                )
+                so_far.append(formats.first_batch_text(config, done, len(session.frames)))
             early[1](so_far, score)
     timings.propagate = time.perf_counter() - started - timings.encode
     if config.status_name:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from xmem_label.backend.formats import is_first_batch
 from xmem_label.backend.rle import mask_to_rle, rle_to_mask
 from xmem_label.model import Session, load_engine
 from xmem_label.model.effort import TruthClip
@@ -156,12 +157,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
                                  json={"result": result})  # fmt: skip
             else:
                 api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
+            # The backend's job count first (a small answer), then the predictions once: polling
+            # Label Studio's megabytes of predictions would take the CPU the job runs on.
+            download = job_download_seconds(backend_url, jobs_done=round_number + 1)
             prediction = wait_for_new(api, task["id"], seen)
             # Label Studio's own time of storing it (same clock): the poll's delay not counted
             stored_at = datetime.datetime.fromisoformat(prediction["created_at"]).timestamp()
             saved_to_prediction = stored_at - saved_at
             seen.add(prediction["id"])
-            download = job_download_seconds(backend_url, jobs_done=round_number + 1)
 
             for frame in keyframes[len(keyframes) - (1 if round_number else 2) :]:
                 session.add_mask(frame, (truth[frame] > 0).astype(np.uint8))
@@ -236,23 +239,15 @@ def subprocess_backend(url: str, work: Path, port: int) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def job_download_seconds(backend_url: str, jobs_done: int) -> float:
+def job_download_seconds(backend_url: str, jobs_done: int, seconds: float = 900) -> float:
     """The download time of the backend's last job, once `jobs_done` jobs are done."""
-    while True:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         metrics = requests.get(f"{backend_url}/metrics", auth=BACKEND_AUTH, timeout=30).json()
         if metrics["jobs"]["done"] >= jobs_done:
             return metrics["last_timings"]["download"]
         time.sleep(0.5)  # the measure is created_at: a slow poll only keeps the CPU for the job
-
-
-def is_first_batch(prediction: dict) -> bool:
-    """The backend's first frames of a job, stored while the rest propagates."""
-    return any(
-        "frames so far" in text
-        for region in prediction["result"]
-        if region["type"] == "textarea"
-        for text in region["value"]["text"]
-    )
+    raise SystemExit(f"the backend did not finish job {jobs_done} in {seconds:.0f} s")
 
 
 def wait_for_new(api, task_id: int, seen: set[int], seconds: float = 900) -> dict:

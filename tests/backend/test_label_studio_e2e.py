@@ -19,6 +19,7 @@ import pytest
 import requests
 from label_studio_sdk.label_interface import LabelInterface
 
+from xmem_label.backend.formats import is_first_batch
 from xmem_label.backend.rle import mask_to_rle, rle_to_mask
 from xmem_label.model import Session, load_engine, read_label_mask
 from xmem_label.model.prompts import mask_from_box, mask_from_points
@@ -103,16 +104,6 @@ def decoded_labels(result: list[dict], num_frames: int) -> list[np.ndarray]:
         assert not (labels[region["item_index"]] & mask).any(), "regions overlap"
         labels[region["item_index"]][mask] = object_id
     return labels
-
-
-def is_first_batch(prediction: dict) -> bool:
-    """A job's first frames, stored while the rest propagates (tasks of over 10 frames)."""
-    return any(
-        "frames so far" in line
-        for region in prediction["result"]
-        if region["type"] == "textarea"
-        for line in region["value"]["text"]
-    )
 
 
 def wait_for_prediction(label_studio, task_id: int, skip_ids=(), seconds: float = 180) -> dict:

@@ -26,6 +26,7 @@ import redis
 import requests
 
 from xmem_label.backend import devserver
+from xmem_label.backend.formats import is_first_batch
 from xmem_label.backend.queues import RedisQueue
 
 from .conftest import BACKEND_AUTH, TOKEN, free_port, run_backend, stop, xmem_label_command
@@ -35,7 +36,6 @@ from .test_label_studio_e2e import (
     brush,
     chair,
     clip_urls,
-    is_first_batch,
     wait_for_prediction,
 )
 

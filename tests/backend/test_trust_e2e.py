@@ -18,6 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
+from xmem_label.backend.formats import is_first_batch
 from xmem_label.backend.settings import BackendSettings
 from xmem_label.backend.studio import LabelStudio
 
@@ -28,7 +29,6 @@ from .test_label_studio_e2e import (
     brush,
     chair,
     clip_urls,
-    is_first_batch,
     wait_for_prediction,
 )
 from .test_media import Server, trickle
