@@ -153,7 +153,9 @@ def task_folder(studio: LabelStudio, task_id: int | None, frame_urls: list[str])
     URLs change gets a new folder (the old one is evicted in time). A URL is taken to name the
     same bytes for as long as the task lists it, as Label Studio's own storages assume."""
     digest = hashlib.sha256("\n".join(frame_urls).encode()).hexdigest()[:16]
-    return studio.settings.pass_cache_dir / f"task-{task_id}-{digest}"
+    # Only an integer id names the folder: a /predict body's id may be any JSON ("../..").
+    name = f"task-{task_id}" if isinstance(task_id, int) else "task"
+    return studio.settings.pass_cache_dir / f"{name}-{digest}"
 
 
 def _brush_result(session, keyframes, config, timings, progress, early):

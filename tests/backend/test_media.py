@@ -240,5 +240,8 @@ def test_a_tasks_frames_are_downloaded_once_and_kept_with_its_passes(tmp_path):
         ]
         run(urls[:3] + urls[:1])
         assert len(server.requests) == 8
+        # an id that is not an integer (a hostile /predict body) never names a folder
+        hostile = propagation.task_folder(label_studio, "../../../elsewhere", urls)
+        assert hostile.parent == settings.pass_cache_dir and "/" not in hostile.name
     finally:
         server.close()
