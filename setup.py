@@ -57,6 +57,7 @@ DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "pytest-xdist>=3.6",
+    "filelock>=3.12",  # the test run's synthetic weights, made once for all workers
     "ruff>=0.6",
     "selenium>=4.20",
     "matplotlib>=3.7",

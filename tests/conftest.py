@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from xmem_label.model.engine import EngineDescription
 
@@ -140,13 +141,21 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 @pytest.fixture(scope="session")
-def xmem_weights_path(tmp_path_factory) -> Path:
+def xmem_weights_path(tmp_path_factory, worker_id) -> Path:
     """A .pth of the seed-1 synthetic weights, checked against the fixture's checksum; made
-    once per test process for every test that runs XMem."""
-    state_dict = make_reference_state_dict()
-    assert state_dict_sha256(state_dict) == WEIGHTS_SHA256
-    path = tmp_path_factory.mktemp("xmem_weights") / f"xmem_synthetic_seed{WEIGHTS_SEED}.pth"
-    torch.save(state_dict, path)
+    once per test run for every test that runs XMem (under pytest-xdist the workers share the
+    run's temporary root, and the first one to get here makes the file for all of them)."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    path = root / f"xmem_synthetic_seed{WEIGHTS_SEED}.pth"
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            state_dict = make_reference_state_dict()
+            assert state_dict_sha256(state_dict) == WEIGHTS_SHA256
+            partial = path.with_suffix(".partial")
+            torch.save(state_dict, partial)
+            partial.replace(path)
     return path
 
 

@@ -20,7 +20,8 @@ def one_thread_each():
 
 
 def test_xmem_sets_torchs_threads_when_it_loads(xmem_weights_path, one_thread_each):
-    load_engine("xmem", weights=xmem_weights_path, device="cpu", threads=2)
+    # bf16: the same loading without exact mode's Winograd preparation (a second of the test)
+    load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="bf16", threads=2)
     assert torch.get_num_threads() == 2
 
 
@@ -30,7 +31,7 @@ def test_flow_sets_opencvs_threads_when_it_loads(one_thread_each):
 
 
 def test_without_threads_the_process_setting_stands(xmem_weights_path, one_thread_each):
-    load_engine("xmem", weights=xmem_weights_path, device="cpu")
+    load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="bf16")
     load_engine("flow")
     assert (torch.get_num_threads(), cv2.getNumThreads()) == (1, 1)
 

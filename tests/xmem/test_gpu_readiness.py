@@ -66,7 +66,9 @@ def test_input_is_channels_last_and_fast_mode_is_autocast(xmem_weights_path, tin
 
 
 def test_compile_option_wraps_the_three_networks(xmem_weights_path):
-    engine = load_engine("xmem", weights=xmem_weights_path, device="cpu", compile=True)
+    engine = load_engine(
+        "xmem", weights=xmem_weights_path, device="cpu", precision="bf16", compile=True
+    )
     for part in ("key_encoder", "value_encoder", "decoder"):
         assert hasattr(getattr(engine.network, part), "_orig_mod")
 
