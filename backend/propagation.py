@@ -1,8 +1,10 @@
 """One task's propagation: download its media, run the engine from its keyframes, and build the
 prediction (brush regions on every frame, or one box track per object).
 
-Each stage is timed (download / decode / propagate / encode) for /metrics and the benchmark;
-decoding runs in the engine's prefetch thread, so its time overlaps (is part of) propagation.
+Each stage is timed (download / decode / propagate / encode) for /metrics and the benchmark.
+They overlap: an image sequence's frames download while the engine works on those already
+there (download is the time until the last one arrived), and decoding runs in the engine's
+prefetch thread, so its time is part of propagation.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -53,24 +55,76 @@ class Outcome:
     timings: Timings
 
 
-class ImageFiles(RandomAccessSource):
-    """Downloaded frame files in task order, decoded on demand; decode time is summed."""
+class DownloadedFrames(RandomAccessSource):
+    """A task's frames, fetched in task order by a pool of threads while the engine already
+    works on the first ones: `read` waits only for the frame it needs. Every frame's header is
+    checked against the first frame's size (and the pixel limit) as it arrives, before anything
+    decodes it; `wait_all` is the job's proof that every frame arrived and passed."""
 
-    def __init__(self, paths: list[Path], timings: Timings):
-        self.paths = paths
+    def __init__(
+        self, studio: LabelStudio, urls: list[str], task_id: object, folder: Path, timings: Timings
+    ):
+        self.studio, self.urls, self.task_id, self.folder = studio, urls, task_id, folder
         self.timings = timings
-        self.names = [f"{index:05d}" for index in range(len(paths))]
+        self.names = [f"{index:05d}" for index in range(len(urls))]
+        self.started = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        first = self._local_copy(0)  # its size is the one every other frame must have
+        self.width, self.height = self._size_of(0, first)
+        here: Future[Path] = Future()
+        here.set_result(first)
+        self.pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="xmem-label-fetch")
+        self.paths = [here] + [self.pool.submit(self._checked_copy, i) for i in range(1, len(urls))]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.urls)
 
     def read(self, index: int) -> np.ndarray:
+        path = self.paths[index].result()
         started = time.perf_counter()
-        image = cv2.imread(str(self.paths[index]), cv2.IMREAD_COLOR)
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         self.timings.decode += time.perf_counter() - started
         if image is None:
             raise InputError(f"frame {index} is not an image the backend can decode")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def wait_all(self) -> None:
+        """Return once every frame is here and checked (raising the first frame's error)."""
+        for path in self.paths:
+            path.result()
+        self.timings.download = time.perf_counter() - self.started
+
+    def close(self) -> None:
+        """Stop fetching (a failed job): frames not started are not fetched."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _checked_copy(self, index: int) -> Path:
+        path = self._local_copy(index)
+        width, height = self._size_of(index, path)
+        if (width, height) != (self.width, self.height):
+            raise InputError(
+                f"the frames of a task differ in size: frame {index} is {width}x{height}, "
+                f"frame 0 is {self.width}x{self.height}"
+            )
+        return path
+
+    def _size_of(self, index: int, path: Path) -> tuple[int, int]:
+        what = f"frame {index} of task {self.task_id}"
+        return media.image_size(path, what, self.studio.settings)
+
+    def _local_copy(self, index: int) -> Path:
+        """The frame's file: kept from an earlier job of the task, or fetched now (under a
+        temporary name, renamed when whole)."""
+        kept = self.folder / f"{index:06d}"
+        if kept.is_file():
+            return kept
+        partial = self.folder / f"{index:06d}.part-{threading.get_ident()}"
+        what = f"frame {index} of task {self.task_id}"
+        fetched = self.studio.download(self.urls[index], self.task_id, partial, what)
+        if fetched != partial:  # a file under LOCAL_FILES_DOCUMENT_ROOT, read where it is
+            return fetched
+        partial.replace(kept)
+        return kept
 
 
 @dataclasses.dataclass
@@ -111,34 +165,38 @@ def run_sequence(
     started = time.perf_counter()
     folder = task_folder(studio, request.task_id, request.frame_urls)
     with pass_cache.in_use(folder):
-        paths = _download_all(
+        frames = DownloadedFrames(
             studio, request.frame_urls, request.task_id, folder / "media", timings
         )
-        width, height = _common_size(paths, request.task_id, studio)
-        frames = ImageFiles(paths, timings)
-        keyframes = request.keyframes or _keyframes_from_prompts(request.prompts, frames, config)
-        if keyframes.size != (width, height):
-            raise InputError(
-                f"the keyframe masks are {keyframes.size[0]}x{keyframes.size[1]} but the frames "
-                f"are {width}x{height}"
+        try:
+            keyframes = request.keyframes or _keyframes_from_prompts(
+                request.prompts, frames, config
             )
-        with Session(engine, frames, cache_dir=folder / "passes") as session:
-            keyframes.given.apply_to(session)
-            early = None
-            if first_batch is not None and len(frames) > first_batch_frames:
-                hand_over = first_batch
+            if keyframes.size != (frames.width, frames.height):
+                raise InputError(
+                    f"the keyframe masks are {keyframes.size[0]}x{keyframes.size[1]} but the "
+                    f"frames are {frames.width}x{frames.height}"
+                )
+            with Session(engine, frames, cache_dir=folder / "passes") as session:
+                keyframes.given.apply_to(session)
+                early = None
+                if first_batch is not None and len(frames) > first_batch_frames:
+                    hand_over = first_batch
 
-                def first(result_so_far: list, score_so_far: float) -> None:
-                    hand_over(
-                        {
-                            "result": result_so_far,
-                            "score": round(score_so_far, 4),
-                            "model_version": model_version,
-                        }
-                    )
+                    def first(result_so_far: list, score_so_far: float) -> None:
+                        hand_over(
+                            {
+                                "result": result_so_far,
+                                "score": round(score_so_far, 4),
+                                "model_version": model_version,
+                            }
+                        )
 
-                early = (first_batch_frames, first)
-            result, score = _brush_result(session, keyframes, config, timings, progress, early)
+                    early = (first_batch_frames, first)
+                result, score = _brush_result(session, keyframes, config, timings, progress, early)
+            frames.wait_all()  # every frame arrived and passed its checks
+        finally:
+            frames.close()
     pass_cache.evict(studio.settings.pass_cache_dir, studio.settings.pass_cache_bytes)
     timings.total = time.perf_counter() - started
     return Outcome(
@@ -200,7 +258,7 @@ def _brush_result(session, keyframes, config, timings, progress, early):
     return result, score
 
 
-def _keyframes_from_prompts(prompts, frames: ImageFiles, config) -> formats.BrushKeyframes:
+def _keyframes_from_prompts(prompts, frames: DownloadedFrames, config) -> formats.BrushKeyframes:
     """Masks made from smart boxes (one object each) and points (one object per frame and
     label, negative points included)."""
     if not prompts:
@@ -314,39 +372,3 @@ def work_dir(studio: LabelStudio) -> Path:
     folder = studio.settings.state_dir / "media"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _download_all(studio, urls, task_id, folder: Path, timings: Timings) -> list[Path]:
-    """Local paths of the task's frames, in order: files kept from an earlier job of the task
-    are used as they are; the others are fetched (under a temporary name, renamed when whole)."""
-    started = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def local_copy(item: tuple[int, str]) -> Path:
-        index, url = item
-        kept = folder / f"{index:06d}"
-        if kept.is_file():
-            return kept
-        partial = folder / f"{index:06d}.part-{threading.get_ident()}"
-        fetched = studio.download(url, task_id, partial, f"frame {index} of task {task_id}")
-        if fetched != partial:  # a file under LOCAL_FILES_DOCUMENT_ROOT, read where it is
-            return fetched
-        partial.replace(kept)
-        return kept
-
-    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        paths = list(pool.map(local_copy, enumerate(urls)))
-    timings.download = time.perf_counter() - started
-    return paths
-
-
-def _common_size(paths: list[Path], task_id, studio: LabelStudio) -> tuple[int, int]:
-    """(width, height) shared by every frame, read from the file headers (so a frame above the
-    pixel limit is refused before anything is decoded)."""
-    sizes = {
-        media.image_size(path, f"frame {index} of task {task_id}", studio.settings)
-        for index, path in enumerate(paths)
-    }
-    if len(sizes) > 1:
-        raise InputError(f"the frames of a task differ in size: {sorted(sizes)}")
-    return sizes.pop()

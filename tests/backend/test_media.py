@@ -245,3 +245,80 @@ def test_a_tasks_frames_are_downloaded_once_and_kept_with_its_passes(tmp_path):
         assert hostile.parent == settings.pass_cache_dir and "/" not in hostile.name
     finally:
         server.close()
+
+
+class SteppingEngine:
+    """The flow engine, setting `stepped` once its tracker has worked on a second frame."""
+
+    name = "flow"
+
+    def __init__(self):
+        self.engine = load_engine("flow")
+        self.stepped = threading.Event()
+
+    def describe(self):
+        return self.engine.describe()
+
+    def new_tracker(self, num_frames):
+        tracker = self.engine.new_tracker(num_frames)
+        step, steps = tracker.step, []
+
+        def counting_step(frame, prompt=None, *, last=False):
+            probs = step(frame, prompt, last=last)
+            steps.append(1)
+            if len(steps) == 2:
+                self.stepped.set()
+            return probs
+
+        tracker.step = counting_step
+        return tracker
+
+
+def test_propagation_starts_while_later_frames_are_still_downloading(tmp_path):
+    """The last frame's download is held until the engine has worked on frames 0 and 1: the
+    job can only finish if propagation overlaps the download. A frame of another size, arriving
+    late, still fails the job with the reason."""
+    frames = sorted((DATA / "chair" / "frames").glob("*.jpg"))[:4]
+    engine = SteppingEngine()
+    held: list[bool] = []
+
+    def after_two_steps(data: bytes):
+        held.append(engine.stepped.wait(10))
+        yield data
+
+    routes = {f"/data/upload/1/{p.name}": (200, {}, p.read_bytes()) for p in frames[:3]}
+    routes[f"/data/upload/1/{frames[3].name}"] = (200, {}, after_two_steps(frames[3].read_bytes()))
+    odd = io.BytesIO()
+    Image.open(frames[3]).resize((64, 48)).save(odd, "JPEG")
+    routes["/data/upload/1/odd.jpg"] = (200, {}, odd.getvalue())
+    server = Server(routes)
+    try:
+        settings = BackendSettings.from_environment(
+            {
+                "LABEL_STUDIO_URL": server.url,
+                "LABEL_STUDIO_API_KEY": "token123",
+                "MODEL_DIR": str(tmp_path),
+            }
+        )
+        label_studio = LabelStudio(settings)
+        mask = read_label_mask(DATA / "chair" / "masks" / "frame_000000.png") == 1
+        given = Keyframes()
+        given.add(0, 1, mask)
+        keyframes = formats.BrushKeyframes(
+            labels={1: "Chair"}, given=given, regions={}, size=(mask.shape[1], mask.shape[0])
+        )
+        config = formats.SequenceConfig(
+            brush_name="mask", image_name="image", frames_key="frames", labels=("Chair",),
+            prompt_names=(),
+        )  # fmt: skip
+        urls = [f"/data/upload/1/{p.name}" for p in frames]
+        request = propagation.SequenceRequest(7, urls, keyframes)
+        outcome = propagation.run_sequence(request, config, engine, label_studio, "v")
+        assert held == [True]
+        assert {r["item_index"] for r in outcome.prediction["result"]} == {0, 1, 2, 3}
+
+        request = propagation.SequenceRequest(8, [*urls[:3], "/data/upload/1/odd.jpg"], keyframes)
+        with pytest.raises(InputError, match="differ in size: frame 3 is 64x48"):
+            propagation.run_sequence(request, config, load_engine("flow"), label_studio, "v")
+    finally:
+        server.close()
