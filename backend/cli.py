@@ -109,9 +109,17 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--job-threads",
         type=int,
-        default=1,
-        help="propagations run at once per process (default 1; 0 in serve: "
-        "leave them to `xmem-label worker` processes)",
+        default=None,
+        help="most propagations run at once per process (default: the machine's cores; 0 in "
+        "serve: leave them to `xmem-label worker` processes); fewer run when their memory "
+        "estimates exceed --job-memory",
+    )
+    parser.add_argument(
+        "--job-memory",
+        default=None,
+        help="memory budget of the propagations running at once on this machine: MB, or a "
+        "percentage of the memory available at start (default $XMEM_LABEL_JOB_MEMORY, else "
+        "manifest.yml's, 75%%); a job estimated above it runs alone",
     )
     parser.add_argument(
         "--queue",
@@ -131,17 +139,21 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 def _configure(args: argparse.Namespace, *, minimum_job_threads: int) -> BackendSettings:
     """The process's settings: the command's flags become the environment every gunicorn
     worker reads (settings.py), so the flags and the variables are one configuration."""
-    if args.job_threads < minimum_job_threads:
-        raise InputError(f"--job-threads must be at least {minimum_job_threads}")
     keep_freed_memory()  # before gunicorn forks and threads start (see allocator.py)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] %(message)s")
     os.environ["XMEM_LABEL_ENGINE"] = args.engine
-    os.environ["XMEM_LABEL_JOB_THREADS"] = str(args.job_threads)
+    if args.job_threads is not None:
+        os.environ["XMEM_LABEL_JOB_THREADS"] = str(args.job_threads)
+    if args.job_memory is not None:
+        os.environ["XMEM_LABEL_JOB_MEMORY"] = args.job_memory
     if args.queue is not None:
         os.environ["XMEM_LABEL_QUEUE"] = str(args.queue)
     if args.queue_url is not None:
         os.environ["XMEM_LABEL_QUEUE_URL"] = args.queue_url
-    return BackendSettings.from_environment()
+    settings = BackendSettings.from_environment()
+    if settings.job_threads < minimum_job_threads:
+        raise InputError(f"--job-threads must be at least {minimum_job_threads}")
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -192,7 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     settings = _configure(args, minimum_job_threads=1)
     if settings.queue_url:
-        if args.job_threads != 1:
+        if args.job_threads not in (None, 1):
             raise InputError("with --queue-url a worker runs one job at a time: start more workers")
         from .queues import run_worker
 

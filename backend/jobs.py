@@ -4,6 +4,20 @@ them while renewing their lease. The threads run inside each `xmem-label serve` 
 embedded default, `--job-threads`) and in `xmem-label worker` processes; all share one journal
 (journal.py). Past one machine, RQ workers run the same `run_job` (queues.py).
 
+Several jobs run at once while they fit a memory budget (`XMEM_LABEL_JOB_MEMORY`): each job is
+submitted with an estimate of its peak memory (`estimate_job_bytes`, from the engine, its
+precision, the frame size and the number of objects, calibrated on measured peaks by
+`python -m benchmarks.parallel_clips --calibrate`), and the journal admits the oldest waiting
+job only while the estimates of the running jobs plus its own stay within the budget (a job
+bigger than the whole budget runs alone). Admission is in submission order: a job that does
+not fit yet is not overtaken, so none is starved.
+
+Cores: torch's intra-op threads are a setting of the calling thread (OpenMP's), so each job
+thread sets its own to cores / jobs running in this process, at its start and after every
+frame (`JobRunner.share_cores`): a job alone uses every core, two share them, and threads
+never outnumber cores. OpenCV (the flow engine) needs nothing: its pool runs one parallel
+region at a time and a region started meanwhile runs in its caller's thread.
+
 What a job means is the caller's: `execute(record)` computes a result, `store(record, result)`
 stores it through Label Studio when no request waits for it, and `report(record, reason)`
 leaves a failed job's reason where the annotator sees it. Failures are sorted here:
@@ -13,17 +27,21 @@ unreachable, a crash) is retried up to the journal's attempt limit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
+
+import torch
 
 from xmem_label.model import XMemLabelError
 from xmem_label.model.errors import one_line
 
 from .journal import JobRecord, Journal
+from .settings import machine_cores
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +56,15 @@ class JobStore(Protocol):
     max_attempts: int
 
     def submit(
-        self, key: str, kind: str, project: str, task_id: int | None, payload: dict, deliver: str
+        self,
+        key: str,
+        kind: str,
+        project: str,
+        task_id: int | None,
+        payload: dict,
+        deliver: str,
+        *,
+        memory: int = 0,
     ) -> tuple[JobRecord, bool]: ...
     def get(self, job_id: Any) -> JobRecord: ...
     def wait(self, job_id: Any, timeout: float, poll: float = 0.1) -> JobRecord: ...
@@ -56,8 +82,98 @@ class QueueFull(Exception):
     """Too many jobs are waiting; the caller should retry later (HTTP 503 with Retry-After)."""
 
 
+# ----- memory estimate ---------------------------------------------------------------------
+
+MB = 10**6
+# A job's frame size when its request does not say (a video task's boxes carry none).
+UNKNOWN_SIZE = (1920, 1080)
+UNKNOWN_FRAMES = 300
+XMEM_SHORT_SIDE = 480  # the engine's default internal size (manifest.yml xmem.size)
+# Measured peaks of one job above its process with the engine loaded (benchmarks.parallel_clips
+# --calibrate: peak RSS - RSS loaded + what loading left free in the C heap, which a job beside
+# another cannot reuse), rounded up. XMem: (fixed, per object at 854x480 internal) by
+# precision: its network runs at 480 pixels on the short side whatever the source, so the
+# frame size counts there through its aspect ratio. Both engines also hold frames,
+# probabilities and masks at the source size (per pixel, and per pixel and object), and the
+# prediction's regions (per object and frame, at 854x480).
+XMEM_BYTES = {
+    "fp32": (900 * MB, 250 * MB),
+    "bf16": (150 * MB, 230 * MB),
+    "fp16": (150 * MB, 230 * MB),
+    "int8": (200 * MB, 230 * MB),
+}
+FLOW_BYTES = 25 * MB
+SOURCE_BYTES_PER_PIXEL = 120
+SOURCE_BYTES_PER_OBJECT_PIXEL = 120
+REGION_BYTES_PER_OBJECT_FRAME = 100_000
+MAX_SIDE = 1 << 16  # larger sides are refused anyway (frame pixel limit)
+MAX_ESTIMATE = 1 << 62  # any budget's job-alone size, within SQLite's 64-bit integers
+
+
+@dataclasses.dataclass(frozen=True)
+class JobShape:
+    """What a job's memory depends on besides the engine: frame size, objects, frames."""
+
+    width: int
+    height: int
+    objects: int
+    frames: int
+
+
+def estimate_job_bytes(engine: str, precision: str, shape: JobShape) -> int:
+    """A job's peak memory over its process's loaded engine, from measured peaks (see the
+    constants above); any engine but XMem is taken to cost what the flow engine costs."""
+    pixels = shape.width * shape.height
+    objects = max(1, shape.objects)
+    if engine == "xmem":
+        fixed, per_object = XMEM_BYTES.get(precision, XMEM_BYTES["fp32"])
+        short, long = sorted((shape.width, shape.height))
+        internal = XMEM_SHORT_SIDE**2 * long / max(1, short)
+        network = fixed + per_object * objects * internal / (854 * 480)
+    else:
+        network = FLOW_BYTES
+    source = (SOURCE_BYTES_PER_PIXEL + SOURCE_BYTES_PER_OBJECT_PIXEL * objects) * pixels
+    regions = REGION_BYTES_PER_OBJECT_FRAME * objects * shape.frames * pixels / (854 * 480)
+    return min(int(network + source + regions), MAX_ESTIMATE)
+
+
+def job_shape(results: Iterable[Any], frames: int | None) -> JobShape:
+    """A job's shape from the regions a person gave (an annotation's or a request's results):
+    the frame size their `original_width`/`original_height` say (the frames' size: a keyframe
+    of another size is refused), and the objects as the backend numbers them, by label and
+    rank on a frame (a track of boxes is one object). Anything unreadable counts as unknown."""
+    sizes: set[tuple[int, int]] = set()
+    per_frame: dict[tuple[int, str], int] = {}
+    for region in results:
+        if not isinstance(region, dict) or not str(region.get("type", "")).endswith(
+            ("labels", "videorectangle")
+        ):
+            continue
+        width, height = region.get("original_width"), region.get("original_height")
+        if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+            sizes.add((min(width, MAX_SIDE), min(height, MAX_SIDE)))
+        value = region.get("value") if isinstance(region.get("value"), dict) else {}
+        label = next(
+            (str(v) for k, v in value.items() if k.endswith("labels") and isinstance(v, list)), ""
+        )
+        frame = region.get("item_index")
+        key = (frame if isinstance(frame, int) else 0, label)
+        per_frame[key] = per_frame.get(key, 0) + 1
+    objects: dict[str, int] = {}
+    for (_, label), count in per_frame.items():
+        objects[label] = max(objects.get(label, 0), count)
+    width, height = max(sizes, key=lambda size: size[0] * size[1], default=UNKNOWN_SIZE)
+    return JobShape(
+        width, height, min(255, max(1, sum(objects.values()))), frames or UNKNOWN_FRAMES
+    )
+
+
+# ----- running jobs ------------------------------------------------------------------------
+
+
 class JobRunner:
-    """`threads` threads taking jobs from `journal` until `stop()`."""
+    """`threads` threads taking jobs from `journal` until `stop()`, running at once as many
+    as fit `memory_budget` bytes (by their estimates; see the module's docstring)."""
 
     def __init__(
         self,
@@ -67,14 +183,20 @@ class JobRunner:
         report: Callable[[JobRecord, str], None],
         *,
         threads: int,
+        memory_budget: int | None = None,
+        cores: int | None = None,
     ):
         self.journal = journal
         self.execute = execute
         self.store = store
         self.report = report
         self.threads = threads
+        self.memory_budget = memory_budget
+        self.cores = cores or machine_cores()
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
+        self._running = 0
+        self._running_lock = threading.Lock()
 
     def start(self) -> None:
         for number in range(self.threads):
@@ -91,10 +213,20 @@ class JobRunner:
         for thread in self._workers:
             thread.join(timeout)
 
+    def share_cores(self) -> None:
+        """Called in a job's thread: its torch intra-op threads become cores / jobs running in
+        this process (an OpenMP setting of the calling thread only; see the module's
+        docstring)."""
+        with self._running_lock:
+            running = max(1, self._running)
+        threads = max(1, self.cores // running)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def _work(self, worker: str) -> None:
         while not self._stop.is_set():
             try:
-                record = self.journal.claim(worker)
+                record = self.journal.claim(worker, memory_budget=self.memory_budget)
                 if record is None:
                     self._report_abandoned()
                     self._wait_for_work()
@@ -105,8 +237,8 @@ class JobRunner:
                 self._stop.wait(1.0)
 
     def _wait_for_work(self) -> None:
-        """Until a job is submitted in this process, or for the poll interval (other
-        processes' jobs), or until stop()."""
+        """Until a job is submitted or ends in this process (the oldest waiting job may fit
+        the budget now), or for the poll interval (other processes' jobs), or until stop()."""
         if self.journal.submitted.wait(IDLE_POLL_SECONDS) and not self._stop.is_set():
             self.journal.submitted.clear()
 
@@ -122,11 +254,17 @@ class JobRunner:
             target=self._renew, args=(record.id, worker, renewing), daemon=True
         )
         renewer.start()
+        with self._running_lock:
+            self._running += 1
         try:
+            self.share_cores()
             run_job(self.journal, record, worker, self.execute, self.store, self.report)
         finally:
+            with self._running_lock:
+                self._running -= 1
             renewing.set()
             renewer.join()
+            self.journal.submitted.set()  # wakes idle threads: a job may fit the budget now
 
     def _renew(self, job_id: int, worker: str, done: threading.Event) -> None:
         while not done.wait(self.journal.lease_seconds / 3):

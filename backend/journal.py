@@ -14,6 +14,13 @@ again. Every claim counts an attempt: a job whose lease expires after `max_attem
 is not run again (it would likely kill the next worker too) but becomes failed, and
 `abandoned()` hands it out once so that somebody reports it.
 
+A job carries an estimate of its peak memory in bytes (`memory`, jobs.estimate_job_bytes).
+`claim` with a memory budget takes the oldest runnable job only while the running jobs'
+estimates plus its own stay within the budget, or when nothing runs (a job bigger than the
+budget runs alone); otherwise it takes nothing, so younger jobs never overtake it (no
+starvation) and several processes on the machine share one budget (the sum is read from the
+journal inside the claim's write transaction).
+
 Each job has a unique idempotency key (e.g. the webhook's task, annotation and update time):
 a repeated webhook or a retried request finds the existing job instead of making a second one.
 Only a failed job is queued again by a new submission with its key.
@@ -63,6 +70,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     lease_until REAL,
     unreported INTEGER NOT NULL DEFAULT 0,
+    memory INTEGER NOT NULL DEFAULT 0,
     queued REAL NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL
@@ -74,7 +82,9 @@ CREATE TABLE IF NOT EXISTS projects (
     registered REAL NOT NULL
 );
 """
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# Changes from an older journal file to this version, applied in the creating transaction.
+_MIGRATIONS = {1: ("ALTER TABLE jobs ADD COLUMN memory INTEGER NOT NULL DEFAULT 0",)}
 
 
 class JobNotFound(KeyError):
@@ -101,6 +111,7 @@ class JobRecord:
     updated: float
     worker: str | None = None
     lease_until: float | None = None
+    memory: int = 0
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
@@ -120,6 +131,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         updated=row["updated"],
         worker=row["worker"],
         lease_until=row["lease_until"],
+        memory=row["memory"],
     )
 
 
@@ -179,6 +191,10 @@ class Journal:
                         f"{self.path}: journal schema {version} is newer than this code's "
                         f"{_SCHEMA_VERSION}"
                     )
+                if version:  # a file of an older version: its tables first (0 is a new file)
+                    for old in range(version, _SCHEMA_VERSION):
+                        for statement in _MIGRATIONS[old]:
+                            conn.execute(statement)
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -236,13 +252,17 @@ class Journal:
         task_id: int | None,
         payload: dict,
         deliver: str,
+        *,
+        memory: int = 0,
     ) -> tuple[JobRecord, bool]:
-        """Record a job; (record, True). If a job with this key exists and is queued, running
-        or done, return it unchanged with False (idempotent: a repeated webhook or a retried
-        request never makes a second job). A failed job with that key is queued again
-        (attempts reset, the new payload and deliver) and returned with True."""
+        """Record a job (`memory`: its estimated peak in bytes); (record, True). If a job with
+        this key exists and is queued, running or done, return it unchanged with False
+        (idempotent: a repeated webhook or a retried request never makes a second job). A
+        failed job with that key is queued again (attempts reset, the new payload, deliver
+        and memory) and returned with True."""
         if deliver not in DELIVERIES:
             raise ValueError(f"deliver must be one of {DELIVERIES}, not {deliver!r}")
+        memory = max(0, int(memory))
         text = json.dumps(payload)
         now = time.time()
         with self._write() as conn:
@@ -252,17 +272,18 @@ class Journal:
             if row is None:
                 job_id = conn.execute(
                     "INSERT INTO jobs (key, kind, project, task_id, payload, state, deliver,"
-                    " queued, created, updated) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (key, kind, project, task_id, text, deliver, now, now, now),
+                    " memory, queued, created, updated)"
+                    " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                    (key, kind, project, task_id, text, deliver, memory, now, now, now),
                 ).lastrowid
             else:
                 job_id = row["id"]
                 conn.execute(
                     "UPDATE jobs SET kind = ?, project = ?, task_id = ?, payload = ?,"
                     " state = 'queued', deliver = ?, attempts = 0, result = NULL, error = NULL,"
-                    " worker = NULL, lease_until = NULL, unreported = 0, queued = ?,"
-                    " updated = ? WHERE id = ?",
-                    (kind, project, task_id, text, deliver, now, now, job_id),
+                    " worker = NULL, lease_until = NULL, unreported = 0, memory = ?,"
+                    " queued = ?, updated = ? WHERE id = ?",
+                    (kind, project, task_id, text, deliver, memory, now, now, job_id),
                 )
             record = _record(self._row(conn, job_id))
         self.submitted.set()
@@ -283,20 +304,32 @@ class Journal:
             (now, now, self.max_attempts),
         )
 
-    def claim(self, worker: str) -> JobRecord | None:
+    def claim(self, worker: str, *, memory_budget: int | None = None) -> JobRecord | None:
         """Atomically take the oldest runnable job: queued, or running whose lease has expired
         (its worker died). Sets running, the lease, the worker name and attempts + 1. A job
-        whose lease expired after max_attempts attempts is failed instead (see `abandoned`)."""
+        whose lease expired after max_attempts attempts is failed instead (see `abandoned`).
+
+        With `memory_budget` (bytes), the oldest runnable job is taken only when nothing runs
+        or the memory of the running jobs (live leases) plus its own is within the budget;
+        else None, and no younger job is taken in its place."""
         now = time.time()
         with self._write() as conn:
             self._expire(conn, now)
             row = conn.execute(
-                "SELECT id FROM jobs WHERE state = 'queued'"
+                "SELECT id, memory FROM jobs WHERE state = 'queued'"
                 " OR (state = 'running' AND lease_until < ?) ORDER BY queued, id LIMIT 1",
                 (now,),
             ).fetchone()
             if row is None:
                 return None
+            if memory_budget is not None:
+                running, in_use = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(memory), 0) FROM jobs"
+                    " WHERE state = 'running' AND lease_until >= ?",
+                    (now,),
+                ).fetchone()
+                if running and in_use + row["memory"] > memory_budget:
+                    return None
             conn.execute(
                 "UPDATE jobs SET state = 'running', worker = ?, lease_until = ?,"
                 " attempts = attempts + 1, updated = ? WHERE id = ?",

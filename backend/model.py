@@ -23,7 +23,7 @@ from typing import Any
 from xmem_label.model import Engine, InputError, XMemLabelError, load_engine
 
 from . import formats
-from .jobs import JobRunner, JobStore, QueueFull
+from .jobs import JobRunner, JobStore, QueueFull, estimate_job_bytes, job_shape
 from .journal import JobRecord, Journal
 from .propagation import SequenceRequest, VideoRequest, run_sequence, run_video
 from .settings import BackendSettings
@@ -125,12 +125,19 @@ class Runtime:
             self.store,
             self.report,
             threads=settings.job_threads if job_threads is None else job_threads,
+            memory_budget=settings.job_memory_bytes,
         )
 
     def start(self) -> Runtime:
         self.engines.warm_up()
         self.runner.start()
         return self
+
+    def job_memory(self, regions: list, frames: int | None) -> int:
+        """A job's estimated peak memory (bytes) for admission under the budget, from the
+        regions a person gave and the task's frame count (see jobs.estimate_job_bytes)."""
+        precision = self.engines.options.get("precision", "fp32")
+        return estimate_job_bytes(self.engines.name, precision, job_shape(regions, frames))
 
     # ----- jobs (called by the runner, in any process sharing the journal) ---------------------
 
@@ -324,6 +331,7 @@ class XMemLabelModel:
                     task_id if isinstance(task_id, int) else None,
                     payload,
                     "reply",
+                    memory=self._job_memory(task, context),
                 )
             except XMemLabelError as exc:
                 errors.append({"task": task.get("id"), "reason": str(exc)})
@@ -373,6 +381,10 @@ class XMemLabelModel:
         media = formats.task_media(task, config)
         task_id = task.get("id")
         runtime = self.runtime
+
+        def share_cores(done: int, total: int) -> None:  # after every frame, in the job's thread
+            runtime.runner.share_cores()
+
         if isinstance(config, formats.SequenceConfig):
             prompts = formats.prompts_from_context(context, config) if context else []
             if prompts:
@@ -385,6 +397,7 @@ class XMemLabelModel:
                 runtime.engines.get(),
                 runtime.studio,
                 runtime.engines.model_version(),
+                progress=share_cores,
                 first_batch=first_batch,
             )
         if context and context.get("result"):
@@ -397,8 +410,25 @@ class XMemLabelModel:
             raise InputError(f"no keyframe: the annotation has no {config.box_name} box")
         request = VideoRequest(task_id, media, results)
         return lambda: run_video(
-            request, config, runtime.engines.get(), runtime.studio, runtime.engines.model_version()
+            request,
+            config,
+            runtime.engines.get(),
+            runtime.studio,
+            runtime.engines.model_version(),
+            progress=share_cores,
         )
+
+    def _job_memory(self, task: dict, context: dict | None) -> int:
+        """The estimate of a /predict job (checked input): from its keyframes or prompts."""
+        annotation = formats.latest_annotation(task) or {}
+        regions = [
+            region
+            for given in (annotation.get("result"), (context or {}).get("result"))
+            if isinstance(given, list)
+            for region in given
+        ]
+        media = formats.task_media(task, self.config)
+        return self.runtime.job_memory(regions, len(media) if isinstance(media, list) else None)
 
     def _task_keyframes(self, task: dict) -> formats.BrushKeyframes:
         annotation = formats.latest_annotation(task)
@@ -440,7 +470,11 @@ class XMemLabelModel:
             f"{annotation.get('updated_at') or annotation.get('created_at')}"
         )
         payload = {"project": project_id, "task": task_id, "annotation": annotation_id}
-        record, created = journal.submit(key, "webhook", str(project_id), task_id, payload, "store")
+        regions = annotation.get("result")
+        memory = self.runtime.job_memory(regions if isinstance(regions, list) else [], None)
+        record, created = journal.submit(
+            key, "webhook", str(project_id), task_id, payload, "store", memory=memory
+        )
         return {
             "status": "queued" if created else "already queued",
             "task": task_id,

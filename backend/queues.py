@@ -136,10 +136,14 @@ class RedisQueue:
         task_id: int | None,
         payload: dict,
         deliver: str,
+        *,
+        memory: int = 0,
     ) -> tuple[JobRecord, bool]:
         """Enqueue a job; (record, True). If a job with this key exists and is not failed,
         return it with False: two replicas submitting one key at once make one job (the
-        mapping key is WATCHed, and the mapping and the RQ job are written in one MULTI)."""
+        mapping key is WATCHed, and the mapping and the RQ job are written in one MULTI).
+        `memory` (the job's estimate) is not used: an RQ worker runs one job at a time, so
+        the jobs at once on a host are its worker processes."""
         if deliver not in DELIVERIES:
             raise ValueError(f"deliver must be one of {DELIVERIES}, not {deliver!r}")
         mapping = self._idempotency_key(key)

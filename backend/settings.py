@@ -26,7 +26,11 @@ class BackendSettings:
     queue_url: XMEM_LABEL_QUEUE_URL, a Redis address (redis://, rediss://, unix://) when jobs
     go through RQ to workers on any host; empty for the embedded SQLite journal (one machine).
     pass_cache_bytes: XMEM_LABEL_PASS_CACHE_GB, the cap of the tasks' pass caches in
-    `pass_cache_dir` (least recently used tasks are evicted past it).
+    `pass_cache_dir` (least recently used tasks are evicted past it). job_threads:
+    XMEM_LABEL_JOB_THREADS (`--job-threads`), the most jobs a process runs at once (default:
+    its cores). job_memory_bytes: XMEM_LABEL_JOB_MEMORY (`--job-memory`), the memory budget
+    that the estimates of the jobs running at once on this machine stay within (None: no
+    budget, as many as there are job threads).
     """
 
     label_studio_url: str
@@ -49,6 +53,7 @@ class BackendSettings:
     max_queued_jobs: int = 64
     queue_url: str = ""
     pass_cache_bytes: int = 10 * 10**9
+    job_memory_bytes: int | None = None
 
     @property
     def pass_cache_dir(self) -> Path:
@@ -83,7 +88,7 @@ class BackendSettings:
                 env.get("MODEL_DIR") or Path.home() / ".cache" / "xmem-label" / "backend"
             ),
             engine=env.get("XMEM_LABEL_ENGINE", manifest()["default_engine"]),
-            job_threads=_number(env, "XMEM_LABEL_JOB_THREADS", 1, int, minimum=0),
+            job_threads=_number(env, "XMEM_LABEL_JOB_THREADS", machine_cores(), int, minimum=0),
             sync_seconds=_number(env, "XMEM_LABEL_SYNC_SECONDS", 60.0, float, minimum=0),
             http_threads=_number(env, "XMEM_LABEL_HTTP_THREADS", 8, int, minimum=1),
             max_request_bytes=_number(
@@ -116,7 +121,67 @@ class BackendSettings:
                 _number(env, "XMEM_LABEL_PASS_CACHE_GB", limits["pass_cache_gb"], float, minimum=0)
                 * 10**9
             ),
+            job_memory_bytes=job_memory(
+                env.get("XMEM_LABEL_JOB_MEMORY") or str(limits["job_memory"])
+            ),
         )
+
+
+def job_memory(value: str) -> int:
+    """The jobs' memory budget in bytes from "<MB>" or "<percent>%" (of the memory available
+    on this machine, or to its container, when the process starts); InputError otherwise."""
+    text = value.strip()
+    try:
+        number = float(text[:-1] if text.endswith("%") else text)
+    except ValueError:
+        raise InputError(
+            f"XMEM_LABEL_JOB_MEMORY={value[:32]!r} is neither megabytes nor a percentage"
+        ) from None
+    if not number > 0 or (text.endswith("%") and number > 100):
+        raise InputError("XMEM_LABEL_JOB_MEMORY must be above 0 (and a percentage at most 100%)")
+    if text.endswith("%"):
+        return int(available_memory() * number / 100)
+    return int(number * 10**6)
+
+
+def available_memory() -> int:
+    """Bytes this process could still take: Linux's MemAvailable, capped by the cgroup's
+    limit less its usage (a container sees the host's MemAvailable); elsewhere the free
+    physical pages."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # "max" (v2) means no limit
+            available = min(available, max(0, int(limit) - usage))
+        break
+    return available
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def queue_url(url: str) -> str:
