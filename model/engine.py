@@ -8,9 +8,12 @@ pass over a clip in one direction and holds the memory of that pass. The session
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import inspect
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -163,14 +166,38 @@ ENTRY_POINT_GROUP = "xmem_label.engines"
 
 def registered_engines() -> dict[str, EngineSpec]:
     """Every engine by name: the built-in ones first (in the order "auto" tries them), then
-    those installed packages register under the `xmem_label.engines` entry-point group."""
+    those installed packages register under the `xmem_label.engines` entry-point group.
+
+    Reading the entry points takes milliseconds (every installed package's metadata), and the
+    plugin asks on every run, so the answer is kept for the process as long as the places
+    packages are found in are the same: `sys.path` and each entry's modification time, which
+    moves when a package is installed or removed there (a package put on the path later, as
+    tests/test_third_engine.py does, is seen at once)."""
+    return dict(_registered_engines(_search_path_stamp()))
+
+
+def _search_path_stamp() -> tuple[tuple[str, int | None], ...]:
+    """`sys.path` with each entry's modification time (None: not there)."""
+    stamp = []
+    for entry in sys.path:
+        try:
+            modified: int | None = os.stat(entry or ".").st_mtime_ns
+        except OSError:
+            modified = None
+        stamp.append((entry, modified))
+    return tuple(stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _registered_engines(stamp: tuple[tuple[str, int | None], ...]) -> dict[str, EngineSpec]:
+    """`registered_engines` for one search path `stamp` (the key only; not read here)."""
     engines = {spec.name: spec for spec in BUILT_IN_ENGINES}
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             spec = entry.load()
         except Exception as error:  # another package's broken engine must not break ours
             warnings.warn(
-                f"engine {entry.name!r} ({entry.value}) did not load: {error}", stacklevel=2
+                f"engine {entry.name!r} ({entry.value}) did not load: {error}", stacklevel=3
             )
             continue
         if isinstance(spec, EngineSpec) and spec.name not in engines:

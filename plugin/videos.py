@@ -140,59 +140,54 @@ def plan_video(sample: fo.Sample, field: str, mask_targets: dict | None) -> Vide
     name = os.path.basename(sample.filepath)
     if not Path(sample.filepath).is_file():
         raise InputError(f"video {sample.filepath} does not exist")
-    frames = _Video(sample.filepath)
-    try:
-        num_frames, frame_hw = len(frames), frames.size()
-        last = max(labels)
-        if last > num_frames:
-            raise InputError(
-                f"{name}: keyframe on frame {last} but the video has {num_frames} frames"
-            )
-        detections = {
-            fn: list(label.detections)
-            for fn, label in labels.items()
-            if isinstance(label, fo.Detections)
-        }
-        indexes_by_frame = assign_object_indexes(detections)
-        id_of = engine_ids({index for ids in indexes_by_frame.values() for index in ids})
-        ids_by_frame = {
-            fn: [(id_of[index], index) for index in indexes]
-            for fn, indexes in indexes_by_frame.items()
-        }
-        keyframes = {}
-        for frame_number, label in sorted(labels.items()):
-            needs_image = isinstance(label, fo.Detections) and any(
-                not det.has_mask for det in label.detections
-            )
-            image = _read_frame(frames, frame_number - 1) if needs_image else None
-            keyframes[frame_number - 1] = prompt_objects(
-                label,
-                ids_by_frame.get(frame_number),
-                frame_hw,
-                image,
-                mask_targets,
-                where=f"{name} frame {frame_number} frames.{field}",
-            )
-    except BaseException:
-        frames.close()
-        raise
+    frames = _opened_video(sample.filepath)
+    num_frames, frame_hw = len(frames), frames.size()
+    last = max(labels)
+    if last > num_frames:
+        raise InputError(f"{name}: keyframe on frame {last} but the video has {num_frames} frames")
+    detections = {
+        fn: list(label.detections)
+        for fn, label in labels.items()
+        if isinstance(label, fo.Detections)
+    }
+    indexes_by_frame = assign_object_indexes(detections)
+    id_of = engine_ids({index for ids in indexes_by_frame.values() for index in ids})
+    ids_by_frame = {
+        fn: [(id_of[index], index) for index in indexes] for fn, indexes in indexes_by_frame.items()
+    }
+    keyframes = {}
+    for frame_number, label in sorted(labels.items()):
+        needs_image = isinstance(label, fo.Detections) and any(
+            not det.has_mask for det in label.detections
+        )
+        image = _read_frame(frames, frame_number - 1) if needs_image else None
+        keyframes[frame_number - 1] = prompt_objects(
+            label,
+            ids_by_frame.get(frame_number),
+            frame_hw,
+            image,
+            mask_targets,
+            where=f"{name} frame {frame_number} frames.{field}",
+        )
     names = {obj.object_id: obj.label for objs in keyframes.values() for obj in objs}
     indexes = {object_id: index for index, object_id in id_of.items()}
     return VideoJob(sample.id, sample.filepath, frames, num_frames, keyframes, names, indexes)
 
 
-class _Video(VideoFile):
-    """A video sample's frames, opened once per run: `plan_video` reads its length and size and
-    the session then propagates from this same object, so the file is not opened again and its
-    first frame is decoded for the size once, not by every reader (`VideoFile.size` decodes it
-    on each call)."""
+def _opened_video(path: str) -> VideoFile:
+    """The video at `path`, opened (its length read and its first frame decoded) once per
+    process for as long as the file keeps its size and modification time: an App server or a
+    worker runs many propagations of the same videos, and opening one takes tens of
+    milliseconds, a tenth of a short correction's cost beyond the engine (issue 16)."""
+    stat = os.stat(path)
+    return _open_video(path, stat.st_size, stat.st_mtime_ns)
 
-    _hw: tuple[int, int] | None = None
 
-    def size(self) -> tuple[int, int]:
-        if self._hw is None:
-            self._hw = super().size()
-        return self._hw
+@functools.lru_cache(maxsize=64)
+def _open_video(path: str, size: int, modified: int) -> VideoFile:
+    """`_opened_video` for one version of the file (size and time are the key only). A
+    VideoFile holds no open file between reads, so runs may share one."""
+    return VideoFile(path)
 
 
 def _has_prompt(label) -> bool:
