@@ -2,6 +2,7 @@
 
     python -m benchmarks.fiftyone_loop [--clip dance-twirl] [--frames 100] [--rounds 5]
                                        [--repeat 3] [--engine flow]
+                                       [--first-mask 300] [--first-mask-clip blackswan]
 
 A private mongod and a scratch FiftyOne home (nothing touches ~/.fiftyone), the plugin's
 operators run in this process as Python calls them (`foo.execute_operator`, immediate). The
@@ -18,6 +19,13 @@ annotator. Each repeat builds a fresh dataset and prints:
   J&F of every frame read from the database, the operator's wall time from its start to
   written labels, the engine-only time of the same correction (a bare `Session` kept across
   the rounds, keyframes given by the same rule), and the overhead (operator / engine - 1).
+
+--first-mask N: first, time to the first masks in the database (issue 17): an N-frame clip of
+`--first-mask-clip` (played forward and backward, 854x480 H.264), its first ground-truth mask
+as the only keyframe, "propagate masks" from scratch; per repeat, the seconds from the
+operator's call to its first batch (the first 10 frames) written, to every frame written (the
+operator's return), and the engine alone's time to its 10th and last frame for comparison.
+`--repeat 0` measures only this.
 
 The machine is shared: the summary gives medians over the repeats, and beside wall times the
 CPU time of this process (all its threads; the database's own work is not counted), which
@@ -39,6 +47,7 @@ import numpy as np
 
 from benchmarks.annotation_loop import DEFAULT_DATA, ping_pong
 from benchmarks.fiftyone import private_fiftyone, start_mongod, stop
+from xmem_label.model.effort import TruthClip
 
 PLUGIN = "@xmem-label/xmem-label"
 
@@ -103,16 +112,21 @@ class Loop:
                 self.session.set_absent(index, obj)
 
     def operator(self, name: str, **params) -> tuple[float, dict]:
+        cpu = time.process_time()
+        seconds, summary = self.run_operator(self.dataset, name, self.engine_name, **params)
+        self.cpu = time.process_time() - cpu
+        return seconds, summary
+
+    @staticmethod
+    def run_operator(dataset, name: str, engine_name: str, **params) -> tuple[float, dict]:
+        """Run one of the plugin's operators immediately, as Python does; (seconds, summary)."""
         import fiftyone.operators as foo
 
-        params = {"prompt_field": "gt", "label_field": "xmem", "engine": self.engine_name, **params}
-        started, cpu = time.perf_counter(), time.process_time()
-        result = foo.execute_operator(
-            f"{PLUGIN}/{name}", ctx=dict(dataset=self.dataset, params=params)
-        )
+        params = {"prompt_field": "gt", "label_field": "xmem", "engine": engine_name, **params}
+        started = time.perf_counter()
+        result = foo.execute_operator(f"{PLUGIN}/{name}", ctx=dict(dataset=dataset, params=params))
         seconds = time.perf_counter() - started
-        self.cpu = time.process_time() - cpu
-        self.dataset.reload()
+        dataset.reload()
         return seconds, result.result
 
     def engine_run(self) -> float:
@@ -203,6 +217,61 @@ def rounds(loop: Loop, length: int, count: int) -> list[dict]:
     return table
 
 
+def first_mask(data: Path, clip_name: str, length: int, engine_name: str, home: Path) -> dict:
+    """Seconds to the first batch stored and to every frame stored by "propagate masks" on a
+    `length`-frame clip with one keyframe on its first frame, and the engine alone's seconds to
+    the same first frames and to the last."""
+    import fiftyone as fo
+
+    from xmem_label.model import Session, load_engine
+    from xmem_label.plugin import first_batch
+
+    folder = home / f"first-mask-{clip_name}-{length}"
+    folder.mkdir(exist_ok=True)
+    video = folder / "clip.mp4"
+    if not video.exists():
+        encode(ping_pong(data / clip_name, length, folder), video)
+    truth = TruthClip(data / clip_name).truth
+    keyframe = truth[min(truth)]
+    objects = sorted({int(v) for v in np.unique(keyframe)} - {0})
+    dataset = fo.Dataset(f"first-mask-{length}", overwrite=True)
+    dataset.add_sample(fo.Sample(filepath=str(video)))
+    detections = [
+        fo.Detection.from_mask(keyframe == obj, label=f"object {obj}", index=obj) for obj in objects
+    ]
+    dataset.set_values(
+        "frames.gt", {dataset.first().id: {1: fo.Detections(detections=detections)}}, key_field="id"
+    )
+    stored: list[float] = []
+    write = first_batch.EarlyFrames.write
+
+    def timed_write(self, sample_id, frames) -> None:
+        write(self, sample_id, frames)
+        stored.append(time.perf_counter())
+
+    first_batch.EarlyFrames.write = timed_write  # type: ignore[method-assign]
+    try:
+        started = time.perf_counter()
+        _, summary = Loop.run_operator(dataset, "propagate_masks", engine_name)
+        finished = time.perf_counter()
+    finally:
+        first_batch.EarlyFrames.write = write  # type: ignore[method-assign]
+    assert summary["frames"] == length and len(stored) == 1, (summary, stored)
+    engine = load_engine(engine_name)
+    with Session(engine, video) as session:
+        for obj in objects:
+            session.add_object_mask(0, obj, keyframe == obj)
+        begun = time.perf_counter()
+        arrivals = [time.perf_counter() - begun for _ in session.propagate()]
+    dataset.delete()
+    return {
+        "first": stored[0] - started,
+        "all": finished - started,
+        "engine_first": arrivals[first_batch.FIRST_BATCH - 1],
+        "engine_all": arrivals[-1],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -211,6 +280,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--engine", default="flow")
+    parser.add_argument("--first-mask", type=int, default=0, metavar="N", help="clip length")
+    parser.add_argument("--first-mask-clip", default="blackswan")
     args = parser.parse_args()
 
     import torch
@@ -222,7 +293,23 @@ def main() -> None:
     mongod = start_mongod(home)
     atexit.register(stop, mongod, home)
 
-    from xmem_label.model.effort import TruthClip
+    median = statistics.median
+    if args.first_mask:
+        times = []
+        for repeat in range(max(args.repeat, 1)):
+            t = first_mask(args.data, args.first_mask_clip, args.first_mask, args.engine, home)
+            times.append(t)
+            print(f"[{repeat + 1}] first mask, {args.first_mask} frames of "
+                  f"{args.first_mask_clip}: first 10 frames stored after {t['first']:.2f} s, all "
+                  f"{t['all']:.2f} s ({t['first'] / t['all']:.1%}); engine alone: 10th frame "
+                  f"{t['engine_first']:.2f} s, last {t['engine_all']:.2f} s",
+                  flush=True)  # fmt: skip
+        print(f"first mask, medians: first 10 stored {median(t['first'] for t in times):.2f} s, "
+              f"all stored {median(t['all'] for t in times):.2f} s; engine alone "
+              f"{median(t['engine_first'] for t in times):.2f} s and "
+              f"{median(t['engine_all'] for t in times):.2f} s\n", flush=True)  # fmt: skip
+        if args.repeat == 0:
+            return
 
     clip = TruthClip(args.data / args.clip)
     cycle = [clip.truth[i] for i in sorted(clip.truth)]
@@ -262,7 +349,6 @@ def main() -> None:
                   f"{row['overhead']:+.0%} (CPU {row['cpu_overhead']:+.0%})  written "
                   f"{row['written']}", flush=True)  # fmt: skip
 
-    median = statistics.median
     print(f"\nmedians over {args.repeat} repeats (shared, noisy machine):")
     print(f"correction: from scratch {median(c['scratch'] for c in corrections):.1f} s, "
           f"corrected {median(c['corrected'] for c in corrections):.1f} s, ratio "

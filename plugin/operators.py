@@ -16,6 +16,7 @@ import logging
 import time
 import traceback
 from collections.abc import Generator
+from typing import NamedTuple
 
 import fiftyone as fo
 import fiftyone.operators as foo
@@ -36,7 +37,9 @@ from .fields import (
     keyframe_candidates,
     prompt_fields,
 )
+from .first_batch import EarlyFrames, first_batch
 from .videos import (
+    VideoJob,
     choose_engine,
     frame_field_name,
     iter_video_labels,
@@ -231,7 +234,7 @@ class PropagateMasks(foo.Operator):
         run = _PropagationRun(ctx, self.uri, self.INCREMENTAL)
         if _requested_by_the_app(ctx):
             return self._stream(ctx, _throttled(run.steps()), stale)
-        return {**_drain(run.steps(), lambda fraction: None), "stale_runs_failed": stale}
+        return {**_drain(run.steps(), lambda progress: None), "stale_runs_failed": stale}
 
     def _run_delegated(self, ctx) -> dict | None:
         op_id = runs.operation_id(ctx)
@@ -245,7 +248,13 @@ class PropagateMasks(foo.Operator):
                     parts = self._queue_parts(ctx, run, per_run)
                     return {**run.empty_summary(), "runs": parts, "stale_runs_failed": stale}
                 steps = run.steps(may_write=lambda: runs.is_still_running(op_id))
-                summary = _drain(steps, heartbeat.update)
+                stored = [0]
+
+                def report(progress: Progress) -> None:
+                    now, stored[0] = progress.stored > stored[0], progress.stored
+                    heartbeat.update(progress.fraction, progress.label, now=now)
+
+                summary = _drain(steps, report)
             return {**summary, "stale_runs_failed": stale}
         except XMemLabelError as error:
             runs.fail(op_id, str(error))
@@ -282,13 +291,17 @@ class PropagateMasks(foo.Operator):
 
     @staticmethod
     def _stream(ctx, updates, stale: list[str]):
+        stored = 0
         while True:
             try:
-                fraction = next(updates)
+                progress = next(updates)
             except StopIteration as finished:
                 summary = finished.value
                 break
-            yield ctx.ops.set_progress(label=_percent(fraction), progress=fraction)
+            yield ctx.ops.set_progress(label=progress.label, progress=progress.fraction)
+            if progress.stored > stored:  # a first batch is in the database: show it
+                stored = progress.stored
+                yield ctx.ops.reload_dataset()
         yield ctx.ops.set_progress(label="done", progress=1.0)
         yield ctx.ops.reload_dataset()
         message = (
@@ -312,11 +325,26 @@ class PropagateMasks(foo.Operator):
         return types.Property(outputs)
 
 
+class Progress(NamedTuple):
+    """What a run reports as it goes: the fraction of its frames done, and how many frames it
+    has stored so far ahead of its final write (its videos' first batches)."""
+
+    fraction: float
+    stored: int = 0
+
+    @property
+    def label(self) -> str:
+        done = f"{self.fraction:.0%} of frames"
+        return f"{done}, first {self.stored} stored" if self.stored else done
+
+
 class _PropagationRun:
     """One run of "propagate masks" or "propagate corrections": its checked input, then
-    `steps()`, which propagates every video, yields the fraction done after every frame, writes
-    every label in one bulk call at the end (a failed or killed run writes nothing) and
-    returns the summary.
+    `steps()`, which propagates every video and yields its `Progress` after every frame. A
+    video with enough frames to write has its first batch written as soon as it exists
+    (`first_batch.py`); every other label is written in one bulk call at the end. A run that
+    fails puts the first batches' frames back as they were, so it leaves the labels as they
+    were. `steps()` returns the summary.
 
     incremental: keep each video's passes in the plugin's cache (`cache.py`) and write only the
     frames a changed keyframe can change (`corrections.py`); otherwise compute from scratch
@@ -359,23 +387,34 @@ class _PropagationRun:
             "engine": self.engine.describe().engine,
         }
 
-    def steps(self, may_write=lambda: True) -> Generator[float, None, dict]:
-        """may_write() is asked once more before writing; False (the run was marked failed
-        meanwhile) stops the run with nothing written."""
+    def steps(self, may_write=lambda: True) -> Generator[Progress, None, dict]:
+        """may_write() is asked before the first write and once more before the final one;
+        False (the run was marked failed meanwhile) stops the run, its first batches put
+        back as they were."""
+        early = EarlyFrames(self.dataset, self.label_field)
+        try:
+            return (yield from self._steps(may_write, early))
+        except BaseException:  # a failure, or the consumer closing the run (GeneratorExit)
+            early.restore()
+            raise
+
+    def _steps(self, may_write, early: EarlyFrames) -> Generator[Progress, None, dict]:
         total = max(sum(job.num_frames for job in self.jobs), 1)
         recorded = {}
         if self.incremental:
             sample_ids = [job.sample_id for job in self.jobs]
             recorded = recorded_digests(self.dataset.select(sample_ids), self.label_field)
         root = cache.cache_root()
-        finished, network_steps = 0, 0
+        finished, network_steps, written = 0, 0, 0
         labels = {}
         for job in self.jobs:
+            previous = recorded.get(job.sample_id, {})
             digests = keyframe_digests(job, self.engine)
-            wanted = set(frames_to_write(recorded.get(job.sample_id, {}), digests, job.num_frames))
+            wanted = frames_to_write(previous, digests, job.num_frames)
             if not wanted:  # no keyframe changed since the last run
                 finished += job.num_frames
                 continue
+            batch = first_batch(wanted)
             engine_done = [0.0, 0]  # the engine's own progress, backward pass included
 
             def note(done: int, steps: int, engine_done=engine_done) -> None:
@@ -387,31 +426,75 @@ class _PropagationRun:
             frames = {}
             with cache.in_use(folder) if folder else contextlib.nullcontext():
                 for frame_number, detections in iter_video_labels(
-                    job, self.engine, note, cache_dir=folder, only=wanted
+                    job, self.engine, note, cache_dir=folder, only=set(wanted)
                 ):
                     if frame_number in digests:
                         detections[DIGEST_ATTRIBUTE] = digests[frame_number]
                     frames[frame_number] = detections
-                    yield (finished + job.num_frames * engine_done[0]) / total
+                    if batch and len(frames) == len(batch):  # frames come in order
+                        self._store_first_batch(job, frames, digests, previous, may_write, early)
+                    yield Progress(
+                        (finished + job.num_frames * engine_done[0]) / total, early.count
+                    )
+            if batch:  # written already, but with the digests of the last complete run
+                frames = {
+                    n: d
+                    for n, d in frames.items()
+                    if n not in batch or digests.get(n) != previous.get(n)
+                }
             labels[job.sample_id] = frames
             finished += job.num_frames
             network_steps += engine_done[1]
+            written += len(wanted)
         if not may_write():
             raise InputError(
                 "this run was marked failed while it worked (no heartbeat); nothing written"
             )
-        _refresh(self.dataset)  # another run may have made the field since the check
-        check_output_field(self.dataset, self.label_field, self.prompt_field)
-        declare_output(self.dataset, self.label_field, self.provenance())
+        if not early.count:
+            self._declare()
         write_frame_labels(self.dataset, self.label_field, labels)
         if self.incremental:
             cache.evict(root, cache.cache_cap_bytes())
         return {
             **self.empty_summary(),
             "samples": len(labels),
-            "frames": sum(len(frames) for frames in labels.values()),
+            "frames": written,
             "network_steps": network_steps,
         }
+
+    def _declare(self) -> None:
+        """Check the output field once more and declare it, before the run's first write."""
+        _refresh(self.dataset)  # another run may have made the field since the check
+        check_output_field(self.dataset, self.label_field, self.prompt_field)
+        declare_output(self.dataset, self.label_field, self.provenance())
+
+    def _store_first_batch(
+        self,
+        job: VideoJob,
+        frames: dict[int, fo.Detections],
+        digests: dict[int, str],
+        previous: dict[int, str],
+        may_write,
+        early: EarlyFrames,
+    ) -> None:
+        """Write a video's first batch now. Its frames carry the keyframe digests the last
+        complete run recorded there, not this run's (`corrections.py`): a run killed before
+        its final write leaves the recorded digests as they were, so the next run rewrites the
+        same frames, these included. The final write gives them this run's digests."""
+        if not may_write():
+            raise InputError(
+                "this run was marked failed while it worked (no heartbeat); nothing written"
+            )
+        if not early.count:
+            self._declare()
+        marked = [number for number in frames if number in digests or number in previous]
+        for number in marked:
+            frames[number][DIGEST_ATTRIBUTE] = previous.get(number)
+        try:
+            early.write(job.sample_id, frames)
+        finally:
+            for number in marked:
+                frames[number][DIGEST_ATTRIBUTE] = digests.get(number)
 
 
 def _refresh(dataset: fo.Dataset) -> None:
@@ -446,31 +529,28 @@ class PropagateCorrections(PropagateMasks):
         )
 
 
-def _throttled(steps: Generator[float, None, dict]) -> Generator[float, None, dict]:
+def _throttled(steps: Generator[Progress, None, dict]) -> Generator[Progress, None, dict]:
     """Pass on at most one progress update per PROGRESS_INTERVAL_S (delegated runs store each
-    one in the database); returns what `steps` returns."""
-    last = float("-inf")
+    one in the database), and at once the one saying frames were stored; returns what `steps`
+    returns."""
+    last, stored = float("-inf"), 0
     while True:
         try:
-            fraction = next(steps)
+            progress = next(steps)
         except StopIteration as finished:
             return finished.value
-        if time.monotonic() - last >= PROGRESS_INTERVAL_S:
-            last = time.monotonic()
-            yield min(fraction, 1.0)
+        if time.monotonic() - last >= PROGRESS_INTERVAL_S or progress.stored > stored:
+            last, stored = time.monotonic(), progress.stored
+            yield progress._replace(fraction=min(progress.fraction, 1.0))
 
 
-def _drain(updates: Generator[float, None, dict], report) -> dict:
-    """Run `updates` to the end, calling report(fraction) for each; returns its result."""
+def _drain(updates: Generator[Progress, None, dict], report) -> dict:
+    """Run `updates` to the end, calling report(progress) for each; returns its result."""
     while True:
         try:
             report(next(updates))
         except StopIteration as finished:
             return finished.value
-
-
-def _percent(fraction: float) -> str:
-    return f"{fraction:.0%} of frames"
 
 
 class ReviewFrames(foo.Operator):

@@ -103,19 +103,26 @@ def describe_runs(dataset_name: str, operator_uri: str) -> list[str]:
 class Heartbeat:
     """While a delegated run works, report its latest progress every HEARTBEAT_S from a
     background thread, so long silent steps (loading weights, writing) still count as alive.
-    Use as a context manager; `update(fraction)` sets what the next report says."""
+    Use as a context manager; `update(fraction, label)` sets what the next report says."""
 
     def __init__(self, ctx):
         self.ctx = ctx
         self.fraction = 0.0
+        self.label: str | None = None
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="xmem-label-heartbeat", daemon=True)
 
-    def update(self, fraction: float) -> None:
-        self.fraction = fraction
+    def update(self, fraction: float, label: str | None = None, now: bool = False) -> None:
+        """now: report at once (frames were stored) instead of at the next beat."""
+        self.fraction, self.label = fraction, label
+        if now:
+            self._report()
 
     def _report(self) -> None:
-        self.ctx.set_progress(progress=self.fraction, label=f"{self.fraction:.0%} of frames")
+        with self._lock:
+            label = self.label or f"{self.fraction:.0%} of frames"
+            self.ctx.set_progress(progress=self.fraction, label=label)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
