@@ -69,8 +69,10 @@ class DownloadedFrames(RandomAccessSource):
         self.names = [f"{index:05d}" for index in range(len(urls))]
         self.started = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
+        self.arrived = threading.Lock()
         first = self._local_copy(0)  # its size is the one every other frame must have
         self.width, self.height = self._size_of(0, first)
+        timings.download = time.perf_counter() - self.started
         here: Future[Path] = Future()
         here.set_result(first)
         self.pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="xmem-label-fetch")
@@ -92,7 +94,6 @@ class DownloadedFrames(RandomAccessSource):
         """Return once every frame is here and checked (raising the first frame's error)."""
         for path in self.paths:
             path.result()
-        self.timings.download = time.perf_counter() - self.started
 
     def close(self) -> None:
         """Stop fetching (a failed job): frames not started are not fetched."""
@@ -106,6 +107,8 @@ class DownloadedFrames(RandomAccessSource):
                 f"the frames of a task differ in size: frame {index} is {width}x{height}, "
                 f"frame 0 is {self.width}x{self.height}"
             )
+        with self.arrived:  # download: the time until the last frame arrived
+            self.timings.download = max(self.timings.download, time.perf_counter() - self.started)
         return path
 
     def _size_of(self, index: int, path: Path) -> tuple[int, int]:

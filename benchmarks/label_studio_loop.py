@@ -2,7 +2,7 @@
 new prediction, R rounds, with ground truth as the annotator.
 
     python -m benchmarks.label_studio_loop [--clip ../shared/data/vos/blackswan] [--frames 100]
-                                           [--rounds 3] [--ls-bin PATH]
+                                           [--rounds 3] [--repeat 1] [--ls-bin PATH]
 
 A real Label Studio 1.23.2 and a real `xmem-label serve --engine flow` (credentials, connected
 by `xmem-label connect`, webhook on). The task is `--frames` frames of the clip played forward
@@ -13,7 +13,10 @@ suggests. Per round: J&F of the stored prediction; the time from saving the anno
 stored prediction (to Label Studio's `created_at` of the prediction, so the benchmark's polling
 is not counted); the same keyframes through a bare Session in this process (the engine alone:
 round 0 from scratch, then one incremental run per correction); the backend job's download
-time; and how many frames outside the corrected segment changed (must be none).
+time and whole time (the backend's /metrics: the rest of save -> stored is Label Studio and
+HTTP); and how many frames outside the corrected segment changed (must be none). With
+`--repeat N`, N tasks of the same frames go through the rounds one after another (each from
+scratch, in a folder of its own in the backend's pass cache), then the per-round medians.
 
 `--first-mask 300` then times a 300-frame task with a keyframe on its first frame: from the save
 to the backend's first batch (10 frames) and to its whole prediction.
@@ -22,6 +25,7 @@ to the backend's first batch (10 frames) and to its whole prediction.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import re
 import subprocess
@@ -100,7 +104,6 @@ def run(args: argparse.Namespace, work: Path) -> None:
     cycle = [clip.truth[i] for i in sorted(clip.truth)]
     cycle += cycle[-2:0:-1]
     truth = {i: cycle[i % len(cycle)] for i in range(args.frames)}
-    shape = truth[0].shape
     ls_process = backend = None
     try:
         ls_process, url, media = start_label_studio(args.ls_bin, work)
@@ -122,9 +125,6 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f"/data/local-files/?d={path.relative_to(media).as_posix()}"
             for path in sorted(frames_dir.iterdir())
         ]
-        api("POST", f"/api/projects/{project['id']}/import", json=[{"frames": urls}])
-        (task,) = api("GET", "/api/tasks", params={"project": project["id"]})["tasks"]
-
         port = free_port()
         backend = subprocess_backend(url, work, port)
         backend_url = f"http://127.0.0.1:{port}"
@@ -133,68 +133,110 @@ def run(args: argparse.Namespace, work: Path) -> None:
         while not requests.get(f"{backend_url}/health", timeout=5).json()["engine_loaded"]:
             time.sleep(0.2)
 
-        engine = load_engine("flow")
-        session = Session(engine, frames_dir)
-        keyframes = [0, args.frames - 1]
-        seen: set[int] = set()
-        previous = None
-        annotation = None
-        print(f"{args.frames} frames {shape[1]}x{shape[0]} of {args.clip.name}, engine flow")
-        print(f"{'round':>5} {'frame':>6} {'J&F':>6} {'save->pred s':>13} {'engine s':>9} "
-              f"{'overhead':>9} {'download s':>11} {'changed outside':>16}")  # fmt: skip
-        for round_number in range(args.rounds + 1):
-            if round_number == 1:
-                keyframes.append(args.frames // 2)
-            elif round_number > 1:
-                status = next(r for r in previous["result"] if r["type"] == "textarea")
-                picks = [int(m.group(1)) - 1 for m in map(SUGGESTED.match, status["value"]["text"])
-                         if m]  # fmt: skip
-                keyframes.append(next(p for p in picks if p not in keyframes))
-            result = regions_for(truth, sorted(keyframes))
-            saved_at = time.time()
-            if annotation is None:
-                annotation = api("POST", f"/api/tasks/{task['id']}/annotations",
-                                 json={"result": result})  # fmt: skip
-            else:
-                api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
-            # The backend's job count first (a small answer), then the predictions once: polling
-            # Label Studio's megabytes of predictions would take the CPU the job runs on.
-            download = job_download_seconds(backend_url, jobs_done=round_number + 1)
-            prediction = wait_for_new(api, task["id"], seen)
-            # Label Studio's own time of storing it (same clock): the poll's delay not counted
-            stored_at = datetime.datetime.fromisoformat(prediction["created_at"]).timestamp()
-            saved_to_prediction = stored_at - saved_at
-            seen.add(prediction["id"])
-
-            for frame in keyframes[len(keyframes) - (1 if round_number else 2) :]:
-                session.add_mask(frame, (truth[frame] > 0).astype(np.uint8))
-            started = time.perf_counter()
-            session.run()
-            engine_seconds = time.perf_counter() - started
-
-            masks = predicted_masks(prediction, args.frames, shape)
-            changed = "-"
-            if previous is not None:
-                corrected = keyframes[-1]
-                before = max((k for k in keyframes[:-1] if k < corrected), default=0)
-                after = min((k for k in keyframes[:-1] if k > corrected), default=args.frames)
-                old = predicted_masks(previous, args.frames, shape)
-                outside = [i for i in range(args.frames) if not before <= i <= after]
-                changed = str(sum(not np.array_equal(old[i], masks[i]) for i in outside))
-            score = jf(masks, truth, keyframes)
-            corrected = str(keyframes[-1]) if round_number else f"0,{args.frames - 1}"
-            print(f"{round_number:>5} {corrected:>6} "
-                  f"{score:>6.3f} {saved_to_prediction:>13.1f} {engine_seconds:>9.1f} "
-                  f"{saved_to_prediction / engine_seconds - 1:>+9.0%} {download:>11.2f} "
-                  f"{changed:>16}",
-                  flush=True)  # fmt: skip
-            previous = prediction
-        session.close()
+        shape = truth[0].shape
+        print(f"{args.frames} frames {shape[1]}x{shape[0]} of {args.clip.name}, engine flow, "
+              f"{args.repeat} task(s)")  # fmt: skip
+        print(f"{'task':>4} {'round':>5} {'frame':>6} {'J&F':>6} {'save->pred s':>13} "
+              f"{'engine s':>9} {'overhead':>9} {'job s':>6} {'download s':>11} "
+              f"{'changed outside':>16}")  # fmt: skip
+        rows: list[list[Row]] = []
+        for repeat in range(args.repeat):
+            api("POST", f"/api/projects/{project['id']}/import", json=[{"frames": urls}])
+            task = max(api("GET", "/api/tasks", params={"project": project["id"]})["tasks"],
+                       key=lambda t: t["id"])  # fmt: skip
+            rows.append(loop(args, api, task, frames_dir, truth, backend_url, repeat, len(rows)))
+        if args.repeat > 1:
+            print(f"medians of {args.repeat} tasks:")
+            for round_rows in zip(*rows, strict=True):
+                saved = float(np.median([r.saved_to_prediction for r in round_rows]))
+                engine = float(np.median([r.engine_seconds for r in round_rows]))
+                overhead = float(np.median([r.overhead for r in round_rows]))
+                print(f"{'':>4} {round_rows[0].round_number:>5} {round_rows[0].frame:>6} "
+                      f"{round_rows[0].score:>6.3f} {saved:>13.2f} {engine:>9.2f} "
+                      f"{overhead:>+9.0%}")  # fmt: skip
         if args.first_mask:
             first_mask(api, project["id"], media, args, truth_of=lambda i: cycle[i % len(cycle)])
     finally:
         stop(backend)
         stop(ls_process)
+
+
+@dataclasses.dataclass
+class Row:
+    round_number: int
+    frame: str
+    score: float
+    saved_to_prediction: float
+    engine_seconds: float
+
+    @property
+    def overhead(self) -> float:
+        return self.saved_to_prediction / self.engine_seconds - 1
+
+
+def loop(
+    args, api, task, frames_dir, truth, backend_url, repeat: int, tasks_before: int
+) -> list[Row]:
+    """One task through the rounds: save, wait for the new prediction, compare."""
+    engine = load_engine("flow")
+    session = Session(engine, frames_dir)
+    shape = truth[0].shape
+    keyframes = [0, args.frames - 1]
+    seen: set[int] = set()
+    previous = None
+    annotation = None
+    rows = []
+    for round_number in range(args.rounds + 1):
+        if round_number == 1:
+            keyframes.append(args.frames // 2)
+        elif round_number > 1:
+            status = next(r for r in previous["result"] if r["type"] == "textarea")
+            picks = [int(m.group(1)) - 1 for m in map(SUGGESTED.match, status["value"]["text"])
+                     if m]  # fmt: skip
+            keyframes.append(next(p for p in picks if p not in keyframes))
+        result = regions_for(truth, sorted(keyframes))
+        saved_at = time.time()
+        if annotation is None:
+            annotation = api("POST", f"/api/tasks/{task['id']}/annotations",
+                             json={"result": result})  # fmt: skip
+        else:
+            api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
+        # The backend's job count first (a small answer), then the predictions once: polling
+        # Label Studio's megabytes of predictions would take the CPU the job runs on.
+        jobs_done = tasks_before * (args.rounds + 1) + round_number + 1
+        timings = job_timings(backend_url, jobs_done=jobs_done)
+        prediction = wait_for_new(api, task["id"], seen)
+        # Label Studio's own time of storing it (same clock): the poll's delay not counted
+        stored_at = datetime.datetime.fromisoformat(prediction["created_at"]).timestamp()
+        saved_to_prediction = stored_at - saved_at
+        seen.add(prediction["id"])
+
+        for frame in keyframes[len(keyframes) - (1 if round_number else 2) :]:
+            session.add_mask(frame, (truth[frame] > 0).astype(np.uint8))
+        started = time.perf_counter()
+        session.run()
+        engine_seconds = time.perf_counter() - started
+
+        masks = predicted_masks(prediction, args.frames, shape)
+        changed = "-"
+        if previous is not None:
+            corrected = keyframes[-1]
+            before = max((k for k in keyframes[:-1] if k < corrected), default=0)
+            after = min((k for k in keyframes[:-1] if k > corrected), default=args.frames)
+            old = predicted_masks(previous, args.frames, shape)
+            outside = [i for i in range(args.frames) if not before <= i <= after]
+            changed = str(sum(not np.array_equal(old[i], masks[i]) for i in outside))
+        corrected = str(keyframes[-1]) if round_number else f"0,{args.frames - 1}"
+        row = Row(round_number, corrected, jf(masks, truth, keyframes), saved_to_prediction,
+                  engine_seconds)  # fmt: skip
+        print(f"{repeat + 1:>4} {round_number:>5} {corrected:>6} {row.score:>6.3f} "
+              f"{saved_to_prediction:>13.2f} {engine_seconds:>9.2f} {row.overhead:>+9.0%} "
+              f"{timings['total']:>6.2f} {timings['download']:>11.2f} {changed:>16}",
+              flush=True)  # fmt: skip
+        rows.append(row)
+        previous = prediction
+    session.close()
+    return rows
 
 
 def first_mask(api, project_id: int, media: Path, args: argparse.Namespace, truth_of) -> None:
@@ -239,13 +281,13 @@ def subprocess_backend(url: str, work: Path, port: int) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def job_download_seconds(backend_url: str, jobs_done: int, seconds: float = 900) -> float:
-    """The download time of the backend's last job, once `jobs_done` jobs are done."""
+def job_timings(backend_url: str, jobs_done: int, seconds: float = 900) -> dict[str, float]:
+    """The stage timings of the backend's last job, once `jobs_done` jobs are done."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         metrics = requests.get(f"{backend_url}/metrics", auth=BACKEND_AUTH, timeout=30).json()
         if metrics["jobs"]["done"] >= jobs_done:
-            return metrics["last_timings"]["download"]
+            return metrics["last_timings"]
         time.sleep(0.5)  # the measure is created_at: a slow poll only keeps the CPU for the job
     raise SystemExit(f"the backend did not finish job {jobs_done} in {seconds:.0f} s")
 
@@ -269,6 +311,10 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run the rounds on N tasks of the same frames (fresh each) and print the medians",
+    )  # fmt: skip
     parser.add_argument(
         "--first-mask", type=int, default=0, metavar="N",
         help="then time the first batch and the whole of an N-frame task (0: skip)",
