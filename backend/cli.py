@@ -110,9 +110,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--job-threads",
         type=int,
         default=None,
-        help="most propagations run at once per process (default: the machine's cores; 0 in "
-        "serve: leave them to `xmem-label worker` processes); fewer run when their memory "
-        "estimates exceed --job-memory",
+        help="most propagations run at once per process, each on cores / job-threads torch "
+        "threads (default 1 with XMem, the cores with other engines; 0 in serve: leave them to "
+        "`xmem-label worker` processes); fewer run when their memory estimates exceed "
+        "--job-memory",
     )
     parser.add_argument(
         "--job-memory",

@@ -13,10 +13,13 @@ bigger than the whole budget runs alone). Admission is in submission order: a jo
 not fit yet is not overtaken, so none is starved.
 
 Cores: torch's intra-op threads are a setting of the calling thread (OpenMP's), so each job
-thread sets its own to cores / jobs running in this process, at its start and after every
-frame (`JobRunner.share_cores`): a job alone uses every core, two share them, and threads
-never outnumber cores. OpenCV (the flow engine) needs nothing: its pool runs one parallel
-region at a time and a region started meanwhile runs in its caller's thread.
+thread sets its own, once, to cores / job threads (at least 1): jobs running side by side never
+ask for more threads than there are cores. The number is fixed by the configuration, not by
+how many jobs happen to run: XMem's output differs slightly between thread counts (oneDNN's
+reductions: up to 0.007 in probability between 1 and 2 threads on the synthetic weights),
+and a job's result must not depend on the load. OpenCV (the flow engine) needs nothing: its
+pool runs one parallel region at a time and a region started meanwhile runs in its caller's
+thread.
 
 What a job means is the caller's: `execute(record)` computes a result, `store(record, result)`
 stores it through Label Studio when no request waits for it, and `report(record, reason)`
@@ -195,8 +198,6 @@ class JobRunner:
         self.cores = cores or machine_cores()
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
-        self._running = 0
-        self._running_lock = threading.Lock()
 
     def start(self) -> None:
         for number in range(self.threads):
@@ -213,17 +214,13 @@ class JobRunner:
         for thread in self._workers:
             thread.join(timeout)
 
-    def share_cores(self) -> None:
-        """Called in a job's thread: its torch intra-op threads become cores / jobs running in
-        this process (an OpenMP setting of the calling thread only; see the module's
-        docstring)."""
-        with self._running_lock:
-            running = max(1, self._running)
-        threads = max(1, self.cores // running)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    @property
+    def torch_threads(self) -> int:
+        """Each job thread's torch intra-op threads: its share of the cores."""
+        return max(1, self.cores // max(1, self.threads))
 
     def _work(self, worker: str) -> None:
+        torch.set_num_threads(self.torch_threads)  # this thread's own (see the docstring)
         while not self._stop.is_set():
             try:
                 record = self.journal.claim(worker, memory_budget=self.memory_budget)
@@ -254,14 +251,9 @@ class JobRunner:
             target=self._renew, args=(record.id, worker, renewing), daemon=True
         )
         renewer.start()
-        with self._running_lock:
-            self._running += 1
         try:
-            self.share_cores()
             run_job(self.journal, record, worker, self.execute, self.store, self.report)
         finally:
-            with self._running_lock:
-                self._running -= 1
             renewing.set()
             renewer.join()
             self.journal.submitted.set()  # wakes idle threads: a job may fit the budget now

@@ -381,10 +381,6 @@ class XMemLabelModel:
         media = formats.task_media(task, config)
         task_id = task.get("id")
         runtime = self.runtime
-
-        def share_cores(done: int, total: int) -> None:  # after every frame, in the job's thread
-            runtime.runner.share_cores()
-
         if isinstance(config, formats.SequenceConfig):
             prompts = formats.prompts_from_context(context, config) if context else []
             if prompts:
@@ -397,7 +393,6 @@ class XMemLabelModel:
                 runtime.engines.get(),
                 runtime.studio,
                 runtime.engines.model_version(),
-                progress=share_cores,
                 first_batch=first_batch,
             )
         if context and context.get("result"):
@@ -410,12 +405,7 @@ class XMemLabelModel:
             raise InputError(f"no keyframe: the annotation has no {config.box_name} box")
         request = VideoRequest(task_id, media, results)
         return lambda: run_video(
-            request,
-            config,
-            runtime.engines.get(),
-            runtime.studio,
-            runtime.engines.model_version(),
-            progress=share_cores,
+            request, config, runtime.engines.get(), runtime.studio, runtime.engines.model_version()
         )
 
     def _job_memory(self, task: dict, context: dict | None) -> int:

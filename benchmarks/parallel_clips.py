@@ -11,10 +11,12 @@ waits for its results). Synthetic 854x480 clips (`common.SyntheticClip`), XMem o
 equivalence fixtures' synthetic weights (`common.synthetic_checkpoint`).
 
 Each case runs in its own process, so its peak RSS is its own:
-- throughput: one process submits both clips in one `/predict` (two jobs queued at once, run
-  side by side when they fit the budget), another sends one `/predict` per clip, the second
-  after the first answered. frames/s = frames of both clips / wall time from the first
-  submission to the last result; peak RSS of the process, and its RSS with the engine loaded.
+- throughput: one process with `--job-threads 2` submits both clips in one `/predict` (two
+  jobs queued at once, run side by side as they fit the budget, each on 1 torch thread of
+  the 2 cores), another with `--job-threads 1` (XMem's default: a job on every core) sends
+  one `/predict` per clip, the second after the first answered. frames/s = frames of both
+  clips / wall time from the first submission to the last result; peak RSS of the process,
+  and its RSS with the engine loaded.
 - --calibrate: one clip per process; the job's peak = peak RSS - RSS with the engine loaded
   + the bytes free in the C heap then (the backend keeps freed memory, allocator.py: what
   loading the engine freed is reused by the first job, not by a second one beside it),
@@ -114,9 +116,11 @@ def write_clip(
     return Clip(task, frames)
 
 
-def start_backend(engine: str, precision: str, root: Path, state: Path) -> tuple[Runtime, object]:
-    """The backend as `xmem-label serve` configures it (2 job threads on this machine's
-    cores, the budget's default), its engine loaded; its Flask test client."""
+def start_backend(
+    engine: str, precision: str, root: Path, state: Path, job_threads: int = 1
+) -> tuple[Runtime, object]:
+    """The backend as `xmem-label serve --job-threads N` configures it (the budget's
+    default), its engine loaded; its Flask test client."""
     keep_freed_memory()  # as `xmem-label serve` does before any thread starts
     environment = {
         "LOCAL_FILES_DOCUMENT_ROOT": str(root),
@@ -126,7 +130,7 @@ def start_backend(engine: str, precision: str, root: Path, state: Path) -> tuple
         "LABEL_STUDIO_API_KEY": "benchmark-token",
     }
     settings = BackendSettings.from_environment(environment)
-    settings = dataclasses.replace(settings, sync_seconds=3600.0)
+    settings = dataclasses.replace(settings, sync_seconds=3600.0, job_threads=job_threads)
     runtime = Runtime(settings)
     if engine == "xmem":
         runtime.engines = EngineHolder(
@@ -172,7 +176,8 @@ def throughput_case(engine: str, precision: str, mode: str, frames: int) -> dict
     with tempfile.TemporaryDirectory(prefix="xmem-label-parallel-") as folder:
         root, state = Path(folder) / "media", Path(folder) / "state"
         clips = [write_clip(root, f"clip{n}", n, frames, 854, 480, 1) for n in (1, 2)]
-        runtime, client = start_backend(engine, precision, root, state)
+        job_threads = 2 if mode == "parallel" else 1
+        runtime, client = start_backend(engine, precision, root, state, job_threads)
         loaded_mb = current_rss_mb()
         started = time.perf_counter()
         if mode == "parallel":
@@ -254,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         return 0
-    print("2 clips of 854x480, 1 object each, keyframe on frame 0; backend with its defaults")
+    print(
+        "2 clips of 854x480, 1 object each, keyframe on frame 0; sequential: --job-threads 1, "
+        "one /predict per clip; parallel: --job-threads 2, both in one /predict"
+    )
     for engine in args.engines.split(","):
         frames = args.frames or DEFAULT_FRAMES[engine]
         name = engine if engine == "flow" else f"xmem {args.precision}"

@@ -95,7 +95,7 @@ def test_a_version_1_journal_is_migrated_with_its_jobs(tmp_path):
 
 class FakeJobs:
     """execute() that holds each job `seconds` and records what ran at once, and the torch
-    threads each job's thread had (after the runner's share_cores)."""
+    threads each job's thread had."""
 
     def __init__(self, journal: Journal, seconds: float):
         self.journal = journal
@@ -107,7 +107,6 @@ class FakeJobs:
         self.peak = 0
         self.together: list[set[str]] = []
         self.threads: dict[str, int] = {}
-        self.runner: JobRunner | None = None
         self.done = threading.Semaphore(0)
 
     def execute(self, record) -> dict:
@@ -121,17 +120,17 @@ class FakeJobs:
             for older in range(1, int(record.id))
             if self.journal.get(older).state == "queued"
         ]
-        time.sleep(self.seconds / 2)
-        self.runner.share_cores()  # as the propagation does after every frame
         self.threads[record.key] = torch.get_num_threads()
-        time.sleep(self.seconds / 2)
+        time.sleep(self.seconds)
         with self.lock:
             del self.running[record.key]
         self.done.release()
         return {"prediction": {}, "timings": {}}
 
 
-def run_fake(tmp_path, memories: list[int], budget: int, seconds: float = 0.3) -> FakeJobs:
+def run_fake(
+    tmp_path, memories: list[int], budget: int, seconds: float = 0.3, threads: int = 3
+) -> FakeJobs:
     journal = Journal(tmp_path / "jobs.db")
     jobs = FakeJobs(journal, seconds)
     runner = JobRunner(
@@ -139,11 +138,10 @@ def run_fake(tmp_path, memories: list[int], budget: int, seconds: float = 0.3) -
         jobs.execute,
         lambda r, x: x,
         lambda r, x: None,
-        threads=3,
+        threads=threads,
         memory_budget=budget,
         cores=2,
     )
-    jobs.runner = runner
     for number, memory in enumerate(memories):
         submit(journal, f"job-{number}", memory)
     runner.start()
@@ -170,12 +168,13 @@ def test_the_runner_runs_a_job_over_the_budget_alone(tmp_path):
     assert jobs.peak == 5000  # alone: never 5100
 
 
-def test_jobs_at_once_share_the_cores(tmp_path):
-    """Two jobs at once on 2 cores: one torch thread each; a job alone: both cores."""
-    together = run_fake(tmp_path / "together", [1, 1], budget=1000, seconds=0.6)
-    assert together.threads == {"job-0": 1, "job-1": 1}
-    alone = run_fake(tmp_path / "alone", [1], budget=1000)
-    assert alone.threads == {"job-0": 2}
+def test_job_threads_share_the_cores_whatever_runs(tmp_path):
+    """2 cores: with 2 job threads every job runs on one torch thread, alone or not (a job's
+    result must not depend on the load); with 1 job thread, on both."""
+    two = run_fake(tmp_path / "two", [1, 1, 10**6], budget=1000, seconds=0.1, threads=2)
+    assert two.threads == {"job-0": 1, "job-1": 1, "job-2": 1}
+    one = run_fake(tmp_path / "one", [1], budget=1000, seconds=0.1, threads=1)
+    assert one.threads == {"job-0": 2}
 
 
 def brush(frame: int, label: str, width: int = 854, height: int = 480) -> dict:
@@ -238,6 +237,14 @@ def test_the_budget_setting(monkeypatch):
     assert settings.job_memory_bytes == 1500 * MB
     default = BackendSettings.from_environment({})  # manifest.yml's 75 %
     assert default.job_memory_bytes == 6000 * MB
+
+
+def test_job_threads_default_by_engine(monkeypatch):
+    monkeypatch.setattr("xmem_label.backend.settings.machine_cores", lambda: 8)
+    assert BackendSettings.from_environment({"XMEM_LABEL_ENGINE": "xmem"}).job_threads == 1
+    assert BackendSettings.from_environment({"XMEM_LABEL_ENGINE": "flow"}).job_threads == 8
+    explicit = {"XMEM_LABEL_ENGINE": "xmem", "XMEM_LABEL_JOB_THREADS": "3"}
+    assert BackendSettings.from_environment(explicit).job_threads == 3
 
 
 @pytest.mark.parametrize("budget, overlap", [(10**12, True), (1, False)])
