@@ -1,6 +1,7 @@
 """Time the XMem network's three calls on one frame size, without the memory.
 
     python -m benchmarks.xmem_network_stages --size 854x480 --objects 1 --threads 2
+    python -m benchmarks.xmem_network_stages --channels-last --winograd --keep-freed-memory
     python -m benchmarks.xmem_network_stages --channels-last --bf16 --keep-freed-memory
     python -m benchmarks.xmem_network_stages --channels-last --int8 --keep-freed-memory
 
@@ -25,7 +26,7 @@ import torch
 from benchmarks.common import counting_flops, synthetic_checkpoint
 from xmem_label.model.xmem.allocator import keep_freed_memory
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
-from xmem_label.model.xmem.conv3x3 import use_int8
+from xmem_label.model.xmem.conv3x3 import use_int8, use_winograd
 
 
 def padded(size: int) -> int:
@@ -56,10 +57,15 @@ def main() -> None:
         "--int8", action="store_true", help="bf16 with the wide 3x3 convolutions in int8"
     )
     parser.add_argument(
+        "--winograd", action="store_true", help="float32 with exact mode's Winograd convolutions"
+    )
+    parser.add_argument(
         "--keep-freed-memory", action="store_true", help="model/xmem/allocator.py's glibc tuning"
     )
     args = parser.parse_args()
     bf16 = args.bf16 or args.int8
+    if bf16 and args.winograd:
+        parser.error("--winograd is float32 only (exact mode)")
     if args.keep_freed_memory and not keep_freed_memory():
         parser.error("--keep-freed-memory needs glibc")
 
@@ -70,6 +76,8 @@ def main() -> None:
     network = network.to(memory_format=memory_format)
     if args.int8:
         use_int8(network)
+    if args.winograd:
+        use_winograd(network)
     objects, h, w = args.objects, height // 16, width // 16
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, height, width, generator=generator)
@@ -100,6 +108,7 @@ def main() -> None:
                 stage()
                 times[name].append(time.perf_counter() - start)
     mode = "int8" if args.int8 else "bf16" if args.bf16 else "fp32"
+    mode += " winograd" if args.winograd else ""
     mode += " channels-last" if args.channels_last else ""
     mode += " keep-freed-memory" if args.keep_freed_memory else ""
     print(f"{width}x{height} padded, {objects} object(s), {args.threads} threads, {mode}")

@@ -5,8 +5,10 @@
 
 `use_winograd` / `use_int8` choose the convolutions wide enough to gain. Anything else, and
 every call with gradients, off the CPU, or in another precision, runs the ordinary convolution,
-so CUDA, MPS and training see a plain `nn.Conv2d`. What the kernels derive from the weight is
-kept out of the state dict and derived again when the weight changes (`load_state_dict`).
+so CUDA, MPS and training see a plain `nn.Conv2d`. Winograd keeps nothing beside the weight (it
+only stores the weight in the memory layout it reads, with the same values: `winograd.tap_major`);
+what int8 derives from the weight is kept out of the state dict and derived again when the
+weight changes (`load_state_dict`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,21 @@ class Conv3x3(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
-        self.register_buffer("winograd_weight", None, persistent=False)
+        self.uses_winograd = False
         self.uses_int8 = False
         # `int8.quantize_weight` per slice of input channels (see `_conv_split`).
         self._int8_weights: dict[tuple[int | None, int | None], tuple[Tensor, Tensor, Tensor]] = {}
         self._derived_version = -1
 
+    @property
+    def winograd_weight(self) -> Tensor | None:
+        """The weight as the Winograd kernel reads it, or None where this convolution runs
+        direct."""
+        return self.weight if self.uses_winograd else None
+
     def prepare_winograd(self) -> None:
-        self.winograd_weight = winograd.transform_weight(self.weight)
+        self.uses_winograd = True
+        self.weight.data = winograd.tap_major(self.weight.data)
         self._derived_version = self.weight._version
 
     def prepare_int8(self) -> None:
@@ -50,8 +59,8 @@ class Conv3x3(nn.Conv2d):
             if self.weight._version != self._derived_version:  # weights were loaded again
                 self._derive_again()
             autocast = torch.is_autocast_enabled("cpu")
-            if self.winograd_weight is not None and x.dtype == torch.float32 and not autocast:
-                return winograd.winograd_conv3x3(x, self.winograd_weight[:, channels], bias)
+            if self.uses_winograd and x.dtype == torch.float32 and not autocast:
+                return winograd.winograd_conv3x3(x, self.weight[:, channels], bias)
             if self.uses_int8 and autocast:
                 return int8.int8_conv3x3(x, *self._int8_weight(channels), bias)
         return F.conv2d(x, self.weight[:, channels], bias, padding=1)
@@ -63,7 +72,7 @@ class Conv3x3(nn.Conv2d):
         return self._int8_weights[key]
 
     def _derive_again(self) -> None:
-        if self.winograd_weight is not None:
+        if self.uses_winograd:
             self.prepare_winograd()
         if self.uses_int8:
             self.prepare_int8()

@@ -5,12 +5,16 @@ float32 kernels already run near the CPU's peak, so the only way to go faster at
 multiply less. Winograd's algorithm computes each 4x4 output tile from a 6x6 input tile with 36
 multiplications per input/output channel pair instead of 144. The input and output transforms
 cost little next to the multiplications when both channel counts are wide (>= 192), so those
-convolutions run 1.7-3x faster on a 2-core machine. The results differ from a direct float32
+convolutions run 2-2.5x faster on a 2-core machine. The results differ from a direct float32
 convolution by rounding only: about 5e-5 absolute on outputs of magnitude ~7, against ~1e-5 for
 the direct kernel (the equivalence test against the official implementation covers it).
 
-The transformed weight (36 values per 3x3 filter, so 4x the weight's memory) is computed once,
-in float64, and kept beside the original weight (`conv3x3.Conv3x3` holds both).
+The transformed weight (36 values per 3x3 filter, 4x the weight) is made on every call and
+dropped after it: keeping it took 470 MB for the decoder alone, more than the official
+implementation's whole activation memory, while transforming on the fly is one small matrix
+product (36x9 by 9 x Cin*Cout, at most 2.4 ms for the widest here, against 15-35 ms for the
+convolution) when the weight is stored tap-major (`tap_major`): each of the 9 taps one
+contiguous (Cin, Cout) matrix, so any slice of input channels is a plain matrix too.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ _FILTER_TRANSFORM = torch.tensor(
     ],
     dtype=torch.float64,
 )
+# G w G^T for all 36 tile positions at once, as a (36, 9) matrix on the 9 filter taps (row-major
+# on both sides), rounded to float32 once.
+_TAPS_TRANSFORM = torch.kron(_FILTER_TRANSFORM, _FILTER_TRANSFORM).float()
 _OUTPUT_TRANSFORM = torch.tensor(
     [
         [1, 1, 1, 1, 1, 0],
@@ -57,33 +64,39 @@ _OUTPUT_TRANSFORM = torch.tensor(
 
 # Convolutions narrower than this on either side are faster direct (measured on ResNet widths).
 MIN_CHANNELS = 192
-# Elements per transformed band of tiles (32 MB in float32): the speed of whole-image transforms
-# at a fraction of their memory (measured at 854x480 with 1 and 3 objects).
-CHUNK_ELEMENTS = 1 << 23
+# Elements per transformed band of tiles (8 MB in float32): the speed of whole-image transforms
+# at a fraction of their memory (exact mode at 854x480, 1 object: bands of 32 MB peaked 180 MB
+# higher at the same speed; 4 MB bands 20 MB lower, 10 % slower).
+CHUNK_ELEMENTS = 1 << 21
+
+
+def tap_major(weight: Tensor) -> Tensor:
+    """The same (Cout, Cin, 3, 3) values, laid out as (3, 3, Cin, Cout) in memory: the layout
+    `transform_weight` reads without a copy (a parameter keeps it through `load_state_dict`)."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def transform_weight(weight: Tensor) -> Tensor:
     """(Cout, Cin, 3, 3) -> (36, Cin, Cout) float32: G w G^T for each channel pair, laid out
-    as one (Cin, Cout) matrix per position in the 6x6 tile."""
-    g = _FILTER_TRANSFORM.to(weight.device)
-    u = (g @ weight.detach().double() @ g.T).float()  # (Cout, Cin, 6, 6)
+    as one (Cin, Cout) matrix per position in the 6x6 tile. Free of copies when `weight` is
+    `tap_major` (or an input-channel slice of it)."""
     cout, cin = weight.shape[:2]
-    # Two cheap moves instead of one scattered one (a plain 2-D transpose, then whole rows):
-    # loading exact mode took seconds in this permutation alone.
-    by_input = u.view(cout, cin * _SPAN * _SPAN).t().contiguous()  # (Cin * 36, Cout)
-    return by_input.view(cin, _SPAN * _SPAN, cout).transpose(0, 1).contiguous()
+    taps = weight.permute(2, 3, 1, 0).reshape(9, cin * cout)
+    return torch.mm(_TAPS_TRANSFORM.to(weight.device), taps).view(_SPAN * _SPAN, cin, cout)
 
 
-def winograd_conv3x3(x: Tensor, transformed_weight: Tensor, bias: Tensor | None) -> Tensor:
-    """`F.conv2d(x, weight, bias, padding=1)` for float32 x (N, Cin, H, W).
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.conv2d(x, weight, bias, padding=1)` for float32 x (N, Cin, H, W) and weight
+    (Cout, Cin, 3, 3), best `tap_major`.
 
-    transformed_weight: `transform_weight(weight)`, possibly sliced along Cin. The output is
-    (N, Cout, H, W) in channels-last memory. Tiles go through in bands of tile rows, each band
-    zero-padded and transformed on its own, so beside x and the output only a few
-    `CHUNK_ELEMENTS` buffers are alive: a whole padded copy of x and a second output (for the
-    bias) were 2 of the 4 largest tensors of exact mode's peak with 3 objects.
+    The output is (N, Cout, H, W) in channels-last memory. Tiles go through in bands of tile
+    rows, each band zero-padded and transformed on its own, so beside x, the output and the
+    transformed weight only a few `CHUNK_ELEMENTS` buffers are alive: a whole padded copy of x
+    and a second output (for the bias) were 2 of the 4 largest tensors of exact mode's peak
+    with 3 objects.
     """
     n, channels, height, width = x.shape
+    transformed_weight = transform_weight(weight)
     out_channels = transformed_weight.shape[-1]
     rows, cols = -(-height // TILE), -(-width // TILE)
     source = x.permute(0, 2, 3, 1)  # NHWC view

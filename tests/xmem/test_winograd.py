@@ -77,6 +77,23 @@ def test_weights_loaded_later_are_transformed_again_and_state_dicts_are_unchange
     assert (out.double() - direct(x, other)).abs().max() < TOLERANCE
 
 
+def test_nothing_is_kept_beside_the_weight_and_it_keeps_its_values():
+    torch.manual_seed(0)
+    original = Conv3x3(200, 192)
+    conv = Conv3x3(200, 192)
+    conv.load_state_dict(original.state_dict())
+    assert use_winograd(conv) == 1
+    assert list(conv.buffers()) == []
+    assert torch.equal(conv.weight, original.weight)
+    assert conv.weight.permute(2, 3, 1, 0).is_contiguous()  # winograd.tap_major
+    # A slice of input channels is transformed in place of the whole, without a copy of it.
+    sliced = conv.weight[:, 150:]
+    assert sliced.permute(2, 3, 1, 0).reshape(9, -1).data_ptr() == sliced.data_ptr()
+    g = winograd._FILTER_TRANSFORM
+    expected = (g @ sliced.double() @ g.T).permute(2, 3, 1, 0).reshape(36, 50, 192)
+    assert (winograd.transform_weight(sliced).double() - expected).abs().max() < 1e-6
+
+
 def test_narrow_convolutions_stay_direct():
     network = torch.nn.Sequential(Conv3x3(256, 1), Conv3x3(64, 64), Conv3x3(256, 256))
     assert use_winograd(network) == 1
