@@ -49,20 +49,30 @@ class Conv3x3(nn.Conv2d):
         self._int8_weights = {}  # packed per slice on first use
         self._derived_version = self.weight._version
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_input_channels(x, slice(None), with_bias=True)
+    def forward(self, x: Tensor, *, relu_input: bool = False) -> Tensor:
+        """The convolution of x, or of relu(x) with `relu_input` (which int8 folds into its
+        quantisation of x instead of a pass of its own)."""
+        return self.forward_input_channels(x, slice(None), with_bias=True, relu_input=relu_input)
 
-    def forward_input_channels(self, x: Tensor, channels: slice, *, with_bias: bool) -> Tensor:
-        """The convolution of x with the filters' input channels `channels` only."""
+    def forward_input_channels(
+        self, x: Tensor, channels: slice, *, with_bias: bool, relu_input: bool = False
+    ) -> Tensor:
+        """The convolution of x (relu(x) with `relu_input`) with the filters' input channels
+        `channels` only."""
         bias = self.bias if with_bias else None
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and self.weight.requires_grad):
-            if self.weight._version != self._derived_version:  # weights were loaded again
-                self._derive_again()
-            autocast = torch.is_autocast_enabled("cpu")
-            if self.uses_winograd and x.dtype == torch.float32 and not autocast:
-                return winograd.winograd_conv3x3(x, self.weight[:, channels], bias)
-            if self.uses_int8 and autocast:
-                return int8.int8_conv3x3(x, *self._int8_weight(channels), bias)
+        kernels = x.device.type == "cpu" and not (
+            torch.is_grad_enabled() and self.weight.requires_grad
+        )
+        if kernels and self.weight._version != self._derived_version:  # weights loaded again
+            self._derive_again()
+        autocast = torch.is_autocast_enabled("cpu")
+        if kernels and self.uses_int8 and autocast:
+            weight = self._int8_weight(channels)
+            return int8.int8_conv3x3(x, *weight, bias, relu_input=relu_input)
+        if relu_input:
+            x = F.relu(x)
+        if kernels and self.uses_winograd and x.dtype == torch.float32 and not autocast:
+            return winograd.winograd_conv3x3(x, self.weight[:, channels], bias)
         return F.conv2d(x, self.weight[:, channels], bias, padding=1)
 
     def _int8_weight(self, channels: slice) -> tuple[Tensor, Tensor, Tensor]:
