@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from bson import ObjectId
 from fiftyone.core.odm import get_db_conn
+from fiftyone.operators.delegated import DelegatedOperationService
 
 from xmem_label.model import Session
 from xmem_label.plugin import first_batch
 
 from .conftest import CHAIR, PLUGIN_NAME, full_frame, run_operator
+from .workers import Workers, wait_for
 
 PROPAGATE = f"{PLUGIN_NAME}/propagate_masks"
 CORRECT = f"{PLUGIN_NAME}/propagate_corrections"
@@ -195,3 +197,24 @@ def test_after_a_killed_run_a_correction_rewrites_its_first_batch(
     shape = truth[0].shape
     for frame in long_dataset.first().frames.values():
         np.testing.assert_array_equal(full_frame(frame.xmem, shape), full_frame(frame.full, shape))
+
+
+def test_a_delegated_run_stores_its_first_batch_first_and_says_so(long_dataset):
+    """In a `fiftyone delegated launch` worker: the first batch's frame documents were written
+    before the rest (their last write is earlier), and the operation's progress says so."""
+    long_dataset.persistent = True  # the worker is another process
+    params = dict(prompt_field="gt", label_field="xmem", engine="flow")
+    with Workers(1) as workers:
+        queued = foo.execute_operator(
+            PROPAGATE, ctx=dict(view=long_dataset.view(), request_delegation=True, params=params)
+        )
+        op_id = queued.result["id"]
+        assert wait_for([op_id])[op_id] == "completed", workers.output
+    operation = DelegatedOperationService().get(op_id)
+    assert operation.result.result["frames"] == LENGTH
+    assert operation.status.label == "100% of frames, first 10 stored"
+    documents = frame_documents(long_dataset)
+    assert stored_frames(long_dataset) == list(range(1, LENGTH + 1))
+    batch = [documents[n]["last_modified_at"] for n in range(2, first_batch.FIRST_BATCH + 1)]
+    rest = [documents[n]["last_modified_at"] for n in range(first_batch.FIRST_BATCH + 1, LENGTH)]
+    assert max(batch) < min(rest)  # frame 1 is written again at the end, with its digest
