@@ -166,8 +166,12 @@ class Runtime:
             task = self.studio.task(payload["project"], payload["task"])
             if task is None:
                 raise InputError(f"task {payload['task']} is not in project {payload['project']}")
-            annotation = self.studio.annotation(payload["annotation"])
-            if annotation is None or annotation.get("task") != payload["task"]:
+            # The export holds the task's annotations: no read of its own for this one.
+            annotation = next(
+                (a for a in task.get("annotations") or [] if a.get("id") == payload["annotation"]),
+                None,
+            )
+            if annotation is None:
                 raise InputError(
                     f"annotation {payload['annotation']} of task {payload['task']} no longer exists"
                 )

@@ -70,6 +70,7 @@ class DownloadedFrames(RandomAccessSource):
         self.started = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         self.arrived = threading.Lock()
+        self.stopped = False
         first = self._local_copy(0)  # its size is the one every other frame must have
         self.width, self.height = self._size_of(0, first)
         timings.download = time.perf_counter() - self.started
@@ -95,11 +96,16 @@ class DownloadedFrames(RandomAccessSource):
         for path in self.paths:
             path.result()
 
-    def close(self) -> None:
-        """Stop fetching (a failed job): frames not started are not fetched."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def stop_fetching(self) -> None:
+        """End the job's downloads (after `wait_all`, or on a failure): frames not started yet
+        are not fetched; a reader still running gets an error for them. (Not `close`: the
+        Session closes its frames when it ends, before `wait_all`.)"""
+        self.stopped = True
+        self.pool.shutdown(wait=True)
 
     def _checked_copy(self, index: int) -> Path:
+        if self.stopped:
+            raise InputError(f"frame {index} of task {self.task_id}: the job ended before it")
         path = self._local_copy(index)
         width, height = self._size_of(index, path)
         if (width, height) != (self.width, self.height):
@@ -199,7 +205,7 @@ def run_sequence(
                 result, score = _brush_result(session, keyframes, config, timings, progress, early)
             frames.wait_all()  # every frame arrived and passed its checks
         finally:
-            frames.close()
+            frames.stop_fetching()
     pass_cache.evict(studio.settings.pass_cache_dir, studio.settings.pass_cache_bytes)
     timings.total = time.perf_counter() - started
     return Outcome(

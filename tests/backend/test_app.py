@@ -284,17 +284,20 @@ def test_a_webhook_job_whose_annotation_changed_meanwhile_stores_nothing(runtime
     is done and leaves storing to the job of the second, so an older result never replaces a
     newer one, whichever finishes last."""
     task = keyframe_task(7, "mask", "Chair")
-    versions = iter(["2026-12-01T10:00:00Z", "2026-12-01T10:00:03Z"])
+    saved = {**task["annotations"][0], "id": 7, "task": 7, "updated_at": "2026-12-01T10:00:00Z"}
     monkeypatch.setattr(
         studio.LabelStudio,
         "project",
         lambda self, i: {"id": i, "label_config": config("mask", "Chair")},
     )
-    monkeypatch.setattr(studio.LabelStudio, "task", lambda self, p, t: {**task, "annotations": []})
+    # the export the job starts from holds the first save; a read when it is done, the second
+    monkeypatch.setattr(
+        studio.LabelStudio, "task", lambda self, p, t: {**task, "annotations": [saved]}
+    )
     monkeypatch.setattr(
         studio.LabelStudio,
         "annotation",
-        lambda self, i: {**task["annotations"][0], "task": 7, "updated_at": next(versions)},
+        lambda self, i: {**saved, "updated_at": "2026-12-01T10:00:03Z"},
     )
     stored = []
     monkeypatch.setattr(
@@ -356,17 +359,20 @@ def test_a_job_stores_a_first_batch_while_the_rest_propagates(runtime, monkeypat
     schema = config("mask", "Chair").replace(
         "</View>", '<TextArea name="xmem_status" toName="image" readonly="true"/></View>'
     )
-    # read when the job starts, before storing the first batch, and when it is done
-    versions = iter(["v1", "v1", "v2" if superseded else "v1"])
+    # in the export the job starts from; read before storing the first batch, and when done
+    saved = {**task["annotations"][0], "id": 7, "task": 7, "updated_at": "v1"}
+    versions = iter(["v1", "v2" if superseded else "v1"])
     calls = []
     monkeypatch.setattr(
         studio.LabelStudio, "project", lambda self, i: {"id": i, "label_config": schema}
     )
-    monkeypatch.setattr(studio.LabelStudio, "task", lambda self, p, t: {**task, "annotations": []})
+    monkeypatch.setattr(
+        studio.LabelStudio, "task", lambda self, p, t: {**task, "annotations": [saved]}
+    )
     monkeypatch.setattr(
         studio.LabelStudio,
         "annotation",
-        lambda self, i: {**task["annotations"][0], "task": 7, "updated_at": next(versions)},
+        lambda self, i: {**saved, "updated_at": next(versions)},
     )
     monkeypatch.setattr(
         studio.LabelStudio,
