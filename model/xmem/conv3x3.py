@@ -42,12 +42,12 @@ class Conv3x3(nn.Conv2d):
     def prepare_winograd(self) -> None:
         self.uses_winograd = True
         self.weight.data = winograd.tap_major(self.weight.data)
-        self._derived_version = self.weight._version
+        self._derived_version = self._weight_version()
 
     def prepare_int8(self) -> None:
         self.uses_int8 = True
         self._int8_weights = {}  # packed per slice on first use
-        self._derived_version = self.weight._version
+        self._derived_version = self._weight_version()
 
     def forward(self, x: Tensor, *, relu_input: bool = False) -> Tensor:
         """The convolution of x, or of relu(x) with `relu_input` (which int8 folds into its
@@ -63,7 +63,7 @@ class Conv3x3(nn.Conv2d):
         kernels = x.device.type == "cpu" and not (
             torch.is_grad_enabled() and self.weight.requires_grad
         )
-        if kernels and self.weight._version != self._derived_version:  # weights loaded again
+        if kernels and self._weight_version() != self._derived_version:  # weights loaded again
             self._derive_again()
         autocast = torch.is_autocast_enabled("cpu")
         if kernels and self.uses_int8 and autocast:
@@ -81,12 +81,18 @@ class Conv3x3(nn.Conv2d):
             self._int8_weights[key] = int8.quantize_weight(self.weight[:, channels])
         return self._int8_weights[key]
 
+    def _weight_version(self) -> int:
+        """The weight's in-place version counter, by which a reload (`load_state_dict`) is
+        noticed. A weight made under `torch.inference_mode` has none (it is then 0): such a
+        weight can only be changed inside inference mode, which a reload there is not seen in."""
+        return 0 if self.weight.is_inference() else self.weight._version
+
     def _derive_again(self) -> None:
         if self.uses_winograd:
             self.prepare_winograd()
         if self.uses_int8:
             self.prepare_int8()
-        self._derived_version = self.weight._version
+        self._derived_version = self._weight_version()
 
 
 def _prepare_wide(module: nn.Module, min_channels: int, prepare: Callable[[Conv3x3], None]) -> int:

@@ -116,3 +116,13 @@ def test_exact_mode_on_cpu_prepares_the_decoder_and_fast_mode_does_not(xmem_weig
     assert all(id(conv) in decoder_convs for conv in convs)
     fast = load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="bf16")
     assert prepared(fast) == []
+
+
+def test_a_network_made_under_inference_mode_is_prepared_and_runs():
+    """An engine loaded inside `torch.inference_mode()` has inference tensors as weights, which
+    keep no version counter: preparing and running them must not need one."""
+    x = torch.randn(1, 200, 8, 8)
+    with torch.inference_mode():
+        conv = wide_conv()  # prepared for Winograd there
+        out = conv(x)
+    assert (out.double() - direct(x, conv)).abs().max() < TOLERANCE
