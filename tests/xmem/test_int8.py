@@ -53,6 +53,20 @@ def test_matches_the_direct_convolution_within_quantisation_error(signed):
     assert error.mean() < 0.02 * exact.abs().mean()  # far inside the bound on average
 
 
+def test_relu_input_is_folded_into_the_quantisation():
+    conv = wide_conv()
+    x = torch.randn(1, 256, 12, 15)
+    original = x.clone()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x, relu_input=True)
+    assert torch.equal(x, original)
+    relu = F.relu(x)
+    exact = F.conv2d(relu.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert ((out.double() - exact).abs() <= error_bound(relu, conv.weight, exact)).all()
+    with torch.inference_mode():  # float32: the ordinary convolution of relu(x)
+        assert torch.equal(conv(x, relu_input=True), conv(relu))
+
+
 def test_input_channel_slices_are_quantised_on_their_own():
     conv = wide_conv()
     x = F.relu(torch.randn(1, 100, 9, 9))
