@@ -61,6 +61,7 @@ from pathlib import Path
 import redis
 import requests
 
+from benchmarks.common import painted_region
 from benchmarks.label_studio import (
     BACKEND_AUTH,
     TOKEN,
@@ -74,7 +75,6 @@ from benchmarks.label_studio import (
     xmem_label_command,
 )
 from xmem_label.backend import devserver
-from xmem_label.backend.rle import mask_to_rle
 from xmem_label.model import read_label_mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,17 +133,7 @@ class Clip:
         self.paths = paths[:frames] if frames > 0 else paths
         mask = read_label_mask(sorted((folder / "masks").iterdir())[0]) == 1
         self.height, self.width = mask.shape
-        self.keyframe = {
-            "from_name": "mask",
-            "to_name": "image",
-            "type": "brushlabels",
-            "item_index": 0,
-            "original_width": self.width,
-            "original_height": self.height,
-            "image_rotation": 0,
-            "origin": "manual",
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Chair"]},
-        }
+        self.keyframe = painted_region(mask, "Chair")
 
 
 def make_project(studio: Studio, clip: Clip, title: str) -> tuple[int, list[str]]:

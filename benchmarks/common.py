@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
+from xmem_label.backend.rle import mask_to_rle
 from xmem_label.model.frames import RandomAccessSource
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "xmem_reference"
@@ -69,6 +70,23 @@ class SyntheticClip(RandomAccessSource):
             in_strip = (xs >= edges[object_id - 1]) & (xs < edges[object_id])
             labels[ys[in_strip], xs[in_strip]] = object_id
         return labels
+
+
+def painted_region(mask: np.ndarray, label: str, frame: int = 0) -> dict:
+    """A person's brush region in Label Studio's format: `mask` painted by hand on `frame`,
+    under the names the benchmarks' label configs use (BrushLabels "mask" on Image "image")."""
+    height, width = mask.shape
+    return {
+        "from_name": "mask",
+        "to_name": "image",
+        "type": "brushlabels",
+        "item_index": frame,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "origin": "manual",
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+    }
 
 
 def synthetic_checkpoint() -> Path:

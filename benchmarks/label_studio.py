@@ -41,6 +41,8 @@ from xmem_label.backend import devserver
 from xmem_label.backend.rle import mask_to_rle
 from xmem_label.model import read_label_mask
 
+from .common import painted_region
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "vos" / "blackswan"
 TOKEN = "benchmark0123456789abcdef0123456789abcd"
@@ -251,15 +253,7 @@ def end_to_end_figures(args, work: Path) -> None:
         ]
         mask = read_label_mask(sorted((args.clip / "masks").iterdir())[0]) == 1
         height, width = mask.shape
-        keyframe = {
-            "from_name": "mask",
-            "to_name": "image",
-            "type": "brushlabels",
-            "item_index": 0,
-            "original_width": width,
-            "original_height": height,
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]},
-        }
+        keyframe = painted_region(mask, "Object")
         api(
             "POST",
             f"/api/projects/{project['id']}/import",

@@ -37,12 +37,13 @@ import numpy as np
 import requests
 
 from xmem_label.backend.formats import is_first_batch
-from xmem_label.backend.rle import mask_to_rle, rle_to_mask
+from xmem_label.backend.rle import rle_to_mask
 from xmem_label.model import Session, load_engine
 from xmem_label.model.effort import TruthClip
 from xmem_label.model.evaluation import boundary_accuracy, region_similarity
 
 from .annotation_loop import ping_pong
+from .common import painted_region
 from .label_studio import (
     BACKEND_AUTH,
     DEFAULT_CLIP,
@@ -67,18 +68,8 @@ SUGGESTED = re.compile(r"check frame (\d+):")
 
 def regions_for(truth: dict[int, np.ndarray], frames: list[int]) -> list[dict]:
     """The person's say on `frames`: the ground truth's object, painted by hand."""
-    result = []
-    for frame in frames:
-        mask = truth[frame] > 0
-        height, width = mask.shape
-        if mask.any():
-            result.append({
-                "from_name": "mask", "to_name": "image", "type": "brushlabels",
-                "origin": "manual", "item_index": frame, "original_width": width,
-                "original_height": height,
-                "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]},
-            })  # fmt: skip
-    return result
+    masks = {frame: truth[frame] > 0 for frame in frames}
+    return [painted_region(mask, "Object", frame) for frame, mask in masks.items() if mask.any()]
 
 
 def predicted_masks(prediction: dict, length: int, shape: tuple[int, int]) -> list[np.ndarray]:

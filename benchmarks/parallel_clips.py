@@ -43,11 +43,16 @@ import cv2
 from xmem_label.backend.app import create_app
 from xmem_label.backend.jobs import JobShape, estimate_job_bytes
 from xmem_label.backend.model import EngineHolder, Runtime
-from xmem_label.backend.rle import mask_to_rle
 from xmem_label.backend.settings import BackendSettings
 from xmem_label.model.xmem.allocator import keep_freed_memory
 
-from .common import SyntheticClip, current_rss_mb, peak_rss_mb, synthetic_checkpoint
+from .common import (
+    SyntheticClip,
+    current_rss_mb,
+    painted_region,
+    peak_rss_mb,
+    synthetic_checkpoint,
+)
 
 LABELS = ("A", "B", "C", "D")
 CONFIG = (
@@ -97,19 +102,7 @@ def write_clip(
         urls.append(f"/data/local-files/?d={name}/{path.name}")
     labels = clip.first_mask(objects)
     regions = [
-        {
-            "from_name": "mask",
-            "to_name": "image",
-            "type": "brushlabels",
-            "item_index": 0,
-            "original_width": width,
-            "original_height": height,
-            "value": {
-                "format": "rle",
-                "rle": mask_to_rle(labels == object_id),
-                "brushlabels": [LABELS[object_id - 1]],
-            },
-        }
+        painted_region(labels == object_id, LABELS[object_id - 1])
         for object_id in range(1, objects + 1)
     ]
     task = {"id": task_id, "data": {"frames": urls}, "annotations": [{"id": 1, "result": regions}]}
