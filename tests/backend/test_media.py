@@ -195,34 +195,37 @@ def test_local_files_stay_under_the_document_root(settings, tmp_path):
             fetch(f"/data/local-files/?d={escape}", settings, tmp_path)
 
 
+def chair_task(server: Server, tmp_path: Path):
+    """A backend on `server` as Label Studio (its MODEL_DIR in tmp_path), and an image-sequence
+    task's keyframes and config: the chair's ground truth on frame 0."""
+    settings = BackendSettings.from_environment(
+        {
+            "LABEL_STUDIO_URL": server.url,
+            "LABEL_STUDIO_API_KEY": "token123",
+            "MODEL_DIR": str(tmp_path),
+        }
+    )
+    mask = read_label_mask(DATA / "chair" / "masks" / "frame_000000.png") == 1
+    given = Keyframes()
+    given.add(0, 1, mask)
+    keyframes = formats.BrushKeyframes(
+        labels={1: "Chair"}, given=given, regions={}, size=(mask.shape[1], mask.shape[0])
+    )
+    config = formats.SequenceConfig(
+        brush_name="mask", image_name="image", frames_key="frames", labels=("Chair",),
+        prompt_names=(),
+    )  # fmt: skip
+    return LabelStudio(settings), keyframes, config
+
+
 def test_a_tasks_frames_are_downloaded_once_and_kept_with_its_passes(tmp_path):
     """A correction's job reads the frames the task's first job downloaded (they sit in the
     task's pass-cache folder); a task whose frame URLs change is downloaded again."""
     frames = sorted((DATA / "chair" / "frames").glob("*.jpg"))[:4]
     server = Server({f"/data/upload/1/{p.name}": (200, {}, p.read_bytes()) for p in frames})
     try:
-        settings = BackendSettings.from_environment(
-            {
-                "LABEL_STUDIO_URL": server.url,
-                "LABEL_STUDIO_API_KEY": "token123",
-                "MODEL_DIR": str(tmp_path),
-            }
-        )
-        label_studio = LabelStudio(settings)
+        label_studio, keyframes, config = chair_task(server, tmp_path)
         engine = load_engine("flow")
-        mask = read_label_mask(DATA / "chair" / "masks" / "frame_000000.png") == 1
-        given = Keyframes()
-        given.add(0, 1, mask)
-        keyframes = formats.BrushKeyframes(
-            labels={1: "Chair"}, given=given, regions={}, size=(mask.shape[1], mask.shape[0])
-        )
-        config = formats.SequenceConfig(
-            brush_name="mask",
-            image_name="image",
-            frames_key="frames",
-            labels=("Chair",),
-            prompt_names=(),
-        )
         urls = [f"/data/upload/1/{p.name}" for p in frames]
 
         def run(frame_urls):
@@ -242,7 +245,7 @@ def test_a_tasks_frames_are_downloaded_once_and_kept_with_its_passes(tmp_path):
         assert len(server.requests) == 8
         # an id that is not an integer (a hostile /predict body) never names a folder
         hostile = propagation.task_folder(label_studio, "../../../elsewhere", urls)
-        assert hostile.parent == settings.pass_cache_dir and "/" not in hostile.name
+        assert hostile.parent == label_studio.settings.pass_cache_dir and "/" not in hostile.name
     finally:
         server.close()
 
@@ -293,24 +296,7 @@ def test_propagation_starts_while_later_frames_are_still_downloading(tmp_path):
     routes["/data/upload/1/odd.jpg"] = (200, {}, odd.getvalue())
     server = Server(routes)
     try:
-        settings = BackendSettings.from_environment(
-            {
-                "LABEL_STUDIO_URL": server.url,
-                "LABEL_STUDIO_API_KEY": "token123",
-                "MODEL_DIR": str(tmp_path),
-            }
-        )
-        label_studio = LabelStudio(settings)
-        mask = read_label_mask(DATA / "chair" / "masks" / "frame_000000.png") == 1
-        given = Keyframes()
-        given.add(0, 1, mask)
-        keyframes = formats.BrushKeyframes(
-            labels={1: "Chair"}, given=given, regions={}, size=(mask.shape[1], mask.shape[0])
-        )
-        config = formats.SequenceConfig(
-            brush_name="mask", image_name="image", frames_key="frames", labels=("Chair",),
-            prompt_names=(),
-        )  # fmt: skip
+        label_studio, keyframes, config = chair_task(server, tmp_path)
         urls = [f"/data/upload/1/{p.name}" for p in frames]
         request = propagation.SequenceRequest(7, urls, keyframes)
         outcome = propagation.run_sequence(request, config, engine, label_studio, "v")
