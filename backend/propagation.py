@@ -105,7 +105,7 @@ class DownloadedFrames(RandomAccessSource):
 
     def _checked_copy(self, index: int) -> Path:
         if self.stopped:
-            raise InputError(f"frame {index} of task {self.task_id}: the job ended before it")
+            raise InputError(f"{self._what(index)}: the job ended before it")
         path = self._local_copy(index)
         width, height = self._size_of(index, path)
         if (width, height) != (self.width, self.height):
@@ -117,9 +117,11 @@ class DownloadedFrames(RandomAccessSource):
             self.timings.download = max(self.timings.download, time.perf_counter() - self.started)
         return path
 
+    def _what(self, index: int) -> str:
+        return f"frame {index} of task {self.task_id}"
+
     def _size_of(self, index: int, path: Path) -> tuple[int, int]:
-        what = f"frame {index} of task {self.task_id}"
-        return media.image_size(path, what, self.studio.settings)
+        return media.image_size(path, self._what(index), self.studio.settings)
 
     def _local_copy(self, index: int) -> Path:
         """The frame's file: kept from an earlier job of the task, or fetched now (under a
@@ -128,8 +130,7 @@ class DownloadedFrames(RandomAccessSource):
         if kept.is_file():
             return kept
         partial = self.folder / f"{index:06d}.part-{threading.get_ident()}"
-        what = f"frame {index} of task {self.task_id}"
-        fetched = self.studio.download(self.urls[index], self.task_id, partial, what)
+        fetched = self.studio.download(self.urls[index], self.task_id, partial, self._what(index))
         if fetched != partial:  # a file under LOCAL_FILES_DOCUMENT_ROOT, read where it is
             return fetched
         partial.replace(kept)
