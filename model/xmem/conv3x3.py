@@ -51,7 +51,7 @@ class Conv3x3(nn.Conv2d):
 
     def forward(self, x: Tensor, *, relu_input: bool = False) -> Tensor:
         """The convolution of x, or of relu(x) with `relu_input` (which int8 folds into its
-        quantisation of x instead of a pass of its own)."""
+        quantisation of x and Winograd into its copy of x, instead of a pass of their own)."""
         return self.forward_input_channels(x, slice(None), with_bias=True, relu_input=relu_input)
 
     def forward_input_channels(
@@ -69,10 +69,11 @@ class Conv3x3(nn.Conv2d):
         if kernels and self.uses_int8 and autocast:
             weight = self._int8_weight(channels)
             return int8.int8_conv3x3(x, *weight, bias, relu_input=relu_input)
+        if kernels and self.uses_winograd and x.dtype == torch.float32 and not autocast:
+            weight = self.weight[:, channels]
+            return winograd.winograd_conv3x3(x, weight, bias, relu_input=relu_input)
         if relu_input:
             x = F.relu(x)
-        if kernels and self.uses_winograd and x.dtype == torch.float32 and not autocast:
-            return winograd.winograd_conv3x3(x, self.weight[:, channels], bias)
         return F.conv2d(x, self.weight[:, channels], bias, padding=1)
 
     def _int8_weight(self, channels: slice) -> tuple[Tensor, Tensor, Tensor]:

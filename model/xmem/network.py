@@ -70,14 +70,19 @@ def _upsample4(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
 
 
-def _conv_split(shared: Tensor, own: Tensor, conv: Conv3x3) -> Tensor:
-    """`conv(cat([shared expanded to every object, own], 1))`, the shared part computed once.
+def _conv_split(shared: Tensor, own: Tensor, conv: Conv3x3, *, relu_input: bool = False) -> Tensor:
+    """`conv(cat([shared expanded to every object, own], 1))`, the shared part computed once
+    (of the ReLU of that with `relu_input`).
 
     shared: (1, Cs, h, w), the same for every object; own: (K, Co, h, w).
     """
     split = shared.shape[1]
-    shared_part = conv.forward_input_channels(shared, slice(None, split), with_bias=True)
-    own_part = conv.forward_input_channels(own, slice(split, None), with_bias=False)
+    shared_part = conv.forward_input_channels(
+        shared, slice(None, split), with_bias=True, relu_input=relu_input
+    )
+    own_part = conv.forward_input_channels(
+        own, slice(split, None), with_bias=False, relu_input=relu_input
+    )
     return own_part + shared_part
 
 
@@ -102,7 +107,7 @@ class GroupResBlock(nn.Module):
 
     def forward_split(self, shared: Tensor, own: Tensor) -> Tensor:
         """`forward(cat([shared expanded to every object, own], 1))` without the expansion."""
-        out = _conv_split(F.relu(shared), F.relu(own), self.conv1)
+        out = _conv_split(shared, own, self.conv1, relu_input=True)
         out = self.conv2(out, relu_input=True)
         assert self.downsample is not None  # split inputs change the channel count
         return out + _conv_split(shared, own, self.downsample)

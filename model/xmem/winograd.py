@@ -85,9 +85,12 @@ def transform_weight(weight: Tensor) -> Tensor:
     return torch.mm(_TAPS_TRANSFORM.to(weight.device), taps).view(_SPAN * _SPAN, cin, cout)
 
 
-def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def winograd_conv3x3(
+    x: Tensor, weight: Tensor, bias: Tensor | None, *, relu_input: bool = False
+) -> Tensor:
     """`F.conv2d(x, weight, bias, padding=1)` for float32 x (N, Cin, H, W) and weight
-    (Cout, Cin, 3, 3), best `tap_major`.
+    (Cout, Cin, 3, 3), best `tap_major`; of relu(x) with `relu_input`, applied as each band is
+    copied (a ReLU pass over x and its output cost more than the band copy itself).
 
     The output is (N, Cout, H, W) in channels-last memory. Tiles go through in bands of tile
     rows, each band zero-padded and transformed on its own, so beside x, the output and the
@@ -110,7 +113,11 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         first = top * TILE - 1
         padded = x.new_zeros(n, band_rows * TILE + 2, cols * TILE + 2, channels)
         low, high = max(first, 0), min(first + band_rows * TILE + 2, height)
-        padded[:, low - first : high - first, 1 : width + 1] = source[:, low:high]
+        inside = padded[:, low - first : high - first, 1 : width + 1]
+        if relu_input:
+            torch.clamp_min(source[:, low:high], 0, out=inside)
+        else:
+            inside.copy_(source[:, low:high])
         s_n, s_h, s_w, s_c = padded.stride()
         # (6, 6 * tiles * Cin): the band's overlapping 6x6 windows, window position outermost.
         windows = padded.as_strided(

@@ -51,6 +51,17 @@ def test_bands_of_tiles_and_input_channel_slices(monkeypatch):
     assert (own.double() - reference).abs().max() < TOLERANCE
 
 
+@pytest.mark.parametrize("shape", [(2, 200, 16, 16), (2, 200, 13, 17)], ids=str)
+def test_relu_input_is_the_convolution_of_relu_x(monkeypatch, shape):
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 10_000)  # the ReLU in every band
+    conv = wide_conv()
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = conv(x, relu_input=True)
+    assert (out.double() - direct(F.relu(x), conv)).abs().max() < TOLERANCE
+    assert x.min() < 0  # the input is left as it was
+
+
 def test_direct_path_under_autocast_and_gradients(count_calls):
     conv = wide_conv()
     x = torch.randn(1, 200, 8, 8)
