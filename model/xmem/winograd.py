@@ -15,6 +15,11 @@ implementation's whole activation memory, while transforming on the fly is one s
 product (36x9 by 9 x Cin*Cout, at most 2.4 ms for the widest here, against 15-35 ms for the
 convolution) when the weight is stored tap-major (`tap_major`): each of the 9 taps one
 contiguous (Cin, Cout) matrix, so any slice of input channels is a plain matrix too.
+
+Element-wise work around the convolution is folded into passes it makes anyway, since on the
+decoder's largest activations a pass of its own costs a sizeable part of the convolution: the
+bias is added to the transformed products at one tile position (1/36 of them) instead of to
+the whole output.
 """
 
 from __future__ import annotations
@@ -130,6 +135,10 @@ def winograd_conv3x3(
         v = torch.matmul(b_t, v).view(_SPAN * _SPAN, tiles, channels)  # (B^T d) B
         m = torch.bmm(v, transformed_weight)  # (36, tiles, Cout): the multiplications
         del v
+        if bias is not None:
+            # A^T's column for the interpolation point 1 is all ones, so adding the bias at tile
+            # position (1, 1) adds it to all 16 outputs of the tile: 1/36 of m, not all of out.
+            m.view(_SPAN, _SPAN, tiles, out_channels)[1, 1].add_(bias)
         y = (a_t @ m.view(_SPAN, -1)).view(TILE, _SPAN, -1)
         del m
         y = torch.matmul(a_t, y).view(TILE, TILE, n, band_rows, cols, out_channels)
@@ -138,7 +147,5 @@ def winograd_conv3x3(
         ).copy_(y.permute(2, 3, 0, 4, 1, 5))
         del y
     out = out[:, :height, :width]
-    if bias is not None:
-        out.add_(bias)  # in place: the same sums as `out + bias`, without a second output
     # A copy only when the tiles overhang the image (height or width not a multiple of 4).
     return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)

@@ -62,6 +62,19 @@ def test_relu_input_is_the_convolution_of_relu_x(monkeypatch, shape):
     assert x.min() < 0  # the input is left as it was
 
 
+def test_the_bias_reaches_every_output_of_every_tile(monkeypatch):
+    """The bias is added inside the transform (at one tile position), not to the output: a
+    large one shows if any output, tile row or overhanging tile missed it."""
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 10_000)
+    conv = wide_conv()
+    with torch.no_grad():
+        conv.bias.mul_(1000)
+    x = torch.randn(2, 200, 13, 18)
+    with torch.inference_mode():
+        out = conv(x)
+    assert (out.double() - direct(x, conv)).abs().max() < TOLERANCE
+
+
 def test_direct_path_under_autocast_and_gradients(count_calls):
     conv = wide_conv()
     x = torch.randn(1, 200, 8, 8)
