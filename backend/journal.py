@@ -378,8 +378,8 @@ class Journal:
         with `result` for the waiting request. "store": the job stays running (lease renewed);
         the caller stores the result through Label Studio's API, then calls `mark_stored`.
         "lost": the job is no longer this worker's (its lease passed and another worker took
-        it, or it finished); the caller drops the result."""
-        text = json.dumps(result)
+        it, or it finished); the caller drops the result. Only a "reply" is serialised into
+        the journal: a stored prediction is megabytes of JSON nobody reads back from here."""
         now = time.time()
         with self._write() as conn:
             row = self._row(conn, job_id)
@@ -394,7 +394,7 @@ class Journal:
             conn.execute(
                 "UPDATE jobs SET state = 'done', result = ?, lease_until = NULL, updated = ?"
                 " WHERE id = ?",
-                (text, now, job_id),
+                (json.dumps(result), now, job_id),
             )
         return "reply"
 
