@@ -4,13 +4,15 @@ prediction (brush regions on every frame, or one box track per object).
 Each stage is timed (download / decode / propagate / encode) for /metrics and the benchmark.
 They overlap: an image sequence's frames download while the engine works on those already
 there (download is the time until the last one arrived), and decoding runs in the engine's
-prefetch thread, so its time is part of propagation.
+prefetch thread, so its time is part of propagation. The pass cache is trimmed to its cap
+after each job, while its prediction is being stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import tempfile
 import threading
 import time
@@ -27,7 +29,10 @@ from xmem_label.model.keyframes import Keyframes
 from xmem_label.model.prompts import mask_from_box, mask_from_points
 
 from . import formats, media
+from .settings import BackendSettings
 from .studio import LabelStudio
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD_THREADS = 4
 SUGGESTIONS = 5  # frames to check next, shown in the task's status TextArea
@@ -207,13 +212,29 @@ def run_sequence(
             frames.wait_all()  # every frame arrived and passed its checks
         finally:
             frames.stop_fetching()
-    pass_cache.evict(studio.settings.pass_cache_dir, studio.settings.pass_cache_bytes)
+    evict_in_background(studio.settings)
     timings.total = time.perf_counter() - started
     return Outcome(
         request.task_id,
         {"result": result, "score": round(score, 4), "model_version": model_version},
         timings,
     )
+
+
+def evict_in_background(settings: BackendSettings) -> threading.Thread:
+    """Trim the tasks' pass caches to their cap in a thread of its own, so the prediction is
+    stored meanwhile: the trim stats every file of every task folder (tens of thousands at the
+    10 GB default). Not a daemon: a process that exits waits for a deletion under way."""
+
+    def evict() -> None:
+        try:
+            pass_cache.evict(settings.pass_cache_dir, settings.pass_cache_bytes)
+        except OSError as exc:  # the next job trims again
+            log.warning("the pass cache was not trimmed: %s", exc)
+
+    thread = threading.Thread(target=evict, name="xmem-label-evict")
+    thread.start()
+    return thread
 
 
 def task_folder(studio: LabelStudio, task_id: int | None, frame_urls: list[str]) -> Path:

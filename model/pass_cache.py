@@ -48,19 +48,26 @@ def evict(root: Path, cap_bytes: int) -> list[Path]:
     a folder another run holds is skipped. Returns the folders deleted."""
     if not root.is_dir():
         return []
-    folders = [(folder.stat().st_mtime, folder) for folder in root.iterdir() if folder.is_dir()]
+    folders = []
+    for folder in root.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by another eviction
+            if folder.is_dir():
+                folders.append((folder.stat().st_mtime, folder))
     sizes = {folder: folder_bytes(folder) for _, folder in folders}
     total = sum(sizes.values())
     deleted = []
     for _, folder in sorted(folders, key=lambda item: item[0]):
         if total <= cap_bytes:
             break
-        with open(folder / LOCK, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # in use by a run
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            with open(folder / LOCK, "a+") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use by a run
+                shutil.rmtree(folder, ignore_errors=True)
+                deleted.append(folder)
+        except FileNotFoundError:
+            pass  # another eviction deleted it first
         total -= sizes[folder]
-        deleted.append(folder)
     return deleted

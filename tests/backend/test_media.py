@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import io
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 from xmem_label.backend import formats, media, propagation
 from xmem_label.backend.settings import BackendSettings
 from xmem_label.backend.studio import LabelStudio
-from xmem_label.model import InputError, load_engine, read_label_mask
+from xmem_label.model import InputError, load_engine, pass_cache, read_label_mask
 from xmem_label.model.keyframes import Keyframes
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vos"
@@ -308,3 +309,57 @@ def test_propagation_starts_while_later_frames_are_still_downloading(tmp_path):
             propagation.run_sequence(request, config, load_engine("flow"), label_studio, "v")
     finally:
         server.close()
+
+
+def test_the_pass_cache_is_trimmed_to_its_cap_after_a_job(tmp_path, monkeypatch):
+    """After a job, in a thread beside the storing of its prediction, the least recently used
+    task folders go until the rest fits the cap (XMEM_LABEL_PASS_CACHE_GB); the job's own, the
+    most recent, stays."""
+    frames = sorted((DATA / "chair" / "frames").glob("*.jpg"))[:3]
+    server = Server({f"/data/upload/1/{p.name}": (200, {}, p.read_bytes()) for p in frames})
+    trims: list[threading.Thread] = []
+    start_trim = propagation.evict_in_background
+    monkeypatch.setattr(
+        propagation, "evict_in_background", lambda settings: trims.append(start_trim(settings))
+    )
+    try:
+        label_studio, keyframes, config = chair_task(server, tmp_path)
+        engine = load_engine("flow")
+        urls = [f"/data/upload/1/{p.name}" for p in frames]
+        propagation.run_sequence(
+            propagation.SequenceRequest(7, urls, keyframes), config, engine, label_studio, "v"
+        )
+        trims.pop().join()
+        first = propagation.task_folder(label_studio, 7, urls)
+        one_task = pass_cache.folder_bytes(first)
+        capped = dataclasses.replace(label_studio.settings, pass_cache_bytes=one_task * 3 // 2)
+        label_studio = LabelStudio(capped)
+        time.sleep(0.01)  # the second task's folder is the more recent one
+        propagation.run_sequence(
+            propagation.SequenceRequest(8, urls, keyframes), config, engine, label_studio, "v"
+        )
+        trims.pop().join()
+        assert not first.exists()
+        assert propagation.task_folder(label_studio, 8, urls).is_dir()
+    finally:
+        server.close()
+
+
+def test_a_folder_another_eviction_deleted_first_is_skipped(tmp_path, monkeypatch):
+    """Two evictions at once (two jobs ending together, or two processes): a folder the other
+    one deleted between listing and locking is counted as gone, not an error."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").write_bytes(b"x" * 100)
+        time.sleep(0.01)
+    measure = pass_cache.folder_bytes
+
+    def measured_then_deleted(folder: Path) -> int:
+        size = measure(folder)
+        if folder.name == "a":  # the other eviction takes it right after our scan
+            shutil.rmtree(folder)
+        return size
+
+    monkeypatch.setattr(pass_cache, "folder_bytes", measured_then_deleted)
+    assert pass_cache.evict(tmp_path, 150) == [tmp_path / "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
