@@ -49,16 +49,27 @@ class Conv3x3(nn.Conv2d):
         self._int8_weights = {}  # packed per slice on first use
         self._derived_version = self._weight_version()
 
-    def forward(self, x: Tensor, *, relu_input: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, *, relu_input: bool = False, residual: Tensor | None = None
+    ) -> Tensor:
         """The convolution of x, or of relu(x) with `relu_input` (which int8 folds into its
-        quantisation of x and Winograd into its copy of x, instead of a pass of their own)."""
-        return self.forward_input_channels(x, slice(None), with_bias=True, relu_input=relu_input)
+        quantisation of x and Winograd into its copy of x, instead of a pass of their own),
+        plus `residual` if given (Winograd adds it as it writes its output)."""
+        return self.forward_input_channels(
+            x, slice(None), with_bias=True, relu_input=relu_input, residual=residual
+        )
 
     def forward_input_channels(
-        self, x: Tensor, channels: slice, *, with_bias: bool, relu_input: bool = False
+        self,
+        x: Tensor,
+        channels: slice,
+        *,
+        with_bias: bool,
+        relu_input: bool = False,
+        residual: Tensor | None = None,
     ) -> Tensor:
         """The convolution of x (relu(x) with `relu_input`) with the filters' input channels
-        `channels` only."""
+        `channels` only, plus `residual` (broadcastable to the output) if given."""
         bias = self.bias if with_bias else None
         kernels = x.device.type == "cpu" and not (
             torch.is_grad_enabled() and self.weight.requires_grad
@@ -67,14 +78,17 @@ class Conv3x3(nn.Conv2d):
             self._derive_again()
         autocast = torch.is_autocast_enabled("cpu")
         if kernels and self.uses_int8 and autocast:
-            weight = self._int8_weight(channels)
-            return int8.int8_conv3x3(x, *weight, bias, relu_input=relu_input)
-        if kernels and self.uses_winograd and x.dtype == torch.float32 and not autocast:
+            packed = self._int8_weight(channels)
+            out = int8.int8_conv3x3(x, *packed, bias, relu_input=relu_input)
+        elif kernels and self.uses_winograd and x.dtype == torch.float32 and not autocast:
             weight = self.weight[:, channels]
-            return winograd.winograd_conv3x3(x, weight, bias, relu_input=relu_input)
-        if relu_input:
-            x = F.relu(x)
-        return F.conv2d(x, self.weight[:, channels], bias, padding=1)
+            return winograd.winograd_conv3x3(
+                x, weight, bias, relu_input=relu_input, residual=residual
+            )
+        else:
+            x = F.relu(x) if relu_input else x
+            out = F.conv2d(x, self.weight[:, channels], bias, padding=1)
+        return out if residual is None else out + residual
 
     def _int8_weight(self, channels: slice) -> tuple[Tensor, Tensor, Tensor]:
         key = (channels.start, channels.stop)

@@ -80,10 +80,9 @@ def _conv_split(shared: Tensor, own: Tensor, conv: Conv3x3, *, relu_input: bool 
     shared_part = conv.forward_input_channels(
         shared, slice(None, split), with_bias=True, relu_input=relu_input
     )
-    own_part = conv.forward_input_channels(
-        own, slice(split, None), with_bias=False, relu_input=relu_input
+    return conv.forward_input_channels(
+        own, slice(split, None), with_bias=False, relu_input=relu_input, residual=shared_part
     )
-    return own_part + shared_part
 
 
 class GroupResBlock(nn.Module):
@@ -101,16 +100,18 @@ class GroupResBlock(nn.Module):
         self.conv2 = Conv3x3(out_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The ReLUs are the convolutions' (`relu_input`): in int8 they cost no pass of their own.
-        out = self.conv2(self.conv1(x, relu_input=True), relu_input=True)
-        return out + (x if self.downsample is None else self.downsample(x))
+        # The ReLUs and the sum are the convolutions' (`relu_input`, `residual`): Winograd folds
+        # both, int8 the ReLUs, into passes they make anyway.
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.conv1(x, relu_input=True)
+        return self.conv2(out, relu_input=True, residual=shortcut)
 
     def forward_split(self, shared: Tensor, own: Tensor) -> Tensor:
         """`forward(cat([shared expanded to every object, own], 1))` without the expansion."""
-        out = _conv_split(shared, own, self.conv1, relu_input=True)
-        out = self.conv2(out, relu_input=True)
         assert self.downsample is not None  # split inputs change the channel count
-        return out + _conv_split(shared, own, self.downsample)
+        shortcut = _conv_split(shared, own, self.downsample)
+        out = _conv_split(shared, own, self.conv1, relu_input=True)
+        return self.conv2(out, relu_input=True, residual=shortcut)
 
 
 class ChannelGate(nn.Module):

@@ -19,7 +19,8 @@ contiguous (Cin, Cout) matrix, so any slice of input channels is a plain matrix 
 Element-wise work around the convolution is folded into passes it makes anyway, since on the
 decoder's largest activations a pass of its own costs a sizeable part of the convolution: the
 bias is added to the transformed products at one tile position (1/36 of them) instead of to
-the whole output.
+the whole output, and a residual (`residual`: a residual block's shortcut, or the shared part of
+a convolution split by input channel) as the tiles are copied out.
 """
 
 from __future__ import annotations
@@ -91,11 +92,18 @@ def transform_weight(weight: Tensor) -> Tensor:
 
 
 def winograd_conv3x3(
-    x: Tensor, weight: Tensor, bias: Tensor | None, *, relu_input: bool = False
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    relu_input: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """`F.conv2d(x, weight, bias, padding=1)` for float32 x (N, Cin, H, W) and weight
     (Cout, Cin, 3, 3), best `tap_major`; of relu(x) with `relu_input`, applied as each band is
-    copied (a ReLU pass over x and its output cost more than the band copy itself).
+    copied (a ReLU pass over x and its output cost more than the band copy itself); plus
+    `residual` (broadcastable to the output) if given, added as the tiles are written out (a
+    separate sum reads the output again and writes a second one).
 
     The output is (N, Cout, H, W) in channels-last memory. Tiles go through in bands of tile
     rows, each band zero-padded and transformed on its own, so beside x, the output and the
@@ -109,6 +117,11 @@ def winograd_conv3x3(
     rows, cols = -(-height // TILE), -(-width // TILE)
     source = x.permute(0, 2, 3, 1)  # NHWC view
     out = x.new_empty(n, rows * TILE, cols * TILE, out_channels)
+    # Tiles that overhang the image are written whole and cropped (and the residual added) at
+    # the end, in the copy to the output's shape that the crop needs anyway.
+    overhang = height % TILE or width % TILE
+    if residual is not None:
+        residual = residual.expand(n, out_channels, height, width).permute(0, 2, 3, 1)
     b_t, a_t = _INPUT_TRANSFORM.to(x.device), _OUTPUT_TRANSFORM.to(x.device)
     band = max(1, CHUNK_ELEMENTS // (_SPAN * _SPAN * n * cols * max(channels, out_channels)))
     for top in range(0, rows, band):
@@ -142,10 +155,20 @@ def winograd_conv3x3(
         y = (a_t @ m.view(_SPAN, -1)).view(TILE, _SPAN, -1)
         del m
         y = torch.matmul(a_t, y).view(TILE, TILE, n, band_rows, cols, out_channels)
-        out[:, top * TILE : (top + band_rows) * TILE].view(
-            n, band_rows, TILE, cols, TILE, out_channels
-        ).copy_(y.permute(2, 3, 0, 4, 1, 5))
-        del y
-    out = out[:, :height, :width]
-    # A copy only when the tiles overhang the image (height or width not a multiple of 4).
-    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        tiles_nhwc = y.permute(2, 3, 0, 4, 1, 5)
+        band_shape = (n, band_rows, TILE, cols, TILE, out_channels)
+        band_rows_out = slice(top * TILE, (top + band_rows) * TILE)
+        band_out = out[:, band_rows_out].view(band_shape)
+        if residual is None or overhang:
+            band_out.copy_(tiles_nhwc)
+        else:
+            torch.add(tiles_nhwc, residual[:, band_rows_out].view(band_shape), out=band_out)
+        del y, tiles_nhwc
+    if not overhang:
+        return out.permute(0, 3, 1, 2)  # channels-last memory
+    result = x.new_empty(n, height, width, out_channels)
+    if residual is None:
+        result.copy_(out[:, :height, :width])
+    else:
+        torch.add(out[:, :height, :width], residual, out=result)
+    return result.permute(0, 3, 1, 2)

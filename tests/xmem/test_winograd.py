@@ -75,6 +75,28 @@ def test_the_bias_reaches_every_output_of_every_tile(monkeypatch):
     assert (out.double() - direct(x, conv)).abs().max() < TOLERANCE
 
 
+@pytest.mark.parametrize("shape", [(2, 200, 16, 20), (3, 200, 13, 17)], ids=str)
+@pytest.mark.parametrize("objects", ["each", "shared"])
+def test_the_residual_is_added_to_the_output(monkeypatch, shape, objects):
+    """Whole tiles add it band by band, overhanging ones in the final crop; a residual with one
+    sample is broadcast to all (the shared part of `_conv_split`)."""
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 10_000)
+    conv = wide_conv()
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    samples = shape[0] if objects == "each" else 1
+    residual = torch.randn(samples, 192, *shape[2:]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = conv(x, relu_input=True, residual=residual)
+        plain = Conv3x3(200, 192)
+        plain.load_state_dict(conv.state_dict())
+        direct_out = plain(x, relu_input=True, residual=residual)  # not prepared: F.conv2d
+    expected = direct(F.relu(x), conv) + residual.double()
+    assert out.shape == (shape[0], 192, *shape[2:])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - expected).abs().max() < TOLERANCE
+    assert (direct_out.double() - expected).abs().max() < TOLERANCE
+
+
 def test_direct_path_under_autocast_and_gradients(count_calls):
     conv = wide_conv()
     x = torch.randn(1, 200, 8, 8)
