@@ -120,24 +120,38 @@ def test_app_shows_propagated_masks(dataset, tmp_path):
         )
         dataset.reload()
         assert dataset.first().frames[1].xmem.detections[0].keyframe is False
-        show(session, dataset.select_fields("frames.xmem"), sample.id)  # modal on frame 1
-        with_masks = screenshot(session.url, tmp_path / "masks.png")
-        show(session, dataset.select_fields(), sample.id)
-        without = screenshot(session.url, tmp_path / "plain.png")
+        # A pair of screenshots, again (at most twice more) when their difference is not one
+        # compact region: one of them showed a page still loading, once, on a loaded machine.
+        for _ in range(3):
+            show(session, dataset.select_fields("frames.xmem"), sample.id)  # modal on frame 1
+            with_masks = screenshot(session.url, tmp_path / "masks.png")
+            show(session, dataset.select_fields(), sample.id)
+            without = screenshot(session.url, tmp_path / "plain.png")
+            changed = drawn_on_player(with_masks, without)
+            if one_compact_region(changed):
+                break
     finally:
         session.close()
 
     triggered = [m["body"]["operator_uri"] for m in messages]
     assert triggered[0] == "set_progress" and triggered[-2:] == ["reload_dataset", "notify"]
 
-    changed = drawn_on_player(with_masks, without)
     rows, cols = np.nonzero(changed)
     assert changed.sum() > 2000, "no mask drawn on the video"
     # one compact region, the mask and its box (the chair is top left of the frame)
-    assert (rows.max() - rows.min()) * (cols.max() - cols.min()) < 0.15 * changed.size
+    assert one_compact_region(changed)
     assert cols.max() < changed.shape[1] / 2
     if os.environ.get("XMEM_LABEL_SAVE_SCREENSHOT"):
         shutil.copy(tmp_path / "masks.png", REPO / "docs" / "images" / "fiftyone.png")
+
+
+def one_compact_region(changed: np.ndarray) -> bool:
+    """Whether the changed pixels fit a box of at most 15 % of the player."""
+    rows, cols = np.nonzero(changed)
+    return (
+        rows.size > 0
+        and (rows.max() - rows.min()) * (cols.max() - cols.min()) < 0.15 * changed.size
+    )
 
 
 def drawn_on_player(shot: np.ndarray, plain: np.ndarray) -> np.ndarray:
