@@ -129,8 +129,13 @@ def winograd_conv3x3(
         tiles = n * band_rows * cols
         # The band's input rows, zero-padded for whole tiles: padded row r is input row first + r.
         first = top * TILE - 1
-        padded = x.new_zeros(n, band_rows * TILE + 2, cols * TILE + 2, channels)
+        padded = x.new_empty(n, band_rows * TILE + 2, cols * TILE + 2, channels)
         low, high = max(first, 0), min(first + band_rows * TILE + 2, height)
+        # Only the padding is zeroed: the rest is written once, below.
+        padded[:, : low - first].zero_()
+        padded[:, high - first :].zero_()
+        padded[:, low - first : high - first, 0].zero_()
+        padded[:, low - first : high - first, width + 1 :].zero_()
         inside = padded[:, low - first : high - first, 1 : width + 1]
         if relu_input:
             torch.clamp_min(source[:, low:high], 0, out=inside)

@@ -97,6 +97,23 @@ def test_the_residual_is_added_to_the_output(monkeypatch, shape, objects):
     assert (direct_out.double() - expected).abs().max() < TOLERANCE
 
 
+def test_no_unwritten_memory_is_read(monkeypatch):
+    """The kernel's buffers are made uninitialised (only the padded bands' borders are zeroed):
+    filled with NaN here, any element read before it is written shows in the output."""
+
+    def new_nan(self: torch.Tensor, *size: int) -> torch.Tensor:
+        return torch.full(size, float("nan"), dtype=self.dtype, device=self.device)
+
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 10_000)
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_nan)
+    conv = wide_conv()
+    for shape in [(2, 200, 16, 16), (3, 200, 13, 17), (1, 200, 5, 9)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            out = conv(x, relu_input=True, residual=torch.ones(1, 192, *shape[2:]))
+        assert (out.double() - direct(F.relu(x), conv) - 1).abs().max() < TOLERANCE
+
+
 def test_direct_path_under_autocast_and_gradients(count_calls):
     conv = wide_conv()
     x = torch.randn(1, 200, 8, 8)
