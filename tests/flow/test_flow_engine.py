@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from xmem_label.model import InputError, Session, load_engine
+from xmem_label.model.flow import engine as flow_engine
 
 HEIGHT, WIDTH = 192, 256
 SIZE = 56
@@ -109,6 +110,15 @@ def test_describe_names_the_engine():
     description = load_engine("flow").describe()
     assert description.engine == "flow"
     assert description.weights is None
+
+
+def test_loading_keeps_freed_memory(monkeypatch):
+    """As XMem's loader: FiftyOne runs the plugin's operators outside the main thread, where
+    glibc's defaults made the same frames measurably slower."""
+    calls = []
+    monkeypatch.setattr(flow_engine, "keep_freed_memory", lambda: calls.append(True))
+    load_engine("flow")
+    assert calls == [True]
 
 
 def test_later_keyframe_corrects_the_object():
