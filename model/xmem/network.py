@@ -201,13 +201,14 @@ class HiddenUpdater(nn.Module):
         self.g4_conv = nn.Conv2d(257, mid_channels, 1)
         self.transform = Conv3x3(mid_channels + hidden_dim, hidden_dim * 3)
 
-    def forward(self, g16: Tensor, g8: Tensor, g4: Tensor, hidden: Tensor) -> Tensor:
+    def forward(
+        self, g16: Tensor, g8: Tensor, g4: Tensor, logits: Tensor, hidden: Tensor
+    ) -> Tensor:
+        """XMem's update from g4 and the logits concatenated; pooling is per channel, so they are
+        pooled apart and only the pooled tensors joined (not a copy of g4 at 1/4 scale)."""
         # Area downsampling by exact factors is average pooling.
-        g = (
-            self.g16_conv(g16)
-            + self.g8_conv(F.avg_pool2d(g8, 2))
-            + self.g4_conv(F.avg_pool2d(g4, 4))
-        )
+        g4 = torch.cat([F.avg_pool2d(g4, 4), F.avg_pool2d(logits, 4)], dim=1)
+        g = self.g16_conv(g16) + self.g8_conv(F.avg_pool2d(g8, 2)) + self.g4_conv(g4)
         return _gated_update(self.transform(torch.cat([g, hidden.to(g.dtype)], 1)), hidden)
 
 
@@ -318,8 +319,8 @@ class Decoder(nn.Module):
             g4 = self.up_8_4(skip4, g8)
             chunk_logits = self.pred(F.relu(g4))
             if update_hidden:
-                g4 = torch.cat([g4, chunk_logits], dim=1)
-                new_hidden.append(self.hidden_update(g16[chunk], g8, g4, hidden[chunk]))
+                update = self.hidden_update(g16[chunk], g8, g4, chunk_logits, hidden[chunk])
+                new_hidden.append(update)
             logits.append(_upsample4(chunk_logits.float()))
         return torch.cat(new_hidden) if update_hidden else None, torch.cat(logits)[:, 0]
 
