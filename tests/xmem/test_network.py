@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 from xmem_label.model.errors import WeightsError
+from xmem_label.model.xmem import backbones
 from xmem_label.model.xmem import network as network_module
 from xmem_label.model.xmem.allocator import keep_freed_memory
+from xmem_label.model.xmem.backbones import BasicBlock, Bottleneck
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
 from xmem_label.model.xmem.network import XMemNetwork, soft_aggregate
 
@@ -328,3 +330,29 @@ def test_objects_in_several_batches_give_the_same_result(network, monkeypatch):
     at_once = run()
     for ours, expected in zip(in_batches, at_once, strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["bottleneck", "basic"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=str)
+def test_backbone_blocks_with_fused_post_ops_match_the_plain_path(block, memory_format):
+    """In float32 inference the ReLU and residual sum run as oneDNN post-ops of the convolution
+    (`backbones._fused`); with gradients enabled the same block runs convolution, sum and ReLU
+    apart. Both must agree, with a projection shortcut (stride 2) and an identity one."""
+    torch.manual_seed(0)
+    if block == "bottleneck":
+        blocks = torch.nn.Sequential(Bottleneck(64, 32, stride=2), Bottleneck(128, 32))
+    else:
+        blocks = torch.nn.Sequential(BasicBlock(32, 64, stride=2), BasicBlock(64, 64))
+    for bn in (m for m in blocks.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+    blocks.eval()
+    x = torch.randn(2, blocks[0].conv1.in_channels, 30, 42).contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        assert backbones._fused(x)
+        fused = blocks(x)
+    plain = blocks(x)  # gradients enabled: F.conv2d, then the sum and the ReLU
+    assert plain.requires_grad
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-5)
+    assert fused.min() == 0  # the ReLU was applied
