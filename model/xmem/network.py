@@ -13,6 +13,13 @@ selection, value, hidden state) and the outputs of `segment` are float32 even un
 `torch.autocast`; the frame features f16/f8/f4 keep the autocast dtype, so call all three
 methods of a frame in the same precision context.
 
+Element-wise passes over large activations are folded where a kernel makes a pass anyway: the
+residual blocks' ReLUs and sums are arguments of their convolutions (`relu_input`, `residual`:
+Winograd applies them in its band copies, int8 folds the ReLU into its quantisation, other paths
+apply them as before), the backbones' ReLUs and sums are oneDNN post-ops in float32
+(`backbones.conv_bn`), and the hidden-state update pools g4 and the logits apart rather than
+concatenating them at 1/4 scale.
+
 Speed on CPU: `conv3x3.use_winograd(network.decoder)` runs the decoder's wide 3x3
 convolutions with a quarter of the multiplications (float32 only; rounding-level differences);
 `network.to(memory_format=torch.channels_last)` with channels-last images changes

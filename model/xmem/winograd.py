@@ -17,10 +17,12 @@ convolution) when the weight is stored tap-major (`tap_major`): each of the 9 ta
 contiguous (Cin, Cout) matrix, so any slice of input channels is a plain matrix too.
 
 Element-wise work around the convolution is folded into passes it makes anyway, since on the
-decoder's largest activations a pass of its own costs a sizeable part of the convolution: the
-bias is added to the transformed products at one tile position (1/36 of them) instead of to
-the whole output, and a residual (`residual`: a residual block's shortcut, or the shared part of
-a convolution split by input channel) as the tiles are copied out.
+decoder's largest activations a pass of its own costs a sizeable part of the convolution: a ReLU
+of the input (`relu_input`) is applied as each band is copied into its zero-padded buffer (of
+which only the padding is zeroed), the bias is added to the transformed products at one tile
+position (1/36 of them) instead of to the whole output, and a residual (`residual`: a residual
+block's shortcut, or the shared part of a convolution split by input channel) as the tiles are
+copied out.
 """
 
 from __future__ import annotations
