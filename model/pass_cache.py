@@ -5,6 +5,10 @@ across requests and processes. `in_use` holds a folder for one run (marked as ju
 shared-locked so no eviction, in this or another process, deletes it meanwhile); `evict` deletes
 the least recently used folders until the rest fits the cap. Losing a folder costs only time: the
 next run recomputes its passes, and the engine gives the same numbers bit for bit.
+
+Each run records its folder's size in the folder (`SIZE`), so an eviction reads one small file
+per folder instead of stat-ing every file of every folder (tens of thousands at a 10 GB cap);
+a folder without a readable record is measured.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK = ".lock"
+SIZE = ".size"  # the folder's bytes when its last run ended
 
 
 @contextlib.contextmanager
@@ -30,8 +35,18 @@ def in_use(folder: Path) -> Iterator[Path]:
         try:
             yield folder
         finally:
+            with contextlib.suppress(OSError):  # a missing record is measured again
+                (folder / SIZE).write_text(str(folder_bytes(folder)))
             os.utime(folder)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def recorded_bytes(folder: Path) -> int:
+    """The folder's size as its last run recorded it, or measured when there is no record."""
+    try:
+        return int((folder / SIZE).read_text())
+    except (OSError, ValueError):
+        return folder_bytes(folder)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -53,7 +68,7 @@ def evict(root: Path, cap_bytes: int) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by another eviction
             if folder.is_dir():
                 folders.append((folder.stat().st_mtime, folder))
-    sizes = {folder: folder_bytes(folder) for _, folder in folders}
+    sizes = {folder: recorded_bytes(folder) for _, folder in folders}
     total = sum(sizes.values())
     deleted = []
     for _, folder in sorted(folders, key=lambda item: item[0]):
