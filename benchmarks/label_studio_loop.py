@@ -3,23 +3,24 @@ new prediction, R rounds, with ground truth as the annotator.
 
     python -m benchmarks.label_studio_loop [--clip ../shared/data/vos/blackswan] [--frames 100]
                                            [--rounds 3] [--repeat 1] [--job-threads 1]
-                                           [--ls-bin PATH]
+                                           [--media http] [--ls-bin PATH]
 
-A real Label Studio 1.23.2 and a real `xmem-label serve --engine flow --job-threads 1` (credentials,
-connected by `xmem-label connect`, webhook on): one job at a time on all cores, like the engine
-alone it is compared with (the server's default for the flow engine runs a job per core at once,
-each on one torch thread: see `--job-threads`). The task is `--frames` frames of the clip played
-forward and backward, at its 854x480. Round 0 saves an annotation with the ground truth of the first
-and last frames (the backend has no passes for the task yet: a from-scratch prediction); round 1
-corrects the middle frame; later rounds correct the first frame the prediction's `xmem_status`
-suggests. Per round: J&F of the stored prediction; the time from saving the annotation to the stored
-prediction (to Label Studio's `created_at` of the prediction, so the benchmark's polling is not
-counted); the same keyframes through a bare Session in this process (the engine alone: round 0 from
-scratch, then one incremental run per correction); the backend job's download time and whole time
-(the backend's /metrics: the rest of save -> stored is Label Studio and HTTP); and how many frames
-outside the corrected segment changed (must be none). With `--repeat N`, N tasks of the same frames
-go through the rounds one after another (each from scratch, in a folder of its own in the backend's
-pass cache), then the per-round medians.
+A real Label Studio 1.23.2 and a real `xmem-label serve --engine flow --job-threads 1`
+(credentials, connected by `xmem-label connect`, webhook on): one job at a time on all cores, like
+the engine alone it is compared with (the server's default for the flow engine runs a job per core
+at once, each on one torch thread: see `--job-threads`); it fetches the frames over HTTP, or reads
+them where Label Studio keeps them with `--media local`. The task is `--frames` frames of the clip
+played forward and backward, at its 854x480. Round 0 saves an annotation with the ground truth of
+the first and last frames (the backend has no passes for the task yet: a from-scratch prediction);
+round 1 corrects the middle frame; later rounds correct the first frame the prediction's
+`xmem_status` suggests. Per round: J&F of the stored prediction; the time from saving the
+annotation to the stored prediction (to Label Studio's `created_at` of the prediction, so the
+benchmark's polling is not counted); the same keyframes through a bare Session in this process (the
+engine alone: round 0 from scratch, then one incremental run per correction); the backend job's
+download time and whole time (the backend's /metrics: the rest of save -> stored is Label Studio
+and HTTP); and how many frames outside the corrected segment changed (must be none). With `--repeat
+N`, N tasks of the same frames go through the rounds one after another (each from scratch, in a
+folder of its own in the backend's pass cache), then the per-round medians.
 
 `--first-mask 300` then times a 300-frame task with a keyframe on its first frame: from the save
 to the backend's first batch (10 frames) and to its whole prediction.
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             for path in sorted(frames_dir.iterdir())
         ]
         port = free_port()
-        backend = subprocess_backend(url, work, port, args.job_threads)
+        document_root = media if args.media == "local" else None
+        backend = subprocess_backend(url, work, port, args.job_threads, document_root)
         backend_url = f"http://127.0.0.1:{port}"
         wait_up(f"{backend_url}/health", 120)
         connect(project["id"], backend_url, url, TOKEN)
@@ -130,8 +132,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
         shape = truth[0].shape
         print(f"{args.frames} frames {shape[1]}x{shape[0]} of {args.clip.name}, engine flow, "
-              f"{args.repeat} task(s), backend --job-threads {args.job_threads} "
-              f"({torch.get_num_threads()} torch threads here)")  # fmt: skip
+              f"{args.repeat} task(s), media over {args.media}, backend --job-threads "
+              f"{args.job_threads} ({torch.get_num_threads()} torch threads here)")  # fmt: skip
         print(f"{'task':>4} {'round':>5} {'frame':>6} {'J&F':>6} {'save->pred s':>13} "
               f"{'engine s':>9} {'overhead':>9} {'job s':>6} {'download s':>11} "
               f"{'changed outside':>16}")  # fmt: skip
@@ -267,11 +269,17 @@ def first_mask(api, project_id: int, media: Path, args: argparse.Namespace, trut
           f"after the save, all frames {whole:.1f} s ({first / whole:.0%})")  # fmt: skip
 
 
-def subprocess_backend(url: str, work: Path, port: int, job_threads: int) -> subprocess.Popen:
+def subprocess_backend(
+    url: str, work: Path, port: int, job_threads: int, document_root: Path | None
+) -> subprocess.Popen:
+    """The backend; with `document_root`, it reads Label Studio's local files from there."""
+    env = backend_environment(url, TOKEN, MODEL_DIR=str(work / "model-dir"))
+    if document_root is not None:
+        env["LOCAL_FILES_DOCUMENT_ROOT"] = str(document_root)
     return subprocess.Popen(
         [xmem_label_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
          "--engine", "flow", "--job-threads", str(job_threads)],
-        env=backend_environment(url, TOKEN, MODEL_DIR=str(work / "model-dir")),
+        env=env,
         stdout=open(work / "backend.log", "w"),  # noqa: SIM115 (lives on)
         stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -316,6 +324,12 @@ def main() -> None:
         help="the backend's --job-threads: 1 (default) runs the job on all cores, as the "
         "engine alone here; the server's default for the flow engine, one job per core, gives "
         "a job one torch thread so that two run at once",
+    )  # fmt: skip
+    parser.add_argument(
+        "--media", choices=["http", "local"], default="http",
+        help="how the backend reads the frames: http, from Label Studio (default, as from "
+        "another machine; on this one, Label Studio serving them takes CPU from the job), "
+        "or local, from its LOCAL_FILES_DOCUMENT_ROOT (the same-host setup)",
     )  # fmt: skip
     parser.add_argument(
         "--first-mask", type=int, default=0, metavar="N",
