@@ -21,7 +21,7 @@ apply them as before), the backbones' ReLUs and sums are oneDNN post-ops in floa
 concatenating them at 1/4 scale.
 
 Speed on CPU: `conv3x3.use_winograd(network.decoder)` runs the decoder's wide 3x3
-convolutions with a quarter of the multiplications (float32 only; rounding-level differences);
+convolutions with at most a quarter of the multiplications (float32; rounding differences);
 `network.to(memory_format=torch.channels_last)` with channels-last images changes
 results only by rounding; `torch.autocast("cpu", dtype=torch.bfloat16)` around the calls is the
 bf16 fast mode (probabilities within ~0.03), and `conv3x3.use_int8(network)` under it the int8

@@ -1,74 +1,80 @@
-"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, CVPR 2016).
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3) and F(6x6, 3x3) (Lavin & Gray, CVPR
+2016).
 
-Why: on CPU the decoder's wide 3x3 convolutions are most of XMem's time, and oneDNN's direct
-float32 kernels already run near the CPU's peak, so the only way to go faster at float32 is to
-multiply less. Winograd's algorithm computes each 4x4 output tile from a 6x6 input tile with 36
-multiplications per input/output channel pair instead of 144. The input and output transforms
-cost little next to the multiplications when both channel counts are wide (>= 192), so those
-convolutions run 2-2.5x faster on a 2-core machine. The results differ from a direct float32
-convolution by rounding only: about 5e-5 absolute on outputs of magnitude ~7, against ~1e-5 for
-the direct kernel (the equivalence test against the official implementation covers it).
+Why: on CPU the decoder's wide 3x3 convolutions are most of XMem's time, and oneDNN's direct float32
+kernels already run near the CPU's peak, so the only way to go faster at float32 is to multiply
+less. Winograd's algorithm computes each 4x4 output tile from a 6x6 input tile with 36
+multiplications per input/output channel pair instead of 144. The input and output transforms cost
+little next to the multiplications when both channel counts are wide (>= 192), so those convolutions
+run 2-2.5x faster on a 2-core machine. The results differ from a direct float32 convolution by
+rounding only: about 5e-5 absolute on outputs of magnitude ~7, against ~1e-5 for the direct kernel
+(the equivalence test against the official implementation covers it). Convolutions of at most 256
+input channels use 6x6 output tiles from 8x8 input tiles instead (`F6`: 64 multiplications for 36
+outputs), faster on the decoder's 1/4-scale activations.
 
-The transformed weight (36 values per 3x3 filter, 4x the weight) is made on every call and
-dropped after it: keeping it took 470 MB for the decoder alone, more than the official
-implementation's whole activation memory, while transforming on the fly is one small matrix
-product (36x9 by 9 x Cin*Cout, at most 2.4 ms for the widest here, against 15-35 ms for the
-convolution) when the weight is stored tap-major (`tap_major`): each of the 9 taps one
-contiguous (Cin, Cout) matrix, so any slice of input channels is a plain matrix too.
+The transformed weight (36 or 64 values per 3x3 filter) is made on every call and dropped after it:
+keeping it took 470 MB for the decoder alone, more than the official implementation's whole
+activation memory, while transforming on the fly is one small matrix product (36x9 or 64x9 by 9 x
+Cin*Cout, at most 2.4 ms for the widest here, against 15-35 ms for the convolution) when the weight
+is stored tap-major (`tap_major`): each of the 9 taps one contiguous (Cin, Cout) matrix, so any
+slice of input channels is a plain matrix too.
 
 Element-wise work around the convolution is folded into passes it makes anyway, since on the
-decoder's largest activations a pass of its own costs a sizeable part of the convolution: a ReLU
-of the input (`relu_input`) is applied as each band is copied into its zero-padded buffer (of
-which only the padding is zeroed), the bias is added to the transformed products at one tile
-position (1/36 of them) instead of to the whole output, and a residual (`residual`: a residual
+decoder's largest activations a pass of its own costs a sizeable part of the convolution: a ReLU of
+the input (`relu_input`) is applied as each band is copied into its zero-padded buffer (of which
+only the padding is zeroed), the bias is added to the transformed products at one tile position
+(1/36 or 1/64 of them) instead of to the whole output, and a residual (`residual`: a residual
 block's shortcut, or the shared part of a convolution split by input channel) as the tiles are
 copied out.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import Tensor
 
-TILE = 4  # output pixels per tile side
-_SPAN = TILE + 2  # input pixels per tile side
 
-# F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2 and infinity: input transform B^T,
-# filter transform G and output transform A^T. Output tile = A^T [(G g G^T) * (B^T d B)] A.
-_INPUT_TRANSFORM = torch.tensor(
-    [
-        [4, 0, -5, 0, 1, 0],
-        [0, -4, -4, 1, 1, 0],
-        [0, 4, -4, -1, 1, 0],
-        [0, -2, -1, 2, 1, 0],
-        [0, 2, -1, -2, 1, 0],
-        [0, 4, 0, -5, 0, 1],
-    ],
-    dtype=torch.float32,
+class Transforms:
+    """Winograd's F(m x m, 3x3) for one output tile size m, derived from its interpolation
+    points (Lavin & Gray, section 4): input transform B^T, the filter transform as a (span^2, 9)
+    matrix on the 9 taps (G w G^T for every tile position at once, made in float64 and rounded
+    to float32 once) and output transform A^T. With V the Vandermonde matrix of the points
+    (infinity the leading coefficient), A^T = V[:, :m]^T, G = V[:, :3], B^T = V^-T; each row of
+    B^T is scaled to integers or halves (its smallest entry 1) and G's row by the inverse, so
+    the input transform rounds nothing. Point 1 comes second: A^T's column for it is all ones
+    (see the bias in `winograd_conv3x3`)."""
+
+    def __init__(self, tile: int, points: tuple[Fraction, ...]):
+        self.tile = tile
+        self.span = span = tile + 2  # input pixels per tile side
+        vandermonde = torch.tensor(
+            [[float(p**k) for k in range(span)] for p in points] + [[0.0] * (span - 1) + [1.0]],
+            dtype=torch.float64,
+        )
+        output = vandermonde[:, :tile].t().clone()
+        output[:, -1] = 0
+        output[-1, -1] = 1
+        filters = vandermonde[:, :3].clone()
+        filters[-1] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+        inputs = torch.linalg.inv(vandermonde).t()
+        scale = torch.stack([row[row.abs() > 1e-9].abs().min() for row in inputs])
+        self.input = (inputs / scale[:, None]).round(decimals=6).float()
+        self.taps = torch.kron(filters * scale[:, None], filters * scale[:, None]).float()
+        self.output = output.float()
+
+
+# F(4x4, 3x3), points 0, 1, -1, 2, -2 (36 multiplications for 16 outputs), and F(6x6, 3x3) with
+# 1/2 and -1/2 besides (64 for 36: 21 % fewer). F(6x6) is the faster on wide images of at
+# most 256 channels (854x480 at 1/4 scale: 256->256 for 2 objects 100 -> 84 ms on 2 threads);
+# on fewer, wider tiles its larger transforms cost what it saves. Its rounding error is about
+# 1.5x F(4x4)'s (1.7e-4 against 1.1e-4 on outputs of magnitude ~8).
+F4 = Transforms(4, tuple(Fraction(p) for p in (0, 1, -1, 2, -2)))
+F6 = Transforms(
+    6, tuple(Fraction(p) for p in (0, 1, -1, 2, -2)) + (Fraction(1, 2), Fraction(-1, 2))
 )
-_FILTER_TRANSFORM = torch.tensor(
-    [
-        [1 / 4, 0, 0],
-        [-1 / 6, -1 / 6, -1 / 6],
-        [-1 / 6, 1 / 6, -1 / 6],
-        [1 / 24, 1 / 12, 1 / 6],
-        [1 / 24, -1 / 12, 1 / 6],
-        [0, 0, 1],
-    ],
-    dtype=torch.float64,
-)
-# G w G^T for all 36 tile positions at once, as a (36, 9) matrix on the 9 filter taps (row-major
-# on both sides), rounded to float32 once.
-_TAPS_TRANSFORM = torch.kron(_FILTER_TRANSFORM, _FILTER_TRANSFORM).float()
-_OUTPUT_TRANSFORM = torch.tensor(
-    [
-        [1, 1, 1, 1, 1, 0],
-        [0, 1, -1, 2, -2, 0],
-        [0, 1, 1, 4, 4, 0],
-        [0, 1, -1, 8, -8, 1],
-    ],
-    dtype=torch.float32,
-)
+F6_MAX_CHANNELS = 256
 
 # Convolutions narrower than this on either side are faster direct (measured on ResNet widths).
 MIN_CHANNELS = 192
@@ -84,13 +90,14 @@ def tap_major(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def transform_weight(weight: Tensor) -> Tensor:
-    """(Cout, Cin, 3, 3) -> (36, Cin, Cout) float32: G w G^T for each channel pair, laid out
-    as one (Cin, Cout) matrix per position in the 6x6 tile. Free of copies when `weight` is
-    `tap_major` (or an input-channel slice of it)."""
+def transform_weight(weight: Tensor, transforms: Transforms = F4) -> Tensor:
+    """(Cout, Cin, 3, 3) -> (span^2, Cin, Cout) float32: G w G^T for each channel pair, laid
+    out as one (Cin, Cout) matrix per position in the input tile. Free of copies when `weight`
+    is `tap_major` (or an input-channel slice of it)."""
     cout, cin = weight.shape[:2]
     taps = weight.permute(2, 3, 1, 0).reshape(9, cin * cout)
-    return torch.mm(_TAPS_TRANSFORM.to(weight.device), taps).view(_SPAN * _SPAN, cin, cout)
+    positions = transforms.span * transforms.span
+    return torch.mm(transforms.taps.to(weight.device), taps).view(positions, cin, cout)
 
 
 def winograd_conv3x3(
@@ -114,7 +121,9 @@ def winograd_conv3x3(
     with 3 objects.
     """
     n, channels, height, width = x.shape
-    transformed_weight = transform_weight(weight)
+    transforms = F6 if channels <= F6_MAX_CHANNELS else F4
+    TILE, _SPAN = transforms.tile, transforms.span  # noqa: N806 (the constants of this call)
+    transformed_weight = transform_weight(weight, transforms)
     out_channels = transformed_weight.shape[-1]
     rows, cols = -(-height // TILE), -(-width // TILE)
     source = x.permute(0, 2, 3, 1)  # NHWC view
@@ -124,7 +133,7 @@ def winograd_conv3x3(
     overhang = height % TILE or width % TILE
     if residual is not None:
         residual = residual.expand(n, out_channels, height, width).permute(0, 2, 3, 1)
-    b_t, a_t = _INPUT_TRANSFORM.to(x.device), _OUTPUT_TRANSFORM.to(x.device)
+    b_t, a_t = transforms.input.to(x.device), transforms.output.to(x.device)
     band = max(1, CHUNK_ELEMENTS // (_SPAN * _SPAN * n * cols * max(channels, out_channels)))
     for top in range(0, rows, band):
         band_rows = min(band, rows - top)
@@ -144,7 +153,7 @@ def winograd_conv3x3(
         else:
             inside.copy_(source[:, low:high])
         s_n, s_h, s_w, s_c = padded.stride()
-        # (6, 6 * tiles * Cin): the band's overlapping 6x6 windows, window position outermost.
+        # (span, span * tiles * Cin): the band's overlapping windows, window position outermost.
         windows = padded.as_strided(
             (_SPAN, _SPAN, n, band_rows, cols, channels),
             (s_h, s_w, s_n, TILE * s_h, TILE * s_w, s_c),
@@ -153,11 +162,11 @@ def winograd_conv3x3(
         v = (b_t @ windows).view(_SPAN, _SPAN, -1)  # B^T d
         del windows
         v = torch.matmul(b_t, v).view(_SPAN * _SPAN, tiles, channels)  # (B^T d) B
-        m = torch.bmm(v, transformed_weight)  # (36, tiles, Cout): the multiplications
+        m = torch.bmm(v, transformed_weight)  # (span^2, tiles, Cout): the multiplications
         del v
         if bias is not None:
             # A^T's column for the interpolation point 1 is all ones, so adding the bias at tile
-            # position (1, 1) adds it to all 16 outputs of the tile: 1/36 of m, not all of out.
+            # position (1, 1) adds it to all outputs of the tile: 1/span^2 of m, not all of out.
             m.view(_SPAN, _SPAN, tiles, out_channels)[1, 1].add_(bias)
         y = (a_t @ m.view(_SPAN, -1)).view(TILE, _SPAN, -1)
         del m

@@ -1,5 +1,6 @@
-"""Winograd F(4x4, 3x3) convolutions: equal to the direct convolution up to float32 rounding, used
-only where they apply (float32 on CPU, no autocast, no gradients), invisible to state dicts."""
+"""Winograd F(4x4, 3x3) and F(6x6, 3x3) convolutions: equal to the direct convolution up to
+float32 rounding, used only where they apply (float32 on CPU, no autocast, no gradients),
+invisible to state dicts."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ def wide_conv(in_channels: int = 200, out_channels: int = 192) -> Conv3x3:
     return conv
 
 
-@pytest.mark.parametrize("shape", [(1, 200, 16, 16), (3, 200, 13, 17), (2, 200, 5, 9)], ids=str)
-def test_matches_the_direct_convolution(shape):
-    conv = wide_conv()
-    x = torch.randn(shape)
+@pytest.mark.parametrize("channels", [200, 300], ids=["F6", "F4"])  # F6_MAX_CHANNELS = 256
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 13, 17), (2, 5, 9)], ids=str)
+def test_matches_the_direct_convolution(shape, channels):
+    conv = wide_conv(channels)
+    x = torch.randn(shape[0], channels, *shape[1:])
     with torch.inference_mode():
         out = conv(x)
-    assert out.shape == (shape[0], 192, *shape[2:])
+    assert out.shape == (shape[0], 192, *shape[1:])
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert (out.double() - direct(x, conv)).abs().max() < TOLERANCE
 
@@ -152,9 +154,12 @@ def test_nothing_is_kept_beside_the_weight_and_it_keeps_its_values():
     # A slice of input channels is transformed in place of the whole, without a copy of it.
     sliced = conv.weight[:, 150:]
     assert sliced.permute(2, 3, 1, 0).reshape(9, -1).data_ptr() == sliced.data_ptr()
-    g = winograd._FILTER_TRANSFORM
-    expected = (g @ sliced.double() @ g.T).permute(2, 3, 1, 0).reshape(36, 50, 192)
-    assert (winograd.transform_weight(sliced).double() - expected).abs().max() < 1e-6
+    taps = sliced.double().permute(2, 3, 1, 0).reshape(9, -1)
+    for transforms in (winograd.F4, winograd.F6):
+        positions = transforms.span**2
+        expected = (transforms.taps.double() @ taps).view(positions, 50, 192)
+        transformed = winograd.transform_weight(sliced, transforms).double()
+        assert (transformed - expected).abs().max() < 1e-5
 
 
 def test_narrow_convolutions_stay_direct():
