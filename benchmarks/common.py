@@ -121,15 +121,25 @@ def describe_times(seconds: list[float]) -> str:
     )
 
 
+def _fused_convolution_flops(x_shape, second, third, *_, out_shape, **__):
+    # (x, weight, bias, ...), or for a fused sum (x, other, weight, ...), other shaped as out
+    w_shape = third if tuple(second) == tuple(out_shape) else second
+    return 2 * out_shape.numel() * w_shape[1] * w_shape[2] * w_shape[3]
+
+
 def _int8_convolution_flops(x_shape, _x_scale, _x_zero_point, w_shape, *_, out_shape, **__):
     out_channels, in_channels, kernel_h, kernel_w = w_shape
     return 2 * out_shape.numel() * in_channels * kernel_h * kernel_w
 
 
 def counting_flops() -> FlopCounterMode:
-    """PyTorch's FLOP counter, taught oneDNN's int8 convolution (the "int8" precision), which
-    it does not know: 2 operations per multiply-add, as for the others."""
+    """PyTorch's FLOP counter, taught the oneDNN convolutions it does not know: int8 (the "int8"
+    precision) and float32 with a fused ReLU or sum (exact mode's backbones): 2 operations per
+    multiply-add, as for the others."""
     int8_convolution = getattr(torch.ops.onednn, "qconv2d_pointwise", None)
     if int8_convolution is not None and int8_convolution not in flop_registry:
         register_flop_formula(int8_convolution)(_int8_convolution_flops)
+    fused = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    if fused is not None and fused not in flop_registry:
+        register_flop_formula(fused)(_fused_convolution_flops)
     return FlopCounterMode(display=False)
