@@ -245,13 +245,13 @@ class MemoryManager:
             weights, indices = top_k_softmax(group_scores, self.top_k)
             if index == 0:
                 self._record_usage(weights, indices, scores.shape[1])
-            values = torch.cat(
-                [
-                    s.groups[index].values
-                    for s in (self.long_term, self.working)
-                    if index < len(s.groups) and s.groups[index].values.shape[0]
-                ]
-            )
+            parts = [
+                s.groups[index].values
+                for s in (self.long_term, self.working)
+                if index < len(s.groups) and s.groups[index].values.shape[0]
+            ]
+            # One part (no long-term memory yet) is read where it is: no copy of every value.
+            values = parts[0] if len(parts) == 1 else torch.cat(parts)
             readout = sparse_read(weights, indices, values)  # (h w, objects x Cv)
             readouts.append(readout.t().reshape(size, -1, h, w))
         return torch.cat(readouts).unsqueeze(0)
