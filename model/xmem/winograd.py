@@ -122,26 +122,26 @@ def winograd_conv3x3(
     """
     n, channels, height, width = x.shape
     transforms = F6 if channels <= F6_MAX_CHANNELS else F4
-    TILE, _SPAN = transforms.tile, transforms.span  # noqa: N806 (the constants of this call)
+    tile, span = transforms.tile, transforms.span
     transformed_weight = transform_weight(weight, transforms)
     out_channels = transformed_weight.shape[-1]
-    rows, cols = -(-height // TILE), -(-width // TILE)
+    rows, cols = -(-height // tile), -(-width // tile)
     source = x.permute(0, 2, 3, 1)  # NHWC view
-    out = x.new_empty(n, rows * TILE, cols * TILE, out_channels)
+    out = x.new_empty(n, rows * tile, cols * tile, out_channels)
     # Tiles that overhang the image are written whole and cropped (and the residual added) at
     # the end, in the copy to the output's shape that the crop needs anyway.
-    overhang = height % TILE or width % TILE
+    overhang = height % tile or width % tile
     if residual is not None:
         residual = residual.expand(n, out_channels, height, width).permute(0, 2, 3, 1)
     b_t, a_t = transforms.input.to(x.device), transforms.output.to(x.device)
-    band = max(1, CHUNK_ELEMENTS // (_SPAN * _SPAN * n * cols * max(channels, out_channels)))
+    band = max(1, CHUNK_ELEMENTS // (span * span * n * cols * max(channels, out_channels)))
     for top in range(0, rows, band):
         band_rows = min(band, rows - top)
         tiles = n * band_rows * cols
         # The band's input rows, zero-padded for whole tiles: padded row r is input row first + r.
-        first = top * TILE - 1
-        padded = x.new_empty(n, band_rows * TILE + 2, cols * TILE + 2, channels)
-        low, high = max(first, 0), min(first + band_rows * TILE + 2, height)
+        first = top * tile - 1
+        padded = x.new_empty(n, band_rows * tile + 2, cols * tile + 2, channels)
+        low, high = max(first, 0), min(first + band_rows * tile + 2, height)
         # Only the padding is zeroed: the rest is written once, below.
         padded[:, : low - first].zero_()
         padded[:, high - first :].zero_()
@@ -155,25 +155,25 @@ def winograd_conv3x3(
         s_n, s_h, s_w, s_c = padded.stride()
         # (span, span * tiles * Cin): the band's overlapping windows, window position outermost.
         windows = padded.as_strided(
-            (_SPAN, _SPAN, n, band_rows, cols, channels),
-            (s_h, s_w, s_n, TILE * s_h, TILE * s_w, s_c),
-        ).reshape(_SPAN, -1)
+            (span, span, n, band_rows, cols, channels),
+            (s_h, s_w, s_n, tile * s_h, tile * s_w, s_c),
+        ).reshape(span, -1)
         del padded  # each buffer is dropped once used: they are the size of the band
-        v = (b_t @ windows).view(_SPAN, _SPAN, -1)  # B^T d
+        v = (b_t @ windows).view(span, span, -1)  # B^T d
         del windows
-        v = torch.matmul(b_t, v).view(_SPAN * _SPAN, tiles, channels)  # (B^T d) B
+        v = torch.matmul(b_t, v).view(span * span, tiles, channels)  # (B^T d) B
         m = torch.bmm(v, transformed_weight)  # (span^2, tiles, Cout): the multiplications
         del v
         if bias is not None:
             # A^T's column for the interpolation point 1 is all ones, so adding the bias at tile
             # position (1, 1) adds it to all outputs of the tile: 1/span^2 of m, not all of out.
-            m.view(_SPAN, _SPAN, tiles, out_channels)[1, 1].add_(bias)
-        y = (a_t @ m.view(_SPAN, -1)).view(TILE, _SPAN, -1)
+            m.view(span, span, tiles, out_channels)[1, 1].add_(bias)
+        y = (a_t @ m.view(span, -1)).view(tile, span, -1)
         del m
-        y = torch.matmul(a_t, y).view(TILE, TILE, n, band_rows, cols, out_channels)
+        y = torch.matmul(a_t, y).view(tile, tile, n, band_rows, cols, out_channels)
         tiles_nhwc = y.permute(2, 3, 0, 4, 1, 5)
-        band_shape = (n, band_rows, TILE, cols, TILE, out_channels)
-        band_rows_out = slice(top * TILE, (top + band_rows) * TILE)
+        band_shape = (n, band_rows, tile, cols, tile, out_channels)
+        band_rows_out = slice(top * tile, (top + band_rows) * tile)
         band_out = out[:, band_rows_out].view(band_shape)
         if residual is None or overhang:
             band_out.copy_(tiles_nhwc)
