@@ -18,8 +18,8 @@ import cv2
 from gunicorn.app.base import BaseApplication
 
 from xmem_label.model import InputError, open_frames
+from xmem_label.model.allocator import keep_freed_memory
 from xmem_label.model.engine import registered_engines
-from xmem_label.model.xmem.allocator import keep_freed_memory
 
 from . import formats
 from .model import Runtime

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from xmem_label.model import Session, load_engine
+from xmem_label.model.allocator import keep_freed_memory
 from xmem_label.model.cli import main as cli_main
 from xmem_label.model.masks import write_label_mask
-from xmem_label.model.xmem.allocator import keep_freed_memory
 
 from .common import SyntheticClip, synthetic_checkpoint
 

@@ -44,7 +44,7 @@ from xmem_label.backend.app import create_app
 from xmem_label.backend.jobs import JobShape, estimate_job_bytes
 from xmem_label.backend.model import EngineHolder, Runtime
 from xmem_label.backend.settings import BackendSettings
-from xmem_label.model.xmem.allocator import keep_freed_memory
+from xmem_label.model.allocator import keep_freed_memory
 
 from .common import (
     SyntheticClip,

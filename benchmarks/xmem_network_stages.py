@@ -25,7 +25,7 @@ import time
 import torch
 
 from benchmarks.common import counting_flops, synthetic_checkpoint
-from xmem_label.model.xmem.allocator import keep_freed_memory
+from xmem_label.model.allocator import keep_freed_memory
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
 from xmem_label.model.xmem.conv3x3 import use_int8, use_winograd
 
@@ -83,7 +83,7 @@ def main() -> None:
         "--winograd", action="store_true", help="float32 with exact mode's Winograd convolutions"
     )
     parser.add_argument(
-        "--keep-freed-memory", action="store_true", help="model/xmem/allocator.py's glibc tuning"
+        "--keep-freed-memory", action="store_true", help="model/allocator.py's glibc tuning"
     )
     args = parser.parse_args()
     bf16 = args.bf16 or args.int8

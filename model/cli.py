@@ -20,6 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TextIO
 
+from .allocator import keep_freed_memory
 from .engine import auto_engine, registered_engines
 from .errors import InputError, WeightsError, XMemLabelError, one_line
 from .evaluation import add_eval_command
@@ -27,7 +28,6 @@ from .outputs import sha256_of
 from .propagation_job import PropagationJob, run_propagation
 from .session import DIRECTIONS
 from .settings import manifest
-from .xmem.allocator import keep_freed_memory
 from .xmem.weights import (
     cache_folder,
     checkpoints,

@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import torch
 
+from ..allocator import keep_freed_memory
 from ..engine import EngineDescription, check_threads
 from ..errors import InputError
-from ..xmem.allocator import keep_freed_memory
 
 PRESETS = {
     "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,

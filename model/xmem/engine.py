@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..allocator import keep_freed_memory
 from ..engine import EngineDescription, check_threads, pick_device
 from ..errors import InputError
 from ..outputs import sha256_of
-from .allocator import keep_freed_memory
 from .checkpoint import build_network, load_state_dict
 from .conv3x3 import use_int8, use_winograd
 from .inference import IMAGENET_MEAN, IMAGENET_STD, FrameGeometry, XMemTracker

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from xmem_label.model.allocator import keep_freed_memory
 from xmem_label.model.errors import WeightsError
 from xmem_label.model.xmem import backbones
 from xmem_label.model.xmem import network as network_module
-from xmem_label.model.xmem.allocator import keep_freed_memory
 from xmem_label.model.xmem.backbones import BasicBlock, Bottleneck
 from xmem_label.model.xmem.checkpoint import build_network, load_state_dict
 from xmem_label.model.xmem.network import XMemNetwork, soft_aggregate

@@ -5,7 +5,8 @@ glibc serves allocations above its mmap threshold (at most 32 MB by default) wit
 pages and returns them to the system when freed, so every frame pays one page fault per 4 KB
 page again: about a fifth of the decoder's time with 3 objects on a 2-core machine. Raising the
 mmap and trim thresholds makes glibc keep and reuse that memory; peak memory is unchanged, it is
-just not handed back between frames.
+just not handed back between frames. The flow engine's per-frame arrays (megabytes each) gain
+the same way, most in threads other than the main one.
 
 The network often runs outside the main thread (the CLI overlaps it with decoding and writing;
 the backend runs jobs in worker threads), and glibc gives such threads arenas of their own whose
@@ -15,7 +16,7 @@ before starting threads (measured: `xmem-label propagate` at +4 % time over the 
 instead of +23 %).
 
 This changes a process-wide setting, so it is an explicit call (the `xmem-label` and backend
-entry points, the engine loader, benchmarks), never an import side effect.
+entry points, the engines' loaders, benchmarks), never an import side effect.
 """
 
 from __future__ import annotations
