@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +162,8 @@ class Runtime:
     def _execute(self, record: JobRecord, first_batches: list[int]) -> dict[str, Any]:
         payload = record.payload
         if record.kind == "webhook":
-            # The project (its label config) is read beside the task export, not before it.
-            with ThreadPoolExecutor(1, thread_name_prefix="xmem-label-read") as reader:
-                project_read = reader.submit(self.studio.project, payload["project"])
-                task = self.studio.task(payload["project"], payload["task"])
-                project = project_read.result()
+            project = self.studio.project(payload["project"])
+            task = self.studio.task(payload["project"], payload["task"])
             if task is None:
                 raise InputError(f"task {payload['task']} is not in project {payload['project']}")
             # The export holds the task's annotations: no read of its own for this one.

@@ -223,8 +223,9 @@ def run_sequence(
 
 def evict_in_background(settings: BackendSettings) -> threading.Thread:
     """Trim the tasks' pass caches to their cap in a thread of its own, so the prediction is
-    stored meanwhile: the trim stats every file of every task folder (tens of thousands at the
-    10 GB default). Not a daemon: a process that exits waits for a deletion under way."""
+    stored meanwhile: the trim reads every task folder's recorded size and deletes whole folders
+    (thousands of files each). Not a daemon: a process that exits waits for a deletion under
+    way."""
 
     def evict() -> None:
         try:
