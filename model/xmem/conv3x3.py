@@ -2,8 +2,11 @@
 
 - Winograd (`winograd.py`), float32: exact mode, the same results up to rounding.
 - int8 (`int8.py`), under bf16 autocast: the "int8" precision, a fast mode.
+- tap products (`narrow.py`), float32: convolutions with few output channels (the mask logits),
+  the same results up to rounding.
 
-`use_winograd` / `use_int8` choose the convolutions wide enough to gain. Anything else, and
+`use_winograd` / `use_int8` choose the convolutions wide enough to gain, `use_narrow` those
+narrow enough on the output side (the direct kernel is slowest there). Anything else, and
 every call with gradients, off the CPU, or in another precision, runs the ordinary convolution,
 so CUDA, MPS and training see a plain `nn.Conv2d`. Winograd keeps nothing beside the weight (it
 only stores the weight in the memory layout it reads, with the same values: `winograd.tap_major`);
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import int8, winograd
+from . import int8, narrow, winograd
 
 
 class Conv3x3(nn.Conv2d):
@@ -29,6 +32,7 @@ class Conv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1)
         self.uses_winograd = False
         self.uses_int8 = False
+        self.uses_narrow = False
         # `int8.quantize_weight` per slice of input channels (see `_conv_split`).
         self._int8_weights: dict[tuple[int | None, int | None], tuple[Tensor, Tensor, Tensor]] = {}
         self._derived_version = -1
@@ -43,6 +47,9 @@ class Conv3x3(nn.Conv2d):
         self.uses_winograd = True
         self.weight.data = winograd.tap_major(self.weight.data)
         self._derived_version = self._weight_version()
+
+    def prepare_narrow(self) -> None:
+        self.uses_narrow = True
 
     def prepare_int8(self) -> None:
         self.uses_int8 = True
@@ -85,6 +92,8 @@ class Conv3x3(nn.Conv2d):
             return winograd.winograd_conv3x3(
                 x, weight, bias, relu_input=relu_input, residual=residual
             )
+        elif kernels and self.uses_narrow and x.dtype == torch.float32 and not autocast:
+            out = narrow.narrow_conv3x3(x, self.weight[:, channels], bias, relu_input=relu_input)
         else:
             x = F.relu(x) if relu_input else x
             out = F.conv2d(x, self.weight[:, channels], bias, padding=1)
@@ -123,6 +132,17 @@ def use_winograd(module: nn.Module) -> int:
     """Prepare every `Conv3x3` in `module` at least `winograd.MIN_CHANNELS` wide on both sides
     for the Winograd path; returns how many were prepared."""
     return _prepare_wide(module, winograd.MIN_CHANNELS, Conv3x3.prepare_winograd)
+
+
+def use_narrow(module: nn.Module) -> int:
+    """Prepare every `Conv3x3` in `module` with at most `narrow.MAX_OUT_CHANNELS` outputs for
+    the tap-product path (float32); returns how many were prepared."""
+    prepared = 0
+    for conv in module.modules():
+        if isinstance(conv, Conv3x3) and conv.out_channels <= narrow.MAX_OUT_CHANNELS:
+            conv.prepare_narrow()
+            prepared += 1
+    return prepared
 
 
 def use_int8(module: nn.Module) -> int:

@@ -15,7 +15,7 @@ from ..engine import EngineDescription, check_threads, pick_device
 from ..errors import InputError
 from ..outputs import sha256_of
 from .checkpoint import build_network, load_state_dict
-from .conv3x3 import use_int8, use_winograd
+from .conv3x3 import use_int8, use_narrow, use_winograd
 from .inference import IMAGENET_MEAN, IMAGENET_STD, FrameGeometry, XMemTracker
 from .int8 import int8_available
 from .network import XMemNetwork
@@ -164,6 +164,7 @@ def load_xmem_engine(
         keep_freed_memory()
         if precision == "fp32":
             use_winograd(network.decoder)
+            use_narrow(network.decoder)
         elif precision == "int8":
             use_int8(network)
     if device.type == "cuda":
