@@ -8,9 +8,9 @@ multiplications per input/output channel pair instead of 144. The input and outp
 little next to the multiplications when both channel counts are wide (>= 192), so those convolutions
 run 2-2.5x faster on a 2-core machine. The results differ from a direct float32 convolution by
 rounding only: about 5e-5 absolute on outputs of magnitude ~7, against ~1e-5 for the direct kernel
-(the equivalence test against the official implementation covers it). Convolutions of at most 256
+(the equivalence test against the official implementation covers it). Convolutions of at most 576
 input channels use 6x6 output tiles from 8x8 input tiles instead (`F6`: 64 multiplications for 36
-outputs), faster on the decoder's 1/4-scale activations.
+outputs), faster on all of the decoder's but the 1024-channel one.
 
 The transformed weight (36 or 64 values per 3x3 filter) is made on every call and dropped after it:
 keeping it took 470 MB for the decoder alone, more than the official implementation's whole
@@ -66,15 +66,17 @@ class Transforms:
 
 
 # F(4x4, 3x3), points 0, 1, -1, 2, -2 (36 multiplications for 16 outputs), and F(6x6, 3x3) with
-# 1/2 and -1/2 besides (64 for 36: 21 % fewer). F(6x6) is the faster on wide images of at
-# most 256 channels (854x480 at 1/4 scale: 256->256 for 2 objects 100 -> 84 ms on 2 threads);
-# on fewer, wider tiles its larger transforms cost what it saves. Its rounding error is about
-# 1.5x F(4x4)'s (1.7e-4 against 1.1e-4 on outputs of magnitude ~8).
+# 1/2 and -1/2 besides (64 for 36: 21 % fewer). F(6x6) is the faster up to 576 input channels
+# (854x480, 2 threads: 1/4 scale 256->256 for 2 objects 100 -> 84 ms; 1/8 scale 512->256 for 2
+# objects 40 -> 37 ms; 1/16 scale 576->512 for 3 objects 36 -> 32 ms, where its 6x6 tiles also
+# cover 30x54 exactly). At 1024 -> 512 its transformed weight (134 MB) costs more than it saves
+# (25 -> 35 ms). Its rounding error is about 1.5x F(4x4)'s (1.7e-4 against 1.1e-4 on outputs of
+# magnitude ~8); the fixture's tolerances are met by the same margins either way.
 F4 = Transforms(4, tuple(Fraction(p) for p in (0, 1, -1, 2, -2)))
 F6 = Transforms(
     6, tuple(Fraction(p) for p in (0, 1, -1, 2, -2)) + (Fraction(1, 2), Fraction(-1, 2))
 )
-F6_MAX_CHANNELS = 256
+F6_MAX_CHANNELS = 576
 
 # Convolutions narrower than this on either side are faster direct (measured on ResNet widths).
 MIN_CHANNELS = 192

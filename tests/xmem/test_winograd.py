@@ -29,7 +29,7 @@ def wide_conv(in_channels: int = 200, out_channels: int = 192) -> Conv3x3:
     return conv
 
 
-@pytest.mark.parametrize("channels", [200, 300], ids=["F6", "F4"])  # F6_MAX_CHANNELS = 256
+@pytest.mark.parametrize("channels", [200, 600], ids=["F6", "F4"])  # F6_MAX_CHANNELS = 576
 @pytest.mark.parametrize("shape", [(1, 16, 16), (3, 13, 17), (2, 5, 9)], ids=str)
 def test_matches_the_direct_convolution(shape, channels):
     conv = wide_conv(channels)
