@@ -16,7 +16,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,10 +61,13 @@ class Outcome:
 
 
 class DownloadedFrames(RandomAccessSource):
-    """A task's frames, fetched in task order by a pool of threads while the engine already
-    works on the first ones: `read` waits only for the frame it needs. Every frame's header is
-    checked against the first frame's size (and the pixel limit) as it arrives, before anything
-    decodes it; `wait_all` is the job's proof that every frame arrived and passed."""
+    """A task's frames, fetched by a pool of threads while the engine already works on the
+    first ones: `read` waits only for the frame it needs. Frames are fetched in the order the
+    session reads them: each pass says which frames it will read (`forward`, `backward`) and
+    those go to the front of the queue, so a backward pass from the last frame does not wait
+    for the whole task to arrive in task order. Every frame's header is checked against the
+    first frame's size (and the pixel limit) as it arrives, before anything decodes it;
+    `wait_all` is the job's proof that every frame arrived and passed."""
 
     def __init__(
         self, studio: LabelStudio, urls: list[str], task_id: object, folder: Path, timings: Timings
@@ -79,15 +82,31 @@ class DownloadedFrames(RandomAccessSource):
         first = self._local_copy(0)  # its size is the one every other frame must have
         self.width, self.height = self._size_of(0, first)
         timings.download = time.perf_counter() - self.started
-        here: Future[Path] = Future()
-        here.set_result(first)
+        self.paths: list[Future[Path]] = [Future() for _ in urls]
+        self.paths[0].set_result(first)
+        # The frames no fetch has taken yet, the next one last (so taking it is a pop).
+        self.queued = list(range(len(urls) - 1, 0, -1))
+        self.queue_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="xmem-label-fetch")
-        self.paths = [here] + [self.pool.submit(self._checked_copy, i) for i in range(1, len(urls))]
+        for _ in range(len(urls) - 1):
+            self.pool.submit(self._fetch_next)
 
     def __len__(self) -> int:
         return len(self.urls)
 
+    def forward(
+        self, start: int = 0, stop: int | None = None
+    ) -> Generator[tuple[int, np.ndarray], None, None]:
+        self._fetch_first(range(start, len(self) if stop is None else min(stop, len(self))))
+        return super().forward(start, stop)
+
+    def backward(self, start: int, stop: int = -1) -> Iterator[tuple[int, np.ndarray]]:
+        self._fetch_first(range(min(start, len(self) - 1), stop, -1))
+        return super().backward(start, stop)
+
     def read(self, index: int) -> np.ndarray:
+        if not self.paths[index].done():
+            self._fetch_first([index])
         path = self.paths[index].result()
         started = time.perf_counter()
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -107,6 +126,24 @@ class DownloadedFrames(RandomAccessSource):
         Session closes its frames when it ends, before `wait_all`.)"""
         self.stopped = True
         self.pool.shutdown(wait=True)
+
+    def _fetch_first(self, indexes: Iterable[int]) -> None:
+        """Fetch these frames next, in this order, before the other frames not taken yet."""
+        wanted = list(indexes)
+        with self.queue_lock:
+            waiting = set(self.queued)
+            first = [index for index in wanted if index in waiting]
+            chosen = set(first)
+            self.queued = [index for index in self.queued if index not in chosen] + first[::-1]
+
+    def _fetch_next(self) -> None:
+        """Fetch the frame at the front of the queue (one call per frame)."""
+        with self.queue_lock:
+            index = self.queued.pop()
+        try:
+            self.paths[index].set_result(self._checked_copy(index))
+        except BaseException as exc:
+            self.paths[index].set_exception(exc)
 
     def _checked_copy(self, index: int) -> Path:
         if self.stopped:

@@ -310,6 +310,43 @@ def test_propagation_starts_while_later_frames_are_still_downloading(tmp_path):
         server.close()
 
 
+def test_frames_are_fetched_in_the_order_the_session_reads_them(tmp_path):
+    """With the keyframe on the last frame the session's first pass runs backward from it: the
+    frames that pass reads are fetched next, not after the rest of the task in task order (the
+    engine would wait for the whole task). Every frame takes Label Studio 0.5 s, so the fetches
+    already under way when the pass starts are the first frames in task order."""
+    files = sorted((DATA / "chair" / "frames").glob("*.jpg"))
+    count = 12
+
+    def slow(data: bytes):
+        time.sleep(0.5)
+        yield data
+
+    server = Server(
+        {
+            f"/data/upload/1/{index}.jpg": (200, {}, slow(files[index % len(files)].read_bytes()))
+            for index in range(count)
+        }
+    )
+    try:
+        label_studio, keyframes, config = chair_task(server, tmp_path)
+        given = Keyframes()
+        given.add(count - 1, 1, keyframes.given.masks[0][1])
+        last = dataclasses.replace(keyframes, given=given)
+        urls = [f"/data/upload/1/{index}.jpg" for index in range(count)]
+        request = propagation.SequenceRequest(7, urls, last)
+        propagation.run_sequence(request, config, load_engine("flow"), label_studio, "v")
+        order = [int(path.rsplit("/", 1)[1].split(".")[0]) for path, _ in server.requests]
+        assert sorted(order) == list(range(count))
+        # Frame 0 (its size is the task's), the fetches under way when the pass started (frames
+        # 1 to 4), then the pass's frames from the last down: in task order, the last frame
+        # would come last. (Fetches side by side may reach the server in any order.)
+        assert count - 1 in order[: 1 + 2 * propagation.DOWNLOAD_THREADS]
+        assert set(order[-3:]) == {5, 6, 7}
+    finally:
+        server.close()
+
+
 def test_the_pass_cache_is_trimmed_to_its_cap_after_a_job(tmp_path, monkeypatch):
     """After a job, in a thread beside the storing of its prediction, the least recently used
     task folders go until the rest fits the cap (XMEM_LABEL_PASS_CACHE_GB); the job's own, the
