@@ -163,7 +163,7 @@ def load_xmem_engine(
     if device.type == "cpu":
         keep_freed_memory()
         if precision == "fp32":
-            use_winograd(network.decoder)
+            use_winograd(network)  # the decoder's and the value encoder's fusion convolutions
             use_narrow(network.decoder)
         elif precision == "int8":
             use_int8(network)

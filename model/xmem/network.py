@@ -20,8 +20,10 @@ apply them as before), the backbones' ReLUs and sums are oneDNN post-ops in floa
 (`backbones.conv_bn`), and the hidden-state update pools g4 and the logits apart rather than
 concatenating them at 1/4 scale.
 
-Speed on CPU: `conv3x3.use_winograd(network.decoder)` runs the decoder's wide 3x3
-convolutions with at most a quarter of the multiplications (float32; rounding differences);
+Speed on CPU: `conv3x3.use_winograd(network)` runs the wide 3x3 convolutions (the decoder's
+and the value encoder's fusion blocks) with at most a quarter of the multiplications (float32;
+rounding differences), `conv3x3.use_narrow(network.decoder)` the mask-logit convolution as a
+matrix product;
 `network.to(memory_format=torch.channels_last)` with channels-last images changes
 results only by rounding; `torch.autocast("cpu", dtype=torch.bfloat16)` around the calls is the
 bf16 fast mode (probabilities within ~0.03), and `conv3x3.use_int8(network)` under it the int8

@@ -169,7 +169,9 @@ def test_narrow_convolutions_stay_direct():
     assert network[0].winograd_weight is None and network[1].winograd_weight is None
 
 
-def test_exact_mode_on_cpu_prepares_the_decoder_and_fast_mode_does_not(xmem_weights_path):
+def test_exact_mode_on_cpu_prepares_the_fusion_convolutions_and_fast_mode_does_not(
+    xmem_weights_path,
+):
     def prepared(engine) -> list[Conv3x3]:
         return [
             m
@@ -179,9 +181,12 @@ def test_exact_mode_on_cpu_prepares_the_decoder_and_fast_mode_does_not(xmem_weig
 
     exact = load_engine("xmem", weights=xmem_weights_path, device="cpu")
     convs = prepared(exact)
-    assert len(convs) == 13
-    decoder_convs = set(map(id, exact.network.decoder.modules()))
-    assert all(id(conv) in decoder_convs for conv in convs)
+    # The decoder's 13 and the value encoder's 6 (its fusion block and hidden reinforcement);
+    # the ResNet trunks are plain convolutions.
+    assert len(convs) == 19
+    network = exact.network
+    fusion_convs = set(map(id, [*network.decoder.modules(), *network.value_encoder.modules()]))
+    assert all(id(conv) in fusion_convs for conv in convs)
     fast = load_engine("xmem", weights=xmem_weights_path, device="cpu", precision="bf16")
     assert prepared(fast) == []
 
