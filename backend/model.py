@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .jobs import JobRunner, JobStore, QueueFull, estimate_job_bytes, job_shape
 from .journal import JobRecord, Journal
 from .propagation import SequenceRequest, VideoRequest, run_sequence, run_video
 from .settings import BackendSettings
-from .studio import LabelStudio, StudioError
+from .studio import EncodedPrediction, LabelStudio, StudioError, encode
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,13 @@ class Runtime:
             model = XMemLabelModel(self, record.project, project.get("label_config") or "")
             first_batch = self._first_batch(record, task, first_batches, current)
             outcome = model.propagation(task, None, first_batch)()
-            if not current():
+            prediction = encoded_if_current(outcome.prediction, current)
+            if prediction is None:
                 return {"superseded": payload["annotation"], "timings": outcome.timings.as_dict()}
-        else:
-            model = XMemLabelModel(self, record.project, payload["label_config"])
-            first_batch = self._first_batch(record, payload["task"], first_batches, lambda: True)
-            outcome = model.propagation(payload["task"], payload["context"], first_batch)()
+            return {"prediction": prediction, "timings": outcome.timings.as_dict()}
+        model = XMemLabelModel(self, record.project, payload["label_config"])
+        first_batch = self._first_batch(record, payload["task"], first_batches, lambda: True)
+        outcome = model.propagation(payload["task"], payload["context"], first_batch)()
         return {"prediction": outcome.prediction, "timings": outcome.timings.as_dict()}
 
     def _first_batch(
@@ -252,6 +254,17 @@ class Runtime:
             config.status_name if config else None,
             config.media_name if config else None,
         )
+
+
+def encoded_if_current(prediction: dict, current: Callable[[], bool]) -> EncodedPrediction | None:
+    """`prediction` encoded for storing, or None when `current()` says its annotation changed
+    meanwhile. Label Studio answers the check while this thread encodes, so the two take the
+    time of the longer (about 20 ms each for 100 frames at 854x480) instead of their sum,
+    and the check still comes last before the prediction is stored."""
+    with ThreadPoolExecutor(1, thread_name_prefix="xmem-label-check") as pool:
+        checking = pool.submit(current)
+        encoded = encode(prediction)
+        return encoded if checking.result() else None
 
 
 def project_key(project: Any) -> str:

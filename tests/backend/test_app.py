@@ -4,14 +4,16 @@ LOCAL_FILES_DOCUMENT_ROOT, and storing through the API is recorded."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
-from xmem_label.backend import studio
+from xmem_label.backend import model, studio
 from xmem_label.backend.app import create_app
 from xmem_label.backend.model import Runtime
 from xmem_label.backend.rle import mask_to_rle, rle_to_mask
@@ -311,6 +313,55 @@ def test_a_webhook_job_whose_annotation_changed_meanwhile_stores_nothing(runtime
     finished = runtime.journal.wait(record.id, 60)
     assert finished.state == "done" and finished.result["superseded"] == 7
     assert stored == []
+
+
+def test_the_still_current_check_runs_while_the_prediction_is_encoded(monkeypatch):
+    """The check of the annotation (a Label Studio round trip) and the encoding of the
+    prediction for storing run at once: each waits here for the other to have started, which
+    one after the other would never see. A changed annotation gives nothing to store."""
+    asked, encoded = threading.Event(), threading.Event()
+    encode = model.encode
+
+    def encoding(prediction):
+        assert asked.wait(5)
+        encoded.set()
+        return encode(prediction)
+
+    def current():
+        asked.set()
+        return encoded.wait(5)
+
+    monkeypatch.setattr(model, "encode", encoding)
+    prediction = {"result": [{"id": "xl1f0"}], "score": 0.5, "model_version": "v"}
+    stored = model.encoded_if_current(prediction, current)
+    assert stored == prediction and json.loads(stored.json) == prediction
+    asked.clear()
+    assert model.encoded_if_current(prediction, lambda: asked.set() or False) is None
+
+
+def test_an_encoded_prediction_is_stored_as_the_same_json(tmp_path, monkeypatch):
+    """Storing an encoded prediction sends its text with the task id: the same JSON object as
+    the plain prediction would be, with the token, a timeout and no redirects."""
+    sent = []
+
+    def request(method, url, **kwargs):
+        sent.append((method, url, kwargs))
+        reply = requests.Response()
+        reply.status_code, reply._content = 201, b'{"id": 5}'
+        return reply
+
+    monkeypatch.setattr(studio.requests, "request", request)
+    client = studio.LabelStudio(make_settings(tmp_path))
+    prediction = {"result": [{"id": "xl1f0", "value": {"rle": [1, 2]}}], "score": 0.5}
+    assert client.create_prediction(9, studio.encode(prediction)) == 5
+    assert client.create_prediction(9, prediction) == 5
+    (_, url, encoded), (_, _, plain) = sent
+    assert url == "http://ls.invalid:8080/api/predictions"
+    assert json.loads(encoded["data"]) == plain["json"] == {"task": 9, **prediction}
+    assert encoded["headers"]["Content-Type"] == "application/json"
+    for kwargs in (encoded, plain):
+        assert kwargs["headers"]["Authorization"] == "Token t0123456"
+        assert kwargs["timeout"] and kwargs["allow_redirects"] is False
 
 
 def test_an_object_left_out_of_a_keyframe_is_absent_there(client):
