@@ -47,20 +47,6 @@ def test_matches_the_direct_convolution(monkeypatch, out_channels, shape, channe
     assert (x < 0).any()
 
 
-def test_direct_path_under_autocast_and_gradients(count_calls):
-    conv = narrow_conv()
-    x = torch.randn(1, 64, 8, 8)
-    calls = count_calls(narrow, "narrow_conv3x3")
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert conv(x).dtype == torch.bfloat16
-    conv(x).sum().backward()
-    assert conv.weight.grad is not None
-    assert calls == []
-    with torch.inference_mode():
-        conv(x)
-    assert calls == [1]
-
-
 def test_only_narrow_outputs_are_prepared():
     network = torch.nn.Sequential(Conv3x3(256, 1), Conv3x3(64, 8), Conv3x3(8, 9))
     assert use_narrow(network) == 2
