@@ -119,33 +119,35 @@ class Conv3x3(nn.Conv2d):
         self._derived_version = self._weight_version()
 
 
-def _prepare_wide(module: nn.Module, min_channels: int, prepare: Callable[[Conv3x3], None]) -> int:
-    prepared = 0
-    for conv in module.modules():
-        if isinstance(conv, Conv3x3) and min(conv.in_channels, conv.out_channels) >= min_channels:
-            prepare(conv)
-            prepared += 1
-    return prepared
+def _prepare(
+    module: nn.Module, chosen: Callable[[Conv3x3], bool], prepare: Callable[[Conv3x3], None]
+) -> int:
+    """Prepare every `Conv3x3` in `module` that `chosen` picks; returns how many."""
+    convs = [conv for conv in module.modules() if isinstance(conv, Conv3x3) and chosen(conv)]
+    for conv in convs:
+        prepare(conv)
+    return len(convs)
+
+
+def _wide(min_channels: int) -> Callable[[Conv3x3], bool]:
+    return lambda conv: min(conv.in_channels, conv.out_channels) >= min_channels
 
 
 def use_winograd(module: nn.Module) -> int:
     """Prepare every `Conv3x3` in `module` at least `winograd.MIN_CHANNELS` wide on both sides
     for the Winograd path; returns how many were prepared."""
-    return _prepare_wide(module, winograd.MIN_CHANNELS, Conv3x3.prepare_winograd)
+    return _prepare(module, _wide(winograd.MIN_CHANNELS), Conv3x3.prepare_winograd)
 
 
 def use_narrow(module: nn.Module) -> int:
     """Prepare every `Conv3x3` in `module` with at most `narrow.MAX_OUT_CHANNELS` outputs for
     the tap-product path (float32); returns how many were prepared."""
-    prepared = 0
-    for conv in module.modules():
-        if isinstance(conv, Conv3x3) and conv.out_channels <= narrow.MAX_OUT_CHANNELS:
-            conv.prepare_narrow()
-            prepared += 1
-    return prepared
+    return _prepare(
+        module, lambda conv: conv.out_channels <= narrow.MAX_OUT_CHANNELS, Conv3x3.prepare_narrow
+    )
 
 
 def use_int8(module: nn.Module) -> int:
     """Prepare every `Conv3x3` in `module` at least `int8.MIN_CHANNELS` wide on both sides for
     the int8 path (taken under bf16 autocast on CPU); returns how many were prepared."""
-    return _prepare_wide(module, int8.MIN_CHANNELS, Conv3x3.prepare_int8)
+    return _prepare(module, _wide(int8.MIN_CHANNELS), Conv3x3.prepare_int8)
